@@ -1,0 +1,1 @@
+"""ImageNet data for calibration and evaluation: folders, preprocessing, splits."""

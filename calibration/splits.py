@@ -1,0 +1,111 @@
+"""Deterministic, class-balanced, disjoint calibration and evaluation splits."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from calibration.folder import ImageFolder, ImageItem, load_pixels
+from calibration.preprocess import MEAN, STD
+from edge.errors import DataError
+
+
+@dataclass
+class Batch:
+    """Cropped uint8 NHWC pixels with labels (-1 = unknown) and file names."""
+
+    pixels: np.ndarray
+    labels: np.ndarray
+    names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def nchw(self) -> np.ndarray:
+        """Normalized float32 NCHW, the PyTorch/ONNX input contract."""
+        x = self.pixels.astype(np.float32) / 255.0
+        x = (x - np.asarray(MEAN, np.float32)) / np.asarray(STD, np.float32)
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+    def nhwc(self) -> np.ndarray:
+        """Normalized float32 NHWC, the TFLite input contract."""
+        return np.ascontiguousarray(self.nchw().transpose(0, 2, 3, 1))
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256("\n".join(self.names).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Split:
+    calib: Batch
+    eval: Batch
+    seed: int
+    folder: ImageFolder
+
+    def describe(self) -> dict:
+        return {
+            "root": str(self.folder.root),
+            "seed": self.seed,
+            "calib_size": len(self.calib),
+            "eval_size": len(self.eval),
+            "calib_fingerprint": self.calib.fingerprint(),
+            "eval_fingerprint": self.eval.fingerprint(),
+            "eval_images": list(self.eval.names),
+            "skipped": dict(self.folder.skipped),
+        }
+
+
+def balanced_order(items: list[ImageItem], seed: int) -> list[ImageItem]:
+    """Round-robin over shuffled classes, each class shuffled: any prefix is balanced."""
+    rng = np.random.default_rng(seed)
+    by_class: dict[int, list[ImageItem]] = defaultdict(list)
+    for item in items:
+        by_class[item.label].append(item)
+    classes = sorted(by_class)
+    classes = [classes[i] for i in rng.permutation(len(classes))]
+    queues = [[by_class[c][i] for i in rng.permutation(len(by_class[c]))] for c in classes]
+    order: list[ImageItem] = []
+    depth = max(len(q) for q in queues)
+    for r in range(depth):
+        order.extend(q[r] for q in queues if r < len(q))
+    return order
+
+
+def _take(order: list[ImageItem], start: int, n: int, skipped: Counter) -> tuple[Batch, int]:
+    """Decode from ``order[start:]`` until ``n`` usable images; returns batch and next index."""
+    pix, lab, names = [], [], []
+    i = start
+    while len(names) < n and i < len(order):
+        chunk = order[i : i + (n - len(names))]
+        i += len(chunk)
+        p, l, kept = load_pixels(chunk, skipped)
+        if len(kept):
+            pix.append(p)
+            lab.append(l)
+            names.extend(k.name for k in kept)
+    if not names:
+        return Batch(np.zeros((0, 224, 224, 3), np.uint8), np.zeros((0,), np.int64), []), i
+    return Batch(np.concatenate(pix), np.concatenate(lab), names), i
+
+
+def make_split(folder: ImageFolder, calib_size: int, eval_size: int, seed: int = 0) -> Split:
+    """Calibration set then a disjoint evaluation set, both class-balanced."""
+    if calib_size < 0 or eval_size < 1:
+        raise DataError(f"calib size must be >= 0 and eval size >= 1, got {calib_size} and {eval_size}")
+    order = balanced_order(folder.items, seed)
+    calib, nxt = _take(order, 0, calib_size, folder.skipped)
+    evaluation, _ = _take(order, nxt, eval_size, folder.skipped)
+    if len(calib) + len(evaluation) == 0:
+        raise DataError(
+            f"no usable image in {folder.root} ({folder.summary()}); every file was corrupt "
+            "or unreadable: point --calib-dir at a folder of valid JPEG/PNG images"
+        )
+    if len(evaluation) == 0:
+        raise DataError(
+            f"{folder.root} has {len(calib)} usable images, all taken by calibration; "
+            f"lower --calib-size below {len(calib)} or add images"
+        )
+    return Split(calib=calib, eval=evaluation, seed=seed, folder=folder)

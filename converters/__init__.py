@@ -1,0 +1,1 @@
+"""One module per export target; each exposes ``convert(ctx, precisions)``."""

@@ -1,0 +1,84 @@
+"""Numerical comparison of a converted model's logits against the PyTorch reference."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """An accuracy bar; ``None`` fields are not checked."""
+
+    max_abs: float | None = None
+    min_sqnr_db: float | None = None
+    min_agreement: float | None = None
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio of ``got`` against ``ref``, in dB."""
+    ref = np.asarray(ref, np.float64)
+    noise = float(np.sum((ref - np.asarray(got, np.float64)) ** 2))
+    signal = float(np.sum(ref**2))
+    if noise == 0.0:
+        return float("inf")
+    return 10.0 * np.log10(signal / noise) if signal > 0 else float("-inf")
+
+
+def topk_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    top = np.argsort(-logits, axis=1)[:, :k]
+    return (top == labels[:, None]).any(axis=1)
+
+
+def compare_logits(ref: np.ndarray, got: np.ndarray, labels: np.ndarray | None = None) -> dict:
+    """Metrics of ``got`` against ``ref`` (both (N, classes)); labels -1 are ignored."""
+    ref = np.asarray(ref, np.float32)
+    got = np.asarray(got, np.float32)
+    if ref.shape != got.shape:
+        raise ValueError(f"logit shapes differ: reference {ref.shape}, converted {got.shape}")
+    diff = np.abs(ref.astype(np.float64) - got)
+    num = np.sum(ref.astype(np.float64) * got, axis=1)
+    den = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
+    cosine = np.where(den > 0, num / np.maximum(den, 1e-30), 0.0)
+    out = {
+        "images": int(ref.shape[0]),
+        "max_abs_diff": float(diff.max()) if diff.size else 0.0,
+        "mean_abs_diff": float(diff.mean()) if diff.size else 0.0,
+        "sqnr_db": round(sqnr_db(ref, got), 3),
+        "cosine": float(cosine.mean()) if cosine.size else 1.0,
+        "top1_agreement": float(np.mean(ref.argmax(1) == got.argmax(1))) if len(ref) else 1.0,
+    }
+    if labels is not None:
+        mask = np.asarray(labels) >= 0
+        if mask.any():
+            lab = np.asarray(labels)[mask]
+            out["labelled_images"] = int(mask.sum())
+            out["top1"] = float(topk_hits(got[mask], lab, 1).mean())
+            out["top5"] = float(topk_hits(got[mask], lab, 5).mean())
+            out["reference_top1"] = float(topk_hits(ref[mask], lab, 1).mean())
+            out["reference_top5"] = float(topk_hits(ref[mask], lab, 5).mean())
+    return out
+
+
+def evaluate_threshold(metrics: dict, threshold: Threshold) -> list[str]:
+    """Human-readable reasons the metrics miss ``threshold``; empty when they pass."""
+    misses = []
+    if threshold.max_abs is not None and not metrics["max_abs_diff"] <= threshold.max_abs:
+        misses.append(f"max |Δ| {metrics['max_abs_diff']:.3g} > {threshold.max_abs:g}")
+    if threshold.min_sqnr_db is not None and not metrics["sqnr_db"] >= threshold.min_sqnr_db:
+        misses.append(f"SQNR {metrics['sqnr_db']:.1f} dB < {threshold.min_sqnr_db:g} dB")
+    if threshold.min_agreement is not None and not metrics["top1_agreement"] >= threshold.min_agreement:
+        misses.append(
+            f"top-1 agreement {metrics['top1_agreement']:.2%} < {threshold.min_agreement:.0%}"
+        )
+    return misses
+
+
+def check_record(metrics: dict, threshold: Threshold) -> dict:
+    """The ``checks`` entry of a manifest artifact: metrics, threshold and verdict."""
+    misses = evaluate_threshold(metrics, threshold)
+    return {**metrics, "threshold": threshold.as_dict(), "passed": not misses, "misses": misses}

@@ -1,0 +1,114 @@
+"""The ``effmod-edge`` command line: parse options, call library functions, print."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import click
+
+from edge.errors import EffmodError
+from edge.targets import TARGETS
+
+ALL_PRECISIONS = sorted({p for t in TARGETS.values() for p in t.precision_names})
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr
+    )
+    if not verbose:
+        warnings.simplefilter("ignore")
+    for noisy in ("tensorflow", "absl", "h5py", "coremltools", "onnx2tf", "torch"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+class _Group(click.Group):
+    """Turns user errors into one line on stderr and exit code 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except EffmodError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group)
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging (tracebacks of failed targets).")
+def main(verbose: bool) -> None:
+    """EfficientMod to ONNX, TFLite and Core ML, verified against PyTorch."""
+    _setup_logging(verbose)
+
+
+@main.command()
+@click.option("--target", "targets", multiple=True, required=True, type=click.Choice(list(TARGETS)),
+              help="Export target; repeat for several.")
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(ALL_PRECISIONS),
+              help="Precision(s) to build; default: all of each target's.")
+@click.option("--model", default=None, help="Variant, e.g. efficientmod_xxs; detected from --weights if omitted.")
+@click.option("--weights", default=None, type=click.Path(dir_okay=False),
+              help="Checkpoint (.pth); omitted = random weights, for trying the pipeline.")
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--calib-dir", default=None, type=click.Path(), help="Image folder (else $EFFMOD_CALIB_DIR, else the download cache).")
+@click.option("--calib-size", default=200, show_default=True, help="Calibration images (class-balanced).")
+@click.option("--eval-size", default=100, show_default=True, help="Evaluation images, disjoint from calibration.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the data split (and of random weights).")
+@click.option("--check-threshold", is_flag=True, help="Exit non-zero when an artifact misses its accuracy bar.")
+def convert(targets, precisions, model, weights, output, calib_dir, calib_size, eval_size, seed, check_threshold) -> None:
+    """Convert a checkpoint, check every artifact against PyTorch, write manifest.json."""
+    from edge.pipeline import ConvertRequest, convert as run_convert
+
+    result = run_convert(
+        ConvertRequest(
+            targets=list(targets), precisions=list(precisions) or None, model=model, weights=weights,
+            output=Path(output), calib_dir=calib_dir, calib_size=calib_size, eval_size=eval_size, seed=seed,
+        )
+    )
+    m = result.manifest
+    click.echo(f"{m.model} ({m.weights}) -> {result.manifest_path}")
+    for a in m.artifacts:
+        c = a.checks
+        click.echo(
+            f"  {a.target:7s} {a.precision:10s} {a.path:40s} {a.bytes / 1e6:7.2f} MB  "
+            f"max|Δ| {c['max_abs_diff']:.2e}  SQNR {c['sqnr_db']:6.1f} dB  agree {c['top1_agreement']:.1%}  "
+            f"{'PASS' if c['passed'] else 'MISS: ' + '; '.join(c['misses'])}"
+        )
+    for f in m.failures:
+        click.echo(f"  {f.target:7s} {f.precision:10s} FAILED: {f.error}", err=True)
+    if result.failed:
+        sys.exit(1)
+    if check_threshold and result.below_threshold:
+        names = ", ".join(f"{a.target}/{a.precision}" for a in result.below_threshold)
+        click.echo(f"error: accuracy bar missed by {names}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--all", "show_all", is_flag=True, help="Include the tiny test variant.")
+def models(show_all: bool) -> None:
+    """Table of variants: parameters, GMACs at 224x224 (counted), paper top-1."""
+    from edge.efficientmod import VARIANTS, count_macs, count_params, create_model
+
+    click.echo(f"{'model':24s} {'params':>12s} {'GMACs':>7s} {'paper top-1':>12s}")
+    for name, cfg in VARIANTS.items():
+        if cfg.test_only and not show_all:
+            continue
+        m = create_model(name)
+        top1 = f"{cfg.paper_top1:.1f}" if cfg.paper_top1 else "-"
+        click.echo(f"{name:24s} {count_params(m):>12,d} {count_macs(m) / 1e9:>7.3f} {top1:>12s}")
+
+
+@main.command("download-samples")
+@click.option("--url", default=None, help="Base URL of the sample set (default: its public GitHub copy).")
+def download_samples(url: str | None) -> None:
+    """Download the public 1000-image ImageNet sample set into the cache (resumable)."""
+    from calibration.download import download_samples as fetch
+
+    click.echo(str(fetch(url)))
+
+
+if __name__ == "__main__":
+    main()

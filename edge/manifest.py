@@ -1,0 +1,190 @@
+"""manifest.json: the validated contract between converters, apps and evaluators.
+
+``Manifest.from_dict`` rejects unknown fields and names the bad value, so a
+typo in a hand-edited manifest is an error, not a silently ignored key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from edge.errors import ConfigError
+
+SCHEMA_VERSION = 1
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass
+class TensorSpec:
+    """What an app must feed or read: name, layout, dtype, shape and normalization."""
+
+    name: str
+    layout: str
+    dtype: str
+    shape: list[int | None]
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    quantization: dict | None = None
+
+    def validate(self, where: str) -> None:
+        if self.layout not in ("NCHW", "NHWC", "NC", "image"):
+            raise ConfigError(f"{where}.layout: {self.layout!r} is not one of NCHW, NHWC, NC, image")
+        if self.dtype not in ("float32", "float16", "int8", "uint8", "image"):
+            raise ConfigError(f"{where}.dtype: {self.dtype!r} is not a supported dtype")
+
+
+@dataclass
+class Artifact:
+    target: str
+    precision: str
+    path: str
+    bytes: int
+    sha256: str
+    input: TensorSpec
+    output: TensorSpec
+    checks: dict = field(default_factory=dict)
+    details: dict = field(default_factory=dict)
+
+    def validate(self, where: str) -> None:
+        from edge.targets import get_target
+
+        try:
+            get_target(self.target).precision(self.precision)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        p = PurePosixPath(self.path)
+        if p.is_absolute() or ".." in p.parts or not self.path:
+            raise ConfigError(f"{where}.path: {self.path!r} must be relative to the manifest folder")
+        if self.bytes < 0:
+            raise ConfigError(f"{where}.bytes: {self.bytes} is negative")
+        if not _SHA.match(self.sha256):
+            raise ConfigError(f"{where}.sha256: {self.sha256!r} is not a hex SHA-256")
+        self.input.validate(f"{where}.input")
+        self.output.validate(f"{where}.output")
+
+
+@dataclass
+class Failure:
+    target: str
+    precision: str
+    error: str
+    seconds: float
+
+
+@dataclass
+class Manifest:
+    model: str
+    weights: str
+    artifacts: list[Artifact] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    weights_sha256: str | None = None
+    data: dict | None = None
+    tool: dict = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def validate(self) -> "Manifest":
+        if self.schema_version != SCHEMA_VERSION:
+            raise ConfigError(f"schema_version: {self.schema_version} is not {SCHEMA_VERSION}")
+        for i, a in enumerate(self.artifacts):
+            a.validate(f"artifacts[{i}]")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Manifest":
+        return _build(cls, data, "manifest").validate()
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Manifest":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"manifest {path} not found; pass the manifest.json a convert wrote") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"manifest {path} is not valid JSON ({exc})") from None
+        return cls.from_dict(data)
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_json_atomic(Path(path), self.to_dict())
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON through a temp file in the same folder, then rename into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, allow_nan=True)
+            f.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _check_type(value, option, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{where}: {value!r} does not fit {tp}")
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{where}: expected null, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected an object, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp in (int, str, bool):
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported schema type {tp}")
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected an object, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{where}: missing field {name!r}")
+            continue
+        kwargs[name] = _check_type(data[name], hints[name], f"{where}.{name}")
+    return cls(**kwargs)

@@ -1,0 +1,199 @@
+"""The convert pipeline: load, split data, run each target, check, move into place."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from calibration.folder import scan_folder
+from calibration.imagenet import class_names
+from calibration.source import resolve_image_dir
+from calibration.splits import make_split
+from edge import __version__
+from edge.checks import check_record, compare_logits
+from edge.context import ArtifactResult, ConvertContext, PrecisionFailure, log, torch_logits
+from edge.efficientmod import to_deploy
+from edge.errors import ConfigError, EffmodError
+from edge.manifest import Artifact, Failure, Manifest
+from edge.targets import TARGETS, get_target, resolve_precisions
+from edge.weights import file_sha256, load_model
+
+LABELS_FILE = "labels.txt"
+
+
+@dataclass
+class ConvertRequest:
+    """Everything ``effmod-edge convert`` takes; the CLI only fills this in."""
+
+    targets: list[str]
+    output: Path
+    model: str | None = None
+    weights: str | None = None
+    precisions: list[str] | None = None
+    calib_dir: str | None = None
+    calib_size: int = 200
+    eval_size: int = 100
+    seed: int = 0
+    input_size: int = 224
+    options: dict = field(default_factory=dict)
+
+    def plan(self) -> dict[str, list[str]]:
+        """Target -> precisions to build, validated against the target table."""
+        if not self.targets:
+            raise ConfigError(f"no target given; choose from {', '.join(TARGETS)}")
+        plan = {}
+        for name in dict.fromkeys(self.targets):
+            spec = get_target(name)
+            wanted = [p for p in (self.precisions or []) if p in spec.precision_names]
+            plan[name] = resolve_precisions(spec, wanted or None)
+        unknown = [
+            p for p in (self.precisions or []) if not any(p in get_target(t).precision_names for t in plan)
+        ]
+        if unknown:
+            choices = sorted({p for t in plan for p in get_target(t).precision_names})
+            raise ConfigError(
+                f"precision {unknown[0]!r} is not offered by target(s) {', '.join(plan)}; choose from {', '.join(choices)}"
+            )
+        if self.calib_size < 0 or self.eval_size < 1:
+            raise ConfigError(f"--calib-size must be >= 0 and --eval-size >= 1 (got {self.calib_size}, {self.eval_size})")
+        return plan
+
+
+@dataclass
+class ConvertResult:
+    manifest: Manifest
+    manifest_path: Path
+
+    @property
+    def failed(self) -> list[Failure]:
+        return self.manifest.failures
+
+    @property
+    def below_threshold(self) -> list[Artifact]:
+        return [a for a in self.manifest.artifacts if not a.checks.get("passed", False)]
+
+
+def prepare_output(output: Path) -> Path:
+    """Create ``output`` if needed and return a private staging folder inside it."""
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=".effmod-staging-", dir=output))
+    except OSError as exc:
+        raise EffmodError(
+            f"output folder {output} is not writable ({exc.strerror or exc}); choose another --output"
+        ) from None
+
+
+def _move_into_place(src: Path, dest: Path) -> None:
+    """Rename ``src`` over ``dest``; a folder (.mlpackage) replaces the old one whole."""
+    if src.is_dir():
+        trash = None
+        if dest.exists():
+            trash = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            os.replace(dest, trash)
+        os.replace(src, dest)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(src, dest)
+
+
+def _path_bytes_and_sha(path: Path) -> tuple[int, str]:
+    if path.is_file():
+        return path.stat().st_size, file_sha256(path)
+    import hashlib
+
+    h = hashlib.sha256()
+    size = 0
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f.relative_to(path).as_posix().encode() + b"\0")
+        h.update(file_sha256(f).encode())
+        size += f.stat().st_size
+    return size, h.hexdigest()
+
+
+def run_target(ctx: ConvertContext, target: str, precisions: list[str]) -> tuple[list[ArtifactResult], list[Failure]]:
+    """Run one target's converter; any exception becomes a timed failure for that target."""
+    spec = get_target(target)
+    start = time.perf_counter()
+    missing = spec.missing_requirements()
+    if missing:
+        msg = f"{target} needs {', '.join(missing)}: install with {spec.install_hint}"
+        return [], [Failure(target, p, msg, 0.0) for p in precisions]
+    try:
+        outcomes = spec.load_converter()(ctx, precisions)
+    except Exception as exc:  # one target's crash must not stop the others
+        log.debug("%s failed:\n%s", target, traceback.format_exc())
+        secs = round(time.perf_counter() - start, 2)
+        err = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        return [], [Failure(target, p, err, secs) for p in precisions]
+    secs = round(time.perf_counter() - start, 2)
+    results = [o for o in outcomes if isinstance(o, ArtifactResult)]
+    failures = [Failure(target, o.precision, o.error, secs) for o in outcomes if isinstance(o, PrecisionFailure)]
+    return results, failures
+
+
+def convert(request: ConvertRequest) -> ConvertResult:
+    """Convert, check and record every requested target; see ``effmod-edge convert``."""
+    plan = request.plan()
+    image_dir = resolve_image_dir(request.calib_dir)
+    folder = scan_folder(image_dir)
+    loaded = load_model(request.model, request.weights, seed=request.seed)
+    output = Path(request.output).expanduser()
+    staging = prepare_output(output)
+    try:
+        split = make_split(folder, request.calib_size, request.eval_size, request.seed)
+        log.info("data: %s; calib %d, eval %d", folder.summary(), len(split.calib), len(split.eval))
+        reference = torch_logits(loaded.model, split.eval.nchw())
+        ctx = ConvertContext(
+            loaded=loaded,
+            deploy=to_deploy(loaded.model, request.input_size),
+            split=split,
+            reference=reference,
+            work_dir=staging,
+            seed=request.seed,
+            input_size=request.input_size,
+            options=dict(request.options),
+        )
+        (staging / LABELS_FILE).write_text("\n".join(class_names()) + "\n")
+        artifacts: list[Artifact] = []
+        failures: list[Failure] = []
+        for target, precisions in plan.items():
+            log.info("%s: converting %s", target, ", ".join(precisions))
+            results, fails = run_target(ctx, target, precisions)
+            failures += fails
+            for r in results:
+                threshold = get_target(target).precision(r.precision).threshold
+                checks = check_record(compare_logits(reference, r.logits, split.eval.labels), threshold)
+                size, sha = _path_bytes_and_sha(staging / r.path)
+                artifacts.append(
+                    Artifact(target, r.precision, r.path, size, sha, r.input, r.output, checks, r.details)
+                )
+                log.info(
+                    "%s %s %s: max|Δ| %.3g, SQNR %.1f dB, agreement %.1f%% -> %s",
+                    target, r.precision, r.path, checks["max_abs_diff"], checks["sqnr_db"],
+                    100 * checks["top1_agreement"], "ok" if checks["passed"] else "; ".join(checks["misses"]),
+                )
+        for f in failures:
+            log.error("%s %s failed after %.1fs: %s", f.target, f.precision, f.seconds, f.error)
+        manifest = Manifest(
+            model=loaded.variant,
+            weights=loaded.weights,
+            weights_sha256=loaded.weights_sha256,
+            artifacts=artifacts,
+            failures=failures,
+            data={**split.describe(), "labels": LABELS_FILE},
+            tool={"name": "effmod-edge", "version": __version__, "input_size": request.input_size},
+        ).validate()
+        for entry in [LABELS_FILE] + sorted({a.path for a in artifacts}):
+            _move_into_place(staging / entry, output / entry)
+        manifest_path = output / "manifest.json"
+        manifest.save(manifest_path)
+        return ConvertResult(manifest, manifest_path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,129 @@
+"""The one table of export targets and their precisions.
+
+It feeds the CLI choices, option validation, the manifest schema and the
+benchmarks; nothing else lists targets or precisions.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Callable
+
+from edge.checks import Threshold
+from edge.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class PrecisionSpec:
+    name: str
+    description: str
+    threshold: Threshold
+    calibrated: bool = False
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    name: str
+    description: str
+    suffix: str
+    converter: str  # "module:function", imported only when the target runs
+    precisions: tuple[PrecisionSpec, ...]
+    requires: tuple[str, ...] = ()
+    install_hint: str = ""
+    default_precisions: tuple[str, ...] = field(default=())
+
+    @property
+    def precision_names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.precisions)
+
+    def precision(self, name: str) -> PrecisionSpec:
+        for p in self.precisions:
+            if p.name == name:
+                return p
+        raise ConfigError(
+            f"target {self.name!r} has no precision {name!r}; choose from {', '.join(self.precision_names)}"
+        )
+
+    def missing_requirements(self) -> list[str]:
+        return [m for m in self.requires if importlib.util.find_spec(m) is None]
+
+    def load_converter(self) -> Callable:
+        module, func = self.converter.split(":")
+        return getattr(importlib.import_module(module), func)
+
+
+EXACT = Threshold(max_abs=1e-4)
+
+TARGETS: dict[str, TargetSpec] = {
+    t.name: t
+    for t in (
+        TargetSpec(
+            name="onnx",
+            description="ONNX opset 17, NCHW float32, batch 1 and dynamic batch (onnxruntime-checked)",
+            suffix=".onnx",
+            converter="converters.to_onnx:convert",
+            precisions=(PrecisionSpec("fp32", "float32 weights and activations", EXACT),),
+            requires=("onnx", "onnxruntime"),
+        ),
+        TargetSpec(
+            name="tflite",
+            description="TFLite via onnx2tf, NHWC input, LiteRT-checked in a subprocess",
+            suffix=".tflite",
+            converter="converters.to_tflite:convert",
+            precisions=(
+                PrecisionSpec("fp32", "float32", EXACT),
+                PrecisionSpec("fp16", "float16 weights, float32 compute", Threshold(min_sqnr_db=50.0)),
+                PrecisionSpec(
+                    "dynamic", "int8 weights, float activations",
+                    Threshold(min_sqnr_db=25.0, min_agreement=0.95),
+                ),
+                PrecisionSpec(
+                    "int8", "full integer, per-channel weights, float-I/O and int8-I/O files",
+                    Threshold(min_sqnr_db=25.0, min_agreement=0.99), calibrated=True,
+                ),
+                PrecisionSpec(
+                    "int8-mixed", "int8 with the most sensitive ops kept in float",
+                    Threshold(min_sqnr_db=25.0, min_agreement=0.99), calibrated=True,
+                ),
+            ),
+            requires=("onnx2tf", "tensorflow", "ai_edge_litert", "onnxsim"),
+            install_hint='pip install -e ".[tflite]"',
+        ),
+        TargetSpec(
+            name="coreml",
+            description="Core ML ML Program (.mlpackage), verified on Linux by a MIL interpreter",
+            suffix=".mlpackage",
+            converter="converters.to_coreml:convert",
+            precisions=(
+                PrecisionSpec("fp16", "float16 compute precision", Threshold(min_sqnr_db=40.0)),
+                PrecisionSpec("fp32", "float32 compute precision", EXACT),
+                PrecisionSpec("w8", "int8 per-channel weights", Threshold(min_agreement=0.99)),
+                PrecisionSpec(
+                    "w8a8", "int8 weights and calibrated activations",
+                    Threshold(min_sqnr_db=25.0, min_agreement=0.99), calibrated=True,
+                ),
+                PrecisionSpec("pal6", "6-bit k-means weight palettes", Threshold(min_agreement=0.99)),
+                PrecisionSpec("pal4", "4-bit k-means weight palettes", Threshold(min_agreement=0.90)),
+            ),
+            requires=("coremltools",),
+            install_hint='pip install -e ".[coreml]"',
+        ),
+    )
+}
+
+
+def get_target(name: str) -> TargetSpec:
+    if name not in TARGETS:
+        raise ConfigError(f"unknown target {name!r}; choose one of {', '.join(TARGETS)}")
+    return TARGETS[name]
+
+
+def resolve_precisions(target: TargetSpec, requested: list[str] | tuple[str, ...] | None) -> list[str]:
+    """Requested precisions in table order (all of the target's when none given)."""
+    if not requested:
+        return list(target.default_precisions or target.precision_names)
+    for name in requested:
+        target.precision(name)
+    return [p for p in target.precision_names if p in requested]

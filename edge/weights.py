@@ -1,0 +1,124 @@
+"""Loading EfficientMod weights: strict, with one-line errors that name the fix."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from edge.efficientmod import (
+    EfficientMod,
+    PUBLIC_VARIANTS,
+    VARIANTS,
+    checkpoint_filter_fn,
+    create_model,
+    detect_variant,
+    get_config,
+    match_variant,
+)
+from edge.errors import CheckpointError
+
+DEFAULT_MODEL = "efficientmod_xxs"
+log = logging.getLogger("effmod_edge")
+
+
+@dataclass
+class LoadedModel:
+    model: EfficientMod
+    variant: str
+    weights: str  # checkpoint path, or "untrained"
+    weights_sha256: str | None
+
+    @property
+    def untrained(self) -> bool:
+        return self.weights == "untrained"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state_dict inside a checkpoint file, keys normalized to the release names."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint {path} not found; pass --weights with the path to an EfficientMod .pth file"
+        )
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load raises many types for damaged files
+        detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        reason = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+        raise CheckpointError(
+            f"could not read checkpoint {path}: {reason}; the file is truncated or not a PyTorch "
+            "checkpoint, download it again"
+        ) from None
+    state = checkpoint_filter_fn(obj) if isinstance(obj, dict) else {}
+    if not state:
+        keys = ", ".join(list(obj)[:5]) if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(
+            f"{path} holds no model weights (found: {keys or 'nothing'}); pass an EfficientMod "
+            "checkpoint (a state_dict, or a dict with 'state_dict', 'state_dict_ema' or 'model')"
+        )
+    return state
+
+
+def _mismatch_message(path: Path, wanted: str, state: dict[str, torch.Tensor]) -> str:
+    m = match_variant(state, wanted)
+    parts = []
+    if m.missing:
+        parts.append(f"{len(m.missing)} missing keys (e.g. {m.missing[0]})")
+    if m.unexpected:
+        parts.append(f"{len(m.unexpected)} unexpected keys (e.g. {m.unexpected[0]})")
+    if m.mismatched:
+        parts.append(f"{len(m.mismatched)} shape mismatches (e.g. {m.mismatched[0]})")
+    actual = detect_variant(state)
+    hint = (
+        f"it matches {actual}: use --model {actual} or omit --model"
+        if actual
+        else "it matches no EfficientMod variant (" + ", ".join(PUBLIC_VARIANTS) + ")"
+    )
+    return f"checkpoint {path} does not fit {wanted}: {', '.join(parts)}; {hint}"
+
+
+def load_model(model: str | None = None, weights: str | Path | None = None, seed: int = 0) -> LoadedModel:
+    """Build ``model`` and load ``weights`` strictly; detect the variant when model is None.
+
+    Without weights the model is randomly initialised (deterministic for ``seed``)
+    and a warning says so.
+    """
+    if weights is None:
+        name = get_config(model or DEFAULT_MODEL).name
+        log.warning(
+            "WARNING: no --weights given: %s is RANDOMLY INITIALISED; its outputs are meaningless "
+            "and the manifest records weights='untrained'",
+            name,
+        )
+        return LoadedModel(create_model(name, seed), name, "untrained", None)
+    path = Path(weights).expanduser()
+    state = read_checkpoint(path)
+    if model is None:
+        name = detect_variant(state)
+        if name is None:
+            closest = min(
+                VARIANTS,
+                key=lambda v: len(match_variant(state, v).missing) + len(match_variant(state, v).unexpected),
+            )
+            raise CheckpointError(_mismatch_message(path, closest, state) + "; is this an EfficientMod checkpoint?")
+    else:
+        name = get_config(model).name
+        if not match_variant(state, name).exact:
+            raise CheckpointError(_mismatch_message(path, name, state))
+    net = EfficientMod(get_config(name))
+    net.load_state_dict(state, strict=True)
+    return LoadedModel(net.eval(), name, str(path), file_sha256(path))
