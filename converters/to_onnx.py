@@ -15,7 +15,9 @@ from edge.manifest import TensorSpec
 OPSET = 17
 
 
-def export_onnx(model: torch.nn.Module, path: Path, input_size: int = 224, dynamic_batch: bool = False) -> Path:
+def export_onnx(
+    model: torch.nn.Module, path: Path, input_size: int = 224, dynamic_batch: bool = False, opset: int = OPSET
+) -> Path:
     """Export ``model`` (NCHW float32 in, logits out) to ``path``."""
     x = torch.zeros(1, 3, input_size, input_size)
     axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
@@ -23,7 +25,7 @@ def export_onnx(model: torch.nn.Module, path: Path, input_size: int = 224, dynam
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model.eval(), (x,), str(path), input_names=["input"], output_names=["logits"],
-            opset_version=OPSET, dynamic_axes=axes, dynamo=False, do_constant_folding=True,
+            opset_version=opset, dynamic_axes=axes, dynamo=False, do_constant_folding=True,
         )
     return path
 

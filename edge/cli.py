@@ -110,5 +110,37 @@ def download_samples(url: str | None) -> None:
     click.echo(str(fetch(url)))
 
 
+@main.command()
+@click.argument("manifest", type=click.Path())
+@click.option("--runs", default=30, show_default=True, help="Timed runs per round.")
+@click.option("--warmup", default=5, show_default=True, help="Untimed runs before each round.")
+@click.option("--rounds", default=3, show_default=True, help="Interleaved rounds over all artifacts.")
+@click.option("--threads", default=None, help="Comma-separated thread counts (default: 1 and all cores).")
+def bench(manifest: str, runs: int, warmup: int, rounds: int, threads: str | None) -> None:
+    """Host latency of every runnable artifact and of PyTorch eager; writes bench.json."""
+    from edge.bench import bench_manifest, format_table, require_manifest
+
+    counts = tuple(int(t) for t in threads.split(",")) if threads else None
+    result = bench_manifest(require_manifest(manifest), runs=runs, warmup=warmup, rounds=rounds, threads=counts)
+    m = result["machine"]
+    click.echo(f"{result['model']} ({result['weights']}) on {m['cpu']}, {m['cores']} cores, {result['date']}")
+    click.echo(format_table(result))
+
+
+@main.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+def inspect(model: str) -> None:
+    """Op histogram of a .tflite, the ops its int8 graph keeps in float, XNNPACK coverage."""
+    from converters.to_tflite import inspect_tflite
+
+    info = inspect_tflite(Path(model))
+    click.echo(f"{model}: {info['total_ops']} ops")
+    click.echo(f"  input  {info['input']['name']} {info['input']['dtype']} {info['input']['shape']} q={info['input']['quantization']}")
+    click.echo(f"  output {info['output']['name']} {info['output']['dtype']} {info['output']['shape']} q={info['output']['quantization']}")
+    click.echo("  ops:           " + ", ".join(f"{k} {v}" for k, v in info["ops"].items()))
+    click.echo("  float ops:     " + (", ".join(f"{k} {v}" for k, v in info["float_ops"].items()) or "none"))
+    click.echo("  not delegated: " + (", ".join(f"{k} {v}" for k, v in info["not_delegated"].items()) or "none (all ops run in XNNPACK)"))
+
+
 if __name__ == "__main__":
     main()

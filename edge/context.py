@@ -43,6 +43,7 @@ class ArtifactResult:
     output: TensorSpec
     logits: np.ndarray
     details: dict = field(default_factory=dict)
+    extra_files: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -28,6 +28,10 @@ import torch.nn.functional as F
 
 RepeatMode = Literal["concat", "tile", "broadcast"]
 REPEAT_MODES: tuple[str, ...] = ("concat", "tile", "broadcast")
+NormImpl = Literal["reduce", "conv"]
+NORM_IMPLS: tuple[str, ...] = ("reduce", "conv")
+DwImpl = Literal["single", "split"]
+DW_IMPLS: tuple[str, ...] = ("single", "split")
 
 
 # --------------------------------------------------------------------------- blocks
@@ -248,19 +252,62 @@ def _init_weights(m: nn.Module) -> None:
 
 
 class LayerNorm2d(nn.Module):
-    """LayerNorm over the channel axis of an NCHW tensor, in ops every target has."""
+    """LayerNorm over the channel axis of an NCHW tensor, in ops every target has.
 
-    def __init__(self, src: nn.LayerNorm):
+    ``impl="reduce"`` computes the statistics with channel means; ``impl="conv"``
+    computes them with 1x1 convolutions (centering matrix I - 1/C, then a
+    1/C-weighted sum of squares whose bias is eps), which keeps an int8 graph
+    inside the XNNPACK delegate. With ``affine=False`` scale and shift are left
+    out: the caller folded them into the convolution(s) that consume the output.
+    """
+
+    def __init__(self, src: nn.LayerNorm, affine: bool = True, impl: NormImpl = "reduce"):
         super().__init__()
         c = src.normalized_shape[0]
         self.eps = float(src.eps)
-        self.weight = nn.Parameter(src.weight.detach().clone().reshape(1, c, 1, 1))
-        self.bias = nn.Parameter(src.bias.detach().clone().reshape(1, c, 1, 1))
+        self.affine = affine
+        self.impl = impl
+        if affine:
+            self.weight = nn.Parameter(src.weight.detach().clone().reshape(1, c, 1, 1))
+            self.bias = nn.Parameter(src.bias.detach().clone().reshape(1, c, 1, 1))
+        if impl == "conv":
+            self.center = nn.Conv2d(c, c, 1, bias=False)
+            self.center.weight.data.copy_((torch.eye(c) - 1.0 / c).reshape(c, c, 1, 1))
+            self.variance = nn.Conv2d(c, 1, 1, bias=True)
+            self.variance.weight.data.fill_(1.0 / c)
+            self.variance.bias.data.fill_(self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        d = x - x.mean(dim=1, keepdim=True)
-        var = (d * d).mean(dim=1, keepdim=True)
-        return d * torch.rsqrt(var + self.eps) * self.weight + self.bias
+        if self.impl == "conv":
+            d = self.center(x)
+            y = d * torch.rsqrt(self.variance(d * d))
+        else:
+            d = x - x.mean(dim=1, keepdim=True)
+            y = d * torch.rsqrt((d * d).mean(dim=1, keepdim=True) + self.eps)
+        return y * self.weight + self.bias if self.affine else y
+
+
+def _repeat_channels(c: torch.Tensor, times: int) -> torch.Tensor:
+    """``c`` repeated ``times`` along channels with concats of at most 4 inputs.
+
+    XNNPACK delegates CONCATENATION of up to 4-5 inputs; a 6-way concat falls
+    back to the slow reference kernel, so 6 is built as 2 x 3.
+    """
+    if times <= 4:
+        return torch.cat([c] * times, dim=1)
+    for f in (2, 3):
+        if times % f == 0:
+            return torch.cat([_repeat_channels(c, times // f)] * f, dim=1)
+    return torch.cat([_repeat_channels(c, 4), _repeat_channels(c, times - 4)], dim=1)
+
+
+@torch.no_grad()
+def _fold_norm_affine(layer: nn.Conv2d | nn.Linear, norm: nn.LayerNorm) -> None:
+    """Make ``layer(n)`` compute ``layer(n * norm.weight + norm.bias)``, in place."""
+    w2d = layer.weight.reshape(layer.weight.shape[0], -1)
+    layer.bias.add_(w2d @ norm.bias.detach())
+    scale = norm.weight.detach().reshape((1, -1) + (1,) * (layer.weight.dim() - 2))
+    layer.weight.mul_(scale)
 
 
 def _conv1x1(src: nn.Linear, rows: torch.Tensor | None = None) -> nn.Conv2d:
@@ -277,27 +324,68 @@ def _conv1x1(src: nn.Linear, rows: torch.Tensor | None = None) -> nn.Conv2d:
     return conv
 
 
+class SplitDepthwise(nn.Module):
+    """A 7x7 depthwise conv as a 5x5 core plus two dilated edge convs.
+
+    The core takes the inner 5x5 taps; a 2x7 conv with row dilation 6 takes the
+    top and bottom rows; a 5x2 conv with column dilation 6 takes the left and
+    right columns of the middle rows. 25 + 14 + 10 = 49 taps, all SAME-padded.
+    XNNPACK has fast kernels for up to 25 taps but a generic path for 49 that
+    measured about 7x slower than this split on x86.
+    """
+
+    def __init__(self, src: nn.Conv2d):
+        super().__init__()
+        k = src.kernel_size[0]
+        c = src.in_channels
+        if src.kernel_size != (7, 7) or src.groups != c or src.stride != (1, 1) or src.padding != (3, 3):
+            raise ValueError(f"SplitDepthwise needs a stride-1, padding-3, 7x7 depthwise conv, got {src}")
+        w = src.weight.detach()
+        self.core = nn.Conv2d(c, c, 5, padding=2, groups=c, bias=src.bias is not None)
+        self.rows = nn.Conv2d(c, c, (2, 7), padding=3, dilation=(k - 1, 1), groups=c, bias=False)
+        self.cols = nn.Conv2d(c, c, (5, 2), padding=(2, 3), dilation=(1, k - 1), groups=c, bias=False)
+        self.core.weight.data.copy_(w[:, :, 1:6, 1:6])
+        if src.bias is not None:
+            self.core.bias.data.copy_(src.bias.detach())
+        self.rows.weight.data.copy_(w[:, :, [0, 6], :])
+        self.cols.weight.data.copy_(w[:, :, 1:6][:, :, :, [0, 6]])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.core(x) + self.rows(x) + self.cols(x)
+
+
 class _DeployPatchEmbed(nn.Module):
-    def __init__(self, src: PatchEmbed):
+    def __init__(self, src: PatchEmbed, norm_impl: NormImpl = "reduce"):
         super().__init__()
         self.proj = copy.deepcopy(src.proj)
-        self.norm = LayerNorm2d(src.norm)
+        self.norm = LayerNorm2d(src.norm, impl=norm_impl)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.proj(x))
 
 
 class _DeployModulationBlock(nn.Module):
-    def __init__(self, src: ModulationBlock, height: int, width: int, repeat_mode: RepeatMode):
+    def __init__(
+        self,
+        src: ModulationBlock,
+        height: int,
+        width: int,
+        repeat_mode: RepeatMode,
+        norm_impl: NormImpl,
+        dw_impl: DwImpl,
+    ):
         super().__init__()
         mlp = src.mlp
         ctx = mlp.context_layer
-        self.norm = LayerNorm2d(src.norm)
+        self.norm = LayerNorm2d(src.norm, affine=False, impl=norm_impl)
         self.ctx_f = _conv1x1(ctx.f)
-        self.ctx_dw = copy.deepcopy(ctx.context_list[0])
+        dw = ctx.context_list[0]
+        self.ctx_dw = SplitDepthwise(dw) if dw_impl == "split" else copy.deepcopy(dw)
         self.ctx_g = _conv1x1(ctx.g)
         self.fc1 = _conv1x1(mlp.fc1)
         self.fc2 = _conv1x1(mlp.fc2, rows=src.gamma_1.detach())
+        _fold_norm_affine(self.ctx_f, src.norm)
+        _fold_norm_affine(self.fc1, src.norm)
         self.ratio = mlp.ratio
         self.dim = ctx.f.out_features
         self.hw = height * width
@@ -308,7 +396,7 @@ class _DeployModulationBlock(nn.Module):
         if self.ratio == 1:
             return h * c
         if self.repeat_mode == "concat":
-            return h * torch.cat([c] * self.ratio, dim=1)
+            return h * _repeat_channels(c, self.ratio)
         if self.repeat_mode == "tile":
             return h * c.repeat(1, self.ratio, 1, 1)
         hb = h.reshape(-1, self.ratio, self.dim, self.hw)
@@ -325,19 +413,21 @@ class _DeployModulationBlock(nn.Module):
 
 
 class _DeployAttentionBlock(nn.Module):
-    def __init__(self, src: AttentionBlock, height: int, width: int):
+    def __init__(self, src: AttentionBlock, height: int, width: int, norm_impl: NormImpl):
         super().__init__()
         attn = src.attn
         self.heads, self.head_dim = attn.num_heads, attn.head_dim
         inner = self.heads * self.head_dim
         rows = torch.ones(3 * inner)
         rows[:inner] = attn.scale
-        self.norm1 = LayerNorm2d(src.norm1)
+        self.norm1 = LayerNorm2d(src.norm1, affine=False, impl=norm_impl)
         self.qkv = _conv1x1(attn.qkv, rows=rows)
         self.proj = _conv1x1(attn.proj)
-        self.norm2 = LayerNorm2d(src.norm2)
+        self.norm2 = LayerNorm2d(src.norm2, affine=False, impl=norm_impl)
         self.fc1 = _conv1x1(src.mlp.fc1)
         self.fc2 = _conv1x1(src.mlp.fc2)
+        _fold_norm_affine(self.qkv, src.norm1)
+        _fold_norm_affine(self.fc1, src.norm2)
         self.height, self.width = height, width
         self.tokens = height * width
 
@@ -355,30 +445,44 @@ class _DeployAttentionBlock(nn.Module):
 class EfficientModDeploy(nn.Module):
     """Channels-first export form of an :class:`EfficientMod`; see module docstring."""
 
-    def __init__(self, src: EfficientMod, input_size: int = 224, repeat_mode: RepeatMode = "concat"):
+    def __init__(
+        self,
+        src: EfficientMod,
+        input_size: int = 224,
+        repeat_mode: RepeatMode = "concat",
+        norm_impl: NormImpl = "reduce",
+        dw_impl: DwImpl = "single",
+    ):
         super().__init__()
+        if dw_impl not in DW_IMPLS:
+            raise ValueError(f"dw_impl must be one of {DW_IMPLS}, got {dw_impl!r}")
         if input_size % 32:
             raise ValueError(f"input_size must be a multiple of 32, got {input_size}")
         if repeat_mode not in REPEAT_MODES:
             raise ValueError(f"repeat_mode must be one of {REPEAT_MODES}, got {repeat_mode!r}")
+        if norm_impl not in NORM_IMPLS:
+            raise ValueError(f"norm_impl must be one of {NORM_IMPLS}, got {norm_impl!r}")
         src = copy.deepcopy(src).eval().reparameterize()
         self.cfg = src.cfg
         self.input_size = input_size
         self.repeat_mode = repeat_mode
-        self.patch_embed = _DeployPatchEmbed(src.patch_embed)
+        self.norm_impl = norm_impl
+        self.dw_impl = dw_impl
+        self.patch_embed = _DeployPatchEmbed(src.patch_embed, norm_impl)
         blocks: list[nn.Module] = []
         for i, stage in enumerate(src.layers):
             side = input_size // (4 * 2**i)
             for blk in stage.blocks:
                 if isinstance(blk, ModulationBlock):
-                    blocks.append(_DeployModulationBlock(blk, side, side, repeat_mode))
+                    blocks.append(_DeployModulationBlock(blk, side, side, repeat_mode, norm_impl, dw_impl))
                 else:
-                    blocks.append(_DeployAttentionBlock(blk, side, side))
+                    blocks.append(_DeployAttentionBlock(blk, side, side, norm_impl))
             if stage.downsample is not None:
-                blocks.append(_DeployPatchEmbed(stage.downsample))
+                blocks.append(_DeployPatchEmbed(stage.downsample, norm_impl))
         self.blocks = nn.Sequential(*blocks)
-        self.norm = LayerNorm2d(src.norm)
+        self.norm = LayerNorm2d(src.norm, affine=False, impl=norm_impl)
         self.head = copy.deepcopy(src.head)
+        _fold_norm_affine(self.head, src.norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks(self.patch_embed(x))
@@ -386,12 +490,16 @@ class EfficientModDeploy(nn.Module):
 
 
 def to_deploy(
-    model: EfficientMod | EfficientModDeploy, input_size: int = 224, repeat_mode: RepeatMode = "concat"
+    model: EfficientMod | EfficientModDeploy,
+    input_size: int = 224,
+    repeat_mode: RepeatMode = "concat",
+    norm_impl: NormImpl = "reduce",
+    dw_impl: DwImpl = "single",
 ) -> EfficientModDeploy:
     """Export form of ``model`` (same weights, folded); a deploy model is returned as is."""
     if isinstance(model, EfficientModDeploy):
         return model
-    return EfficientModDeploy(model, input_size=input_size, repeat_mode=repeat_mode).eval()
+    return EfficientModDeploy(model, input_size, repeat_mode, norm_impl, dw_impl).eval()
 
 
 # --------------------------------------------------------------------------- registry

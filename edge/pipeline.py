@@ -163,10 +163,12 @@ def convert(request: ConvertRequest) -> ConvertResult:
         (staging / LABELS_FILE).write_text("\n".join(class_names()) + "\n")
         artifacts: list[Artifact] = []
         failures: list[Failure] = []
+        all_results: list[ArtifactResult] = []
         for target, precisions in plan.items():
             log.info("%s: converting %s", target, ", ".join(precisions))
             results, fails = run_target(ctx, target, precisions)
             failures += fails
+            all_results += results
             for r in results:
                 threshold = get_target(target).precision(r.precision).threshold
                 checks = check_record(compare_logits(reference, r.logits, split.eval.labels), threshold)
@@ -190,7 +192,8 @@ def convert(request: ConvertRequest) -> ConvertResult:
             data={**split.describe(), "labels": LABELS_FILE},
             tool={"name": "effmod-edge", "version": __version__, "input_size": request.input_size},
         ).validate()
-        for entry in [LABELS_FILE] + sorted({a.path for a in artifacts}):
+        extra = [f for r in all_results for f in r.extra_files]
+        for entry in [LABELS_FILE] + sorted({a.path for a in artifacts} | set(extra)):
             _move_into_place(staging / entry, output / entry)
         manifest_path = output / "manifest.json"
         manifest.save(manifest_path)

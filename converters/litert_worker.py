@@ -1,0 +1,258 @@
+"""Subprocess worker for TensorFlow/LiteRT steps that may crash or abort.
+
+Run as ``python -m converters.litert_worker <command> <args.json>``; results are
+written to files named in the JSON. Keeping TFLiteConverter and the LiteRT
+interpreter out of the main process means a model that aborts the runtime (as
+onnx2tf's int16x8 output does on EfficientMod) fails only its own precision.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections import Counter
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def _representative(calib_path: str, limit: int | None = None):
+    data = np.load(calib_path)
+    if limit:
+        data = data[:limit]
+
+    def gen():
+        for i in range(len(data)):
+            yield [data[i : i + 1]]
+
+    return gen
+
+
+def _converter(args: dict):
+    import tensorflow as tf
+
+    conv = tf.lite.TFLiteConverter.from_saved_model(args["saved_model"])
+    mode = args["mode"]
+    if mode == "fp32":
+        return conv
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    if mode == "fp16":
+        conv.target_spec.supported_types = [tf.float16]
+        return conv
+    if mode == "dynamic":
+        return conv
+    conv.representative_dataset = _representative(args["calib"], args.get("calib_limit"))
+    if mode == "int8" and not args.get("denylist"):
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    if args.get("int8_io"):
+        conv.inference_input_type = tf.int8
+        conv.inference_output_type = tf.int8
+    return conv
+
+
+def cmd_quantize(args: dict) -> None:
+    """Convert the saved model at one precision; int8 with a denylist keeps those ops float."""
+    import tensorflow as tf
+
+    conv = _converter(args)
+    deny = args.get("denylist") or {}
+    if args["mode"] == "int8" and (deny.get("ops") or deny.get("nodes")):
+        opts = tf.lite.experimental.QuantizationDebugOptions(
+            denylisted_ops=deny.get("ops") or None, denylisted_nodes=deny.get("nodes") or None
+        )
+        dbg = tf.lite.experimental.QuantizationDebugger(
+            converter=conv,
+            debug_dataset=_representative(args["calib"], 1),
+            debug_options=opts,
+        )
+        model = dbg.get_nondebug_quantized_model()
+        if args.get("int8_io"):
+            raise SystemExit("int8 I/O with a float denylist is not supported")
+    else:
+        model = conv.convert()
+    with open(args["out"], "wb") as f:
+        f.write(model)
+
+
+def _sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
+    ref = np.asarray(ref, np.float64)
+    noise = float(np.sum((ref - np.asarray(got, np.float64)) ** 2))
+    if noise == 0.0:
+        return 120.0
+    return float(10 * math.log10(max(float(np.sum(ref**2)), 1e-30) / noise))
+
+
+def _all_tensors(model_content: bytes, images: np.ndarray) -> tuple[list[dict], dict[str, list[np.ndarray]]]:
+    """Ops of a model and the (dequantized) value of every op output, per image."""
+    from ai_edge_litert import interpreter as lit
+
+    it = lit.Interpreter(
+        model_content=model_content,
+        experimental_preserve_all_tensors=True,
+        experimental_op_resolver_type=lit.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+    )
+    it.allocate_tensors()
+    details = {t["index"]: t for t in it.get_tensor_details()}
+    ops = [o for o in it._get_ops_details() if o["op_name"] not in ("QUANTIZE", "DEQUANTIZE")]
+    inp = it.get_input_details()[0]
+    values: dict[str, list[np.ndarray]] = {}
+    for x in images:
+        x = x[None]
+        if inp["dtype"] == np.int8:
+            sc, zp = inp["quantization"]
+            x = np.clip(np.round(x / sc + zp), -128, 127).astype(np.int8)
+        it.set_tensor(inp["index"], x.astype(inp["dtype"], copy=False))
+        it.invoke()
+        for o in ops:
+            for idx in o["outputs"]:
+                t = details[idx]
+                v = it.get_tensor(idx)
+                if np.issubdtype(v.dtype, np.integer):
+                    sc, zp = t["quantization"]
+                    v = (v.astype(np.float32) - zp) * sc
+                values.setdefault(t["name"], []).append(np.array(v, np.float32))
+    return [{"op": o["op_name"], "out": [details[i]["name"] for i in o["outputs"]],
+             "in": [details[i]["name"] for i in o["inputs"] if i in details]} for o in ops], values
+
+
+def cmd_sensitivity(args: dict) -> None:
+    """Per-op SQNR of the full-int8 model's op outputs against the float model's.
+
+    ``sqnr_db`` is the accumulated fidelity at that op's output; ``drop_db`` is how
+    much this op lowers it below its worst input, i.e. the error the op itself adds.
+    """
+    float_model = _converter({**args, "mode": "fp32"}).convert()
+    quant_model = _converter({**args, "mode": "int8"}).convert()
+    images = np.load(args["calib"])[: args.get("debug_limit", 8)]
+    _, fvals = _all_tensors(float_model, images)
+    qops, qvals = _all_tensors(quant_model, images)
+    sqnr = {}
+    for name, vals in qvals.items():
+        if name not in fvals or fvals[name][0].shape != vals[0].shape:
+            continue
+        ref = np.concatenate([v.ravel() for v in fvals[name]])
+        if float(np.sqrt(np.mean(ref.astype(np.float64) ** 2))) < 1e-6:
+            continue  # a numerically zero tensor has no meaningful SQNR
+        sqnr[name] = _sqnr_db(ref, np.concatenate([v.ravel() for v in vals]))
+    rows = []
+    for o in qops:
+        name = o["out"][0]
+        if name not in sqnr:
+            continue
+        inputs = [sqnr[i] for i in o["in"] if i in sqnr]
+        drop = min(inputs) - sqnr[name] if inputs else 0.0
+        rows.append({"tensor": name, "op": o["op"], "sqnr_db": round(sqnr[name], 2), "drop_db": round(drop, 2)})
+    rows.sort(key=lambda r: -r["drop_db"])
+    with open(args["out"], "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+def cmd_run(args: dict) -> None:
+    """Run a .tflite on normalized NHWC float images; write float32 logits."""
+    from ai_edge_litert import interpreter as lit
+
+    it = lit.Interpreter(model_path=args["model"], num_threads=args.get("threads", 2))
+    it.allocate_tensors()
+    inp = it.get_input_details()[0]
+    out = it.get_output_details()[0]
+    images = np.load(args["images"])
+    logits = []
+    for x in images:
+        x = x[None]
+        if inp["dtype"] in (np.int8, np.uint8):
+            scale, zp = inp["quantization"]
+            info = np.iinfo(inp["dtype"])
+            x = np.clip(np.round(x / scale + zp), info.min, info.max).astype(inp["dtype"])
+        it.set_tensor(inp["index"], x.astype(inp["dtype"], copy=False))
+        it.invoke()
+        y = it.get_tensor(out["index"])
+        if out["dtype"] in (np.int8, np.uint8):
+            scale, zp = out["quantization"]
+            y = (y.astype(np.float32) - zp) * scale
+        logits.append(np.asarray(y, np.float32).reshape(-1))
+    np.save(args["out"], np.stack(logits))
+
+
+def cmd_inspect(args: dict) -> None:
+    """Op histogram, ops computed in float, I/O details and delegate coverage."""
+    from ai_edge_litert import interpreter as lit
+
+    it = lit.Interpreter(
+        model_path=args["model"], num_threads=1, experimental_disable_delegate_node_fusion=True
+    )
+    it.allocate_tensors()
+    ops = it._get_ops_details()
+    tensors = {t["index"]: t for t in it.get_tensor_details()}
+    delegated_outputs = {tuple(o["outputs"]) for o in ops if o["op_name"] == "DELEGATE"}
+    hist, float_ops, not_delegated = Counter(), Counter(), Counter()
+    for o in ops:
+        if o["op_name"] == "DELEGATE":
+            continue
+        hist[o["op_name"]] += 1
+        first = next((tensors[i] for i in o["inputs"] if i in tensors), None)
+        dtype = np.dtype(first["dtype"]).name if first is not None else ""
+        if dtype in ("float32", "float16") and o["op_name"] not in ("QUANTIZE",):
+            float_ops[o["op_name"]] += 1
+        if tuple(o["outputs"]) not in delegated_outputs:
+            not_delegated[o["op_name"]] += 1
+
+    def io(d):
+        return {
+            "name": d["name"], "shape": [int(s) for s in d["shape"]], "dtype": np.dtype(d["dtype"]).name,
+            "quantization": {"scale": float(d["quantization"][0]), "zero_point": int(d["quantization"][1])},
+        }
+
+    result = {
+        "ops": dict(hist.most_common()),
+        "total_ops": int(sum(hist.values())),
+        "float_ops": dict(float_ops.most_common()),
+        "not_delegated": dict(not_delegated.most_common()),
+        "input": io(it.get_input_details()[0]),
+        "output": io(it.get_output_details()[0]),
+    }
+    with open(args["out"], "w") as f:
+        json.dump(result, f, indent=1)
+
+
+def cmd_bench(args: dict) -> None:
+    """Latency of a .tflite: warm-up, then timed invokes; writes all samples in ms."""
+    import time
+
+    from ai_edge_litert import interpreter as lit
+
+    it = lit.Interpreter(model_path=args["model"], num_threads=args.get("threads", 2))
+    it.allocate_tensors()
+    inp = it.get_input_details()[0]
+    it.set_tensor(inp["index"], np.zeros(inp["shape"], inp["dtype"]))
+    for _ in range(args.get("warmup", 5)):
+        it.invoke()
+    samples = []
+    for _ in range(args.get("runs", 30)):
+        t = time.perf_counter()
+        it.invoke()
+        samples.append((time.perf_counter() - t) * 1e3)
+    with open(args["out"], "w") as f:
+        json.dump(samples, f)
+
+
+COMMANDS = {
+    "quantize": cmd_quantize,
+    "sensitivity": cmd_sensitivity,
+    "run": cmd_run,
+    "inspect": cmd_inspect,
+    "bench": cmd_bench,
+}
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 2 or argv[0] not in COMMANDS:
+        raise SystemExit(f"usage: python -m converters.litert_worker {{{','.join(COMMANDS)}}} ARGS.json")
+    with open(argv[1]) as f:
+        COMMANDS[argv[0]](json.load(f))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,272 @@
+"""TFLite target: deploy form -> ONNX -> onnx2tf -> TFLite, checked with LiteRT.
+
+Graph choices (each measured, see BENCHMARKS.md):
+
+* ONNX opset 20, so GELU is one ``Gelu`` node that becomes the TFLite ``GELU``
+  builtin (opset 17 spells it with ``Erf``, which TFLite only has as a Flex op);
+* the channels-first deploy form, so the 7x7 context conv is ``DEPTHWISE_CONV_2D``,
+  split into a 5x5 core and two dilated edge convs (``dw_impl="split"``): XNNPACK
+  runs a 49-tap depthwise kernel on a slow generic path;
+* LayerNorm statistics as 1x1 convolutions (``norm_impl="conv"``): XNNPACK runs
+  them in int8, while an int8 ``SUB`` of a broadcast mean or ``ADD`` of eps fall
+  back to the reference kernels;
+* the modulation's channel repeat as concats of at most 4 inputs (XNNPACK does
+  not delegate a 6-input ``CONCATENATION``).
+
+onnx2tf runs in a private working folder that holds the sample-image .npy it
+would otherwise download, with the venv's ``onnxsim`` on PATH. Every
+TensorFlow/LiteRT step runs in a subprocess (``converters.litert_worker``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from calibration.preprocess import MEAN, STD
+from converters.to_onnx import export_onnx
+from edge.checks import compare_logits
+from edge.context import ArtifactResult, ConvertContext, PrecisionFailure, log, torch_logits
+from edge.efficientmod import to_deploy
+from edge.errors import ConversionError
+from edge.manifest import TensorSpec
+
+ONNX_OPSET = 20
+SAMPLE_NPY = "calibration_image_sample_data_20x128x128x3_float32.npy"
+RUNTIME_FLOAT_OPS = ("GELU", "RSQRT", "SOFTMAX", "BATCH_MATMUL")
+MIXED_STEPS = (0, 2, 4, 8, 16, 32, 64)
+WORKER_TIMEOUT_S = 900
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    env.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    return env
+
+
+def _describe_exit(rc: int) -> str:
+    if rc < 0:
+        try:
+            return f"killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"killed by signal {-rc}"
+    return f"exit code {rc}"
+
+
+def _run(cmd: list[str], cwd: Path, what: str, timeout: float = WORKER_TIMEOUT_S) -> None:
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise ConversionError(f"{what} timed out after {timeout:.0f}s") from None
+    if proc.returncode != 0:
+        tail = [l for l in (proc.stderr or proc.stdout).strip().splitlines() if l.strip()][-1:] or [""]
+        raise ConversionError(f"{what} failed ({_describe_exit(proc.returncode)}): {tail[0][:300]}")
+
+
+def worker(command: str, args: dict, build_dir: Path, timeout: float = WORKER_TIMEOUT_S) -> None:
+    """Run one ``converters.litert_worker`` command in a fresh Python process."""
+    build_dir.mkdir(parents=True, exist_ok=True)
+    arg_file = build_dir / f"{command}-{time.monotonic_ns()}.json"
+    arg_file.write_text(json.dumps(args))
+    _run([sys.executable, "-m", "converters.litert_worker", command, str(arg_file)], build_dir, f"LiteRT {command}", timeout)
+
+
+def litert_logits(model: Path, images_nhwc: np.ndarray, build_dir: Path, threads: int = 2) -> np.ndarray:
+    """Logits of a .tflite on normalized NHWC images, computed in a subprocess."""
+    images = build_dir / "eval_images.npy"
+    if not images.exists() or np.load(images, mmap_mode="r").shape != images_nhwc.shape:
+        np.save(images, images_nhwc)
+    out = build_dir / f"logits-{model.stem}.npy"
+    worker("run", {"model": str(model), "images": str(images), "out": str(out), "threads": threads}, build_dir)
+    return np.load(out)
+
+
+def inspect_tflite(model: Path, build_dir: Path | None = None) -> dict:
+    """Op histogram, float ops, ops outside the XNNPACK delegate, I/O quantization."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(build_dir or tmp)
+        out = d / f"inspect-{model.stem}.json"
+        worker("inspect", {"model": str(Path(model).resolve()), "out": str(out)}, d)
+        return json.loads(out.read_text())
+
+
+def _sample_npy(ctx: ConvertContext, path: Path) -> None:
+    """The 20x128x128x3 [0,1] file onnx2tf looks for, made from our own images."""
+    pixels = ctx.split.calib.pixels if len(ctx.split.calib) else ctx.split.eval.pixels
+    imgs = [np.asarray(Image.fromarray(p).resize((128, 128), Image.Resampling.BILINEAR)) for p in pixels[:20]]
+    while len(imgs) < 20:
+        imgs.append(imgs[len(imgs) % max(len(imgs), 1)])
+    np.save(path, (np.stack(imgs).astype(np.float32) / 255.0))
+
+
+def build_saved_model(ctx: ConvertContext, build_dir: Path) -> Path:
+    """Deploy form -> ONNX (opset 20) -> onnx2tf saved_model with float32/float16 .tflite."""
+    build_dir.mkdir(parents=True, exist_ok=True)
+    deploy = to_deploy(ctx.loaded.model, ctx.input_size, norm_impl="conv", dw_impl="split")
+    onnx_path = export_onnx(deploy, build_dir / "model.onnx", ctx.input_size, opset=ONNX_OPSET)
+    _sample_npy(ctx, build_dir / SAMPLE_NPY)
+    if shutil.which("onnxsim", path=_env()["PATH"]) is None:
+        raise ConversionError("onnxsim is not on PATH; install it with pip install -e \".[tflite]\"")
+    log.info("tflite: onnx2tf (about 30 s for xxs)")
+    cmd = [sys.executable, "-c", "from onnx2tf.onnx2tf import main; main()",
+           "-i", str(onnx_path), "-o", str(build_dir / "saved_model"), "-n"]
+    _run(cmd, build_dir, "onnx2tf")
+    saved = build_dir / "saved_model"
+    if not (saved / "model_float32.tflite").is_file():
+        raise ConversionError(f"onnx2tf wrote no model_float32.tflite in {saved}")
+    return saved
+
+
+def _io_specs(model_info: dict, input_size: int) -> tuple[TensorSpec, TensorSpec]:
+    def spec(d: dict, layout: str, shape: list, norm: bool) -> TensorSpec:
+        q = d["quantization"] if d["dtype"] in ("int8", "uint8") else None
+        return TensorSpec(d["name"], layout, d["dtype"], shape,
+                          list(MEAN) if norm else None, list(STD) if norm else None, q)
+
+    return (
+        spec(model_info["input"], "NHWC", [1, input_size, input_size, 3], True),
+        spec(model_info["output"], "NC", [1, 1000], False),
+    )
+
+
+def _sidecar(path: Path, inp: TensorSpec, out: TensorSpec, precision: str, labels: str) -> str:
+    """The metadata file an app reads beside the .tflite (labels, normalization, I/O)."""
+    side = path.with_name(path.name + ".json")
+    side.write_text(json.dumps({
+        "model": path.name, "precision": precision, "labels": labels,
+        "input": {"name": inp.name, "layout": inp.layout, "dtype": inp.dtype, "shape": inp.shape,
+                  "mean": inp.mean, "std": inp.std, "quantization": inp.quantization,
+                  "preprocessing": "RGB, shorter side to 256 (bicubic), center crop 224, /255, (x-mean)/std"},
+        "output": {"name": out.name, "dtype": out.dtype, "shape": out.shape, "quantization": out.quantization,
+                   "meaning": "logits over the 1000 ImageNet-1K classes in labels order"},
+    }, indent=1))
+    return side.name
+
+
+class _Builder:
+    """Per-conversion state: where files go and how each one is checked."""
+
+    def __init__(self, ctx: ConvertContext, build: Path, saved: Path):
+        self.ctx, self.build, self.saved = ctx, build, saved
+        self.eval_nhwc = ctx.split.eval.nhwc()
+        self.calib_npy = build / "calib.npy"
+        if len(ctx.split.calib):
+            np.save(self.calib_npy, ctx.split.calib.nhwc())
+
+    def quantize(self, mode: str, out: Path, **extra) -> Path:
+        if mode in ("int8",) and not self.calib_npy.exists():
+            raise ConversionError("int8 needs calibration images: use --calib-size > 0")
+        worker("quantize", {"saved_model": str(self.saved), "mode": mode, "out": str(out),
+                            "calib": str(self.calib_npy), **extra}, self.build)
+        return out
+
+    def result(self, precision: str, path: Path, details: dict | None = None) -> ArtifactResult:
+        info = inspect_tflite(path, self.build)
+        inp, out = _io_specs(info, self.ctx.input_size)
+        logits = litert_logits(path, self.eval_nhwc, self.build)
+        side = _sidecar(path, inp, out, precision, "labels.txt")
+        det = {
+            "ops": info["ops"], "total_ops": info["total_ops"], "float_ops": info["float_ops"],
+            "not_delegated": info["not_delegated"], "sidecar": side, "onnx_opset": ONNX_OPSET,
+            "io": "int8" if inp.dtype == "int8" else "float32", **(details or {}),
+        }
+        return ArtifactResult(precision, path.name, inp, out, logits, det, extra_files=[side])
+
+
+def _mixed(b: _Builder, stem: str) -> ArtifactResult:
+    """int8 with float islands: runtime-unsupported op types, then the least accurate ops."""
+    ctx = b.ctx
+    sens_path = b.build / "sensitivity.json"
+    worker("sensitivity", {"saved_model": str(b.saved), "calib": str(b.calib_npy), "out": str(sens_path),
+                           "debug_limit": min(8, len(ctx.split.calib))}, b.build)
+    sensitivity = json.loads(sens_path.read_text())
+    ranked = [r for r in sensitivity if r["op"] not in RUNTIME_FLOAT_OPS]
+    calib_n = min(64, len(ctx.split.calib))
+    calib_imgs = np.load(b.calib_npy)[:calib_n]
+    ref = torch_logits(ctx.loaded.model, np.ascontiguousarray(calib_imgs.transpose(0, 3, 1, 2)))
+    tried = []
+    best = None
+    for k in MIXED_STEPS:
+        if k > len(ranked):
+            break
+        nodes = [r["tensor"] for r in ranked[:k]]
+        path = b.build / f"mixed_{k}.tflite"
+        b.quantize("int8", path, denylist={"ops": list(RUNTIME_FLOAT_OPS), "nodes": nodes})
+        m = compare_logits(ref, litert_logits(path, calib_imgs, b.build))
+        ok = m["top1_agreement"] >= 0.99 and m["sqnr_db"] >= 25.0
+        tried.append({"kept_nodes": k, "calib_agreement": m["top1_agreement"], "calib_sqnr_db": m["sqnr_db"],
+                      "bytes": path.stat().st_size})
+        log.info("tflite int8-mixed: %d sensitive ops in float -> calib agreement %.1f%%, SQNR %.1f dB",
+                 k, 100 * m["top1_agreement"], m["sqnr_db"])
+        best = (k, nodes, path, ok)
+        if ok:
+            break
+    k, nodes, path, ok = best
+    final = ctx.work_dir / f"{stem}_int8_mixed.tflite"
+    shutil.copyfile(path, final)
+    details = {
+        "kept_float_op_types": list(RUNTIME_FLOAT_OPS),
+        "kept_float_op_types_reason": "no int8 kernel inside XNNPACK (measured): int8 versions fall back to "
+                                      "reference kernels and split the delegate",
+        "kept_float_nodes": [{"tensor": r["tensor"], "op": r["op"], "sqnr_db": r["sqnr_db"]} for r in ranked[:k]],
+        "target_met_on_calibration": ok,
+        "search": tried,
+        "sensitivity": sensitivity,
+    }
+    return b.result("int8-mixed", final, details)
+
+
+def convert(ctx: ConvertContext, precisions: list[str]) -> list[ArtifactResult | PrecisionFailure]:
+    """Build and check every requested TFLite precision; one failure spares the others."""
+    build = ctx.work_dir / ".tflite-build"
+    saved = build_saved_model(ctx, build)
+    b = _Builder(ctx, build, saved)
+    stem = ctx.stem
+    out: list[ArtifactResult | PrecisionFailure] = []
+
+    def attempt(precision: str, fn) -> None:
+        start = time.perf_counter()
+        try:
+            res = fn()
+            for r in res if isinstance(res, list) else [res]:
+                r.details["convert_seconds"] = round(time.perf_counter() - start, 1)
+                out.append(r)
+        except Exception as exc:  # a crash of one precision is recorded, the rest go on
+            log.error("tflite %s failed: %s", precision, exc)
+            out.append(PrecisionFailure(precision, f"{type(exc).__name__}: {exc}"))
+
+    def copy(src: str, precision: str) -> ArtifactResult:
+        dst = ctx.work_dir / f"{stem}_{precision}.tflite"
+        shutil.copyfile(saved / src, dst)
+        return b.result(precision, dst)
+
+    def int8() -> list[ArtifactResult]:
+        f = b.quantize("int8", ctx.work_dir / f"{stem}_int8.tflite")
+        i = b.quantize("int8", ctx.work_dir / f"{stem}_int8_io.tflite", int8_io=True)
+        return [b.result("int8", f), b.result("int8", i)]
+
+    steps = {
+        "fp32": lambda: copy("model_float32.tflite", "fp32"),
+        "fp16": lambda: copy("model_float16.tflite", "fp16"),
+        "dynamic": lambda: b.result("dynamic", b.quantize("dynamic", ctx.work_dir / f"{stem}_dynamic.tflite")),
+        "int8": int8,
+        "int8-mixed": lambda: _mixed(b, stem),
+    }
+    for p in precisions:
+        log.info("tflite: %s", p)
+        attempt(p, steps[p])
+    return out

@@ -1,0 +1,191 @@
+"""Host latency of every runnable artifact in a manifest, measured in one run.
+
+Each artifact (and PyTorch eager as the baseline) is timed in interleaved rounds,
+so slow drift of a shared machine hits all rows alike. TFLite models run in
+worker subprocesses, ONNX and PyTorch in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edge.context import log
+from edge.errors import EffmodError
+from edge.manifest import Artifact, Manifest, write_json_atomic
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for pkg in ("torch", "onnxruntime", "ai-edge-litert", "tensorflow", "coremltools", "onnx2tf"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "system": f"{platform.system()} {platform.machine()}",
+            "python": platform.python_version(), "versions": versions}
+
+
+def _stats(samples: list[float]) -> dict:
+    a = np.asarray(samples)
+    return {"median_ms": round(float(np.median(a)), 3), "p90_ms": round(float(np.percentile(a, 90)), 3),
+            "min_ms": round(float(a.min()), 3), "runs": int(a.size)}
+
+
+def _time(fn, warmup: int, runs: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t) * 1e3)
+    return out
+
+
+def _onnx_timer(path: Path, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    shape = [d if isinstance(d, int) else 1 for d in sess.get_inputs()[0].shape]
+    x = np.zeros(shape, np.float32)
+    name = sess.get_inputs()[0].name
+    return lambda warmup, runs: _time(lambda: sess.run(None, {name: x}), warmup, runs)
+
+
+def _tflite_timer(path: Path, threads: int, build: Path):
+    from converters.to_tflite import worker
+
+    def run(warmup: int, runs: int) -> list[float]:
+        out = build / f"bench-{path.stem}-{threads}.json"
+        worker("bench", {"model": str(path), "threads": threads, "warmup": warmup, "runs": runs, "out": str(out)}, build)
+        return json.loads(out.read_text())
+
+    return run
+
+
+def _torch_timer(model: torch.nn.Module, threads: int, input_size: int):
+    x = torch.zeros(1, 3, input_size, input_size)
+
+    def run(warmup: int, runs: int) -> list[float]:
+        prev = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with torch.inference_mode():
+                return _time(lambda: model(x), warmup, runs)
+        finally:
+            torch.set_num_threads(prev)
+
+    return run
+
+
+def bench_manifest(
+    manifest_path: str | os.PathLike,
+    runs: int = 30,
+    warmup: int = 5,
+    rounds: int = 3,
+    threads: tuple[int, ...] | None = None,
+    include_torch: bool = True,
+) -> dict:
+    """Time every runnable artifact; writes ``bench.json`` beside the manifest."""
+    manifest_path = Path(manifest_path)
+    manifest = Manifest.load(manifest_path)
+    root = manifest_path.parent
+    threads = threads or tuple(sorted({1, os.cpu_count() or 1}))
+    rows: list[dict] = []
+    timers: list[tuple[dict, object]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        build = Path(tmp)
+        for a in manifest.artifacts:
+            row = {"target": a.target, "precision": a.precision, "path": a.path, "bytes": a.bytes}
+            problem = _artifact_problem(root, a)
+            if problem:
+                rows.append({**row, "error": problem})
+                continue
+            for t in threads:
+                if a.target == "onnx":
+                    timers.append(({**row, "threads": t, "runtime": "onnxruntime"}, _onnx_timer(root / a.path, t)))
+                elif a.target == "tflite":
+                    timers.append(({**row, "threads": t, "runtime": "litert-xnnpack"}, _tflite_timer(root / a.path, t, build)))
+                else:
+                    rows.append({**row, "threads": t, "skipped": "Core ML runs only on macOS; no host latency"})
+        if include_torch:
+            from edge.efficientmod import create_model
+
+            model = create_model(manifest.model).eval()
+            size = int((manifest.tool or {}).get("input_size", 224))
+            for t in threads:
+                timers.append(({"target": "pytorch", "precision": "fp32", "path": "", "bytes": 0, "threads": t,
+                                "runtime": f"torch {torch.__version__} eager"}, _torch_timer(model, t, size)))
+        samples: dict[int, list[float]] = {i: [] for i in range(len(timers))}
+        errors: dict[int, str] = {}
+        for r in range(rounds):
+            for i, (row, timer) in enumerate(timers):
+                if i in errors:
+                    continue
+                try:
+                    samples[i] += timer(warmup, runs)
+                except Exception as exc:  # a runtime crash is a row's error, not the bench's
+                    errors[i] = f"{type(exc).__name__}: {exc}"
+            log.info("bench: round %d/%d done", r + 1, rounds)
+        for i, (row, _) in enumerate(timers):
+            rows.append({**row, "error": errors[i]} if i in errors else {**row, **_stats(samples[i])})
+    result = {"manifest": str(manifest_path), "model": manifest.model, "weights": manifest.weights,
+              "machine": machine_info(), "settings": {"runs": runs, "warmup": warmup, "rounds": rounds,
+                                                     "threads": list(threads)},
+              "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "results": rows}
+    write_json_atomic(root / "bench.json", result)
+    return result
+
+
+def _artifact_problem(root: Path, a: Artifact) -> str | None:
+    from edge.pipeline import _path_bytes_and_sha
+
+    p = root / a.path
+    if not p.exists():
+        return f"artifact file {a.path} is missing"
+    if _path_bytes_and_sha(p)[1] != a.sha256:
+        return f"artifact file {a.path} does not match its sha256 in the manifest"
+    return None
+
+
+def format_table(result: dict) -> str:
+    """Markdown table of a bench result."""
+    lines = ["| target | precision | file | MB | threads | median ms | p90 ms | min ms |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in result["results"]:
+        mb = f"{r['bytes'] / 1e6:.2f}" if r.get("bytes") else "-"
+        if "median_ms" in r:
+            lines.append(f"| {r['target']} | {r['precision']} | {r['path'] or '(eager)'} | {mb} | {r['threads']} | "
+                         f"{r['median_ms']:.2f} | {r['p90_ms']:.2f} | {r['min_ms']:.2f} |")
+        else:
+            why = r.get("error") or r.get("skipped")
+            lines.append(f"| {r['target']} | {r['precision']} | {r['path']} | {mb} | {r.get('threads', '-')} | {why} | | |")
+    return "\n".join(lines)
+
+
+def require_manifest(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "manifest.json"
+    if not p.is_file():
+        raise EffmodError(f"manifest {p} not found; pass OUT/manifest.json from a convert run")
+    return p
