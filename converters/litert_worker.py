@@ -41,38 +41,74 @@ def _converter(args: dict):
     conv.optimizations = [tf.lite.Optimize.DEFAULT]
     if mode == "fp16":
         conv.target_spec.supported_types = [tf.float16]
-        return conv
-    if mode == "dynamic":
-        return conv
-    conv.representative_dataset = _representative(args["calib"], args.get("calib_limit"))
-    if mode == "int8" and not args.get("denylist"):
-        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    if args.get("int8_io"):
-        conv.inference_input_type = tf.int8
-        conv.inference_output_type = tf.int8
+    elif mode == "calibrate":
+        conv.representative_dataset = _representative(args["calib"], args.get("calib_limit"))
+        conv._experimental_calibrate_only = True
+    elif mode != "dynamic":
+        raise SystemExit(f"unknown conversion mode {mode!r}")
     return conv
 
 
-def cmd_quantize(args: dict) -> None:
-    """Convert the saved model at one precision; int8 with a denylist keeps those ops float."""
-    import tensorflow as tf
+def cmd_convert(args: dict) -> None:
+    """saved_model -> .tflite: fp32, fp16, dynamic, or a calibrated (float) model for int8."""
+    model = _converter(args).convert()
+    with open(args["out"], "wb") as f:
+        f.write(model)
 
-    conv = _converter(args)
-    deny = args.get("denylist") or {}
-    if args["mode"] == "int8" and (deny.get("ops") or deny.get("nodes")):
-        opts = tf.lite.experimental.QuantizationDebugOptions(
-            denylisted_ops=deny.get("ops") or None, denylisted_nodes=deny.get("nodes") or None
-        )
-        dbg = tf.lite.experimental.QuantizationDebugger(
-            converter=conv,
-            debug_dataset=_representative(args["calib"], 1),
-            debug_options=opts,
-        )
-        model = dbg.get_nondebug_quantized_model()
-        if args.get("int8_io"):
-            raise SystemExit("int8 I/O with a float denylist is not supported")
-    else:
-        model = conv.convert()
+
+def layernorm_stat_nodes(model_content: bytes) -> list[str]:
+    """Output tensors of each LayerNorm's statistics chain (square, variance, rsqrt, scale).
+
+    Found structurally around every RSQRT: its producer (the variance conv or
+    add), the square feeding that, and the multiplies consuming the rsqrt.
+    Variance spans orders of magnitude across pixels; in int8 small variances
+    round away and rsqrt explodes, so these stay float in int8-mixed.
+    """
+    from ai_edge_litert import interpreter as lit
+
+    it = lit.Interpreter(model_content=model_content)
+    names = {t["index"]: t["name"] for t in it.get_tensor_details()}
+    ops = it._get_ops_details()
+    producer = {o["outputs"][0]: o for o in ops if o["outputs"]}
+    consumers: dict[int, list[dict]] = {}
+    for o in ops:
+        for i in o["inputs"]:
+            consumers.setdefault(i, []).append(o)
+    nodes: list[str] = []
+    for o in ops:
+        if o["op_name"] != "RSQRT":
+            continue
+        chain = [o]
+        var = producer.get(o["inputs"][0])
+        if var is not None and var["op_name"] in ("CONV_2D", "ADD", "MEAN"):
+            chain.append(var)
+            sq = producer.get(var["inputs"][0])
+            if sq is not None and sq["op_name"] == "MUL" and sq["inputs"][0] == sq["inputs"][1]:
+                chain.append(sq)
+        chain += [c for c in consumers.get(o["outputs"][0], []) if c["op_name"] == "MUL"]
+        nodes += [names[c["outputs"][0]] for c in chain]
+    return nodes
+
+
+def cmd_quantize(args: dict) -> None:
+    """Calibrated model -> int8 .tflite; denylisted op types / output tensors stay float."""
+    import tensorflow as tf
+    from tensorflow.lite.python import convert as tfl_convert
+
+    with open(args["calibrated"], "rb") as f:
+        calibrated = f.read()
+    deny = dict(args.get("denylist") or {})
+    if deny.get("layernorm_stats"):
+        deny["nodes"] = list(deny.get("nodes") or []) + layernorm_stat_nodes(calibrated)
+    io_type = tf.int8 if args.get("int8_io") else tf.float32
+    model = tfl_convert.mlir_quantize(
+        calibrated,
+        fully_quantize=bool(args.get("int8_io")),
+        input_data_type=io_type,
+        output_data_type=io_type,
+        denylisted_ops=deny.get("ops") or None,
+        denylisted_nodes=deny.get("nodes") or None,
+    )
     with open(args["out"], "wb") as f:
         f.write(model)
 
@@ -124,8 +160,10 @@ def cmd_sensitivity(args: dict) -> None:
     ``sqnr_db`` is the accumulated fidelity at that op's output; ``drop_db`` is how
     much this op lowers it below its worst input, i.e. the error the op itself adds.
     """
-    float_model = _converter({**args, "mode": "fp32"}).convert()
-    quant_model = _converter({**args, "mode": "int8"}).convert()
+    with open(args["float_model"], "rb") as f:
+        float_model = f.read()
+    with open(args["quant_model"], "rb") as f:
+        quant_model = f.read()
     images = np.load(args["calib"])[: args.get("debug_limit", 8)]
     _, fvals = _all_tensors(float_model, images)
     qops, qvals = _all_tensors(quant_model, images)
@@ -239,6 +277,7 @@ def cmd_bench(args: dict) -> None:
 
 
 COMMANDS = {
+    "convert": cmd_convert,
     "quantize": cmd_quantize,
     "sensitivity": cmd_sensitivity,
     "run": cmd_run,

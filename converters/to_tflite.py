@@ -43,7 +43,8 @@ from edge.manifest import TensorSpec
 ONNX_OPSET = 20
 SAMPLE_NPY = "calibration_image_sample_data_20x128x128x3_float32.npy"
 RUNTIME_FLOAT_OPS = ("GELU", "RSQRT", "SOFTMAX", "BATCH_MATMUL")
-MIXED_STEPS = (0, 2, 4, 8, 16, 32, 64)
+# (LayerNorm statistics in float?, number of most error-adding ops kept float)
+MIXED_STEPS = ((False, 0), (True, 0), (True, 4), (True, 16), (True, 64))
 WORKER_TIMEOUT_S = 900
 
 
@@ -164,14 +165,30 @@ class _Builder:
         self.ctx, self.build, self.saved = ctx, build, saved
         self.eval_nhwc = ctx.split.eval.nhwc()
         self.calib_npy = build / "calib.npy"
+        self._calibrated: Path | None = None
         if len(ctx.split.calib):
             np.save(self.calib_npy, ctx.split.calib.nhwc())
 
-    def quantize(self, mode: str, out: Path, **extra) -> Path:
-        if mode in ("int8",) and not self.calib_npy.exists():
-            raise ConversionError("int8 needs calibration images: use --calib-size > 0")
-        worker("quantize", {"saved_model": str(self.saved), "mode": mode, "out": str(out),
-                            "calib": str(self.calib_npy), **extra}, self.build)
+    def convert(self, mode: str, out: Path) -> Path:
+        """fp16 / dynamic straight from the saved model."""
+        worker("convert", {"saved_model": str(self.saved), "mode": mode, "out": str(out)}, self.build)
+        return out
+
+    def calibrated(self) -> Path:
+        """The float model with activation ranges from the calibration images (once)."""
+        if self._calibrated is None:
+            if not self.calib_npy.exists():
+                raise ConversionError("int8 needs calibration images: use --calib-size > 0")
+            out = self.build / "calibrated.tflite"
+            log.info("tflite: calibrating on %d images", len(self.ctx.split.calib))
+            worker("convert", {"saved_model": str(self.saved), "mode": "calibrate", "out": str(out),
+                               "calib": str(self.calib_npy)}, self.build)
+            self._calibrated = out
+        return self._calibrated
+
+    def quantize(self, out: Path, int8_io: bool = False, denylist: dict | None = None) -> Path:
+        worker("quantize", {"calibrated": str(self.calibrated()), "out": str(out), "int8_io": int8_io,
+                            "denylist": denylist or {}}, self.build)
         return out
 
     def result(self, precision: str, path: Path, details: dict | None = None) -> ArtifactResult:
@@ -190,39 +207,43 @@ class _Builder:
 def _mixed(b: _Builder, stem: str) -> ArtifactResult:
     """int8 with float islands: runtime-unsupported op types, then the least accurate ops."""
     ctx = b.ctx
+    full = b.quantize(b.build / "full_int8.tflite")
     sens_path = b.build / "sensitivity.json"
-    worker("sensitivity", {"saved_model": str(b.saved), "calib": str(b.calib_npy), "out": str(sens_path),
+    worker("sensitivity", {"float_model": str(b.saved / "model_float32.tflite"), "quant_model": str(full),
+                           "calib": str(b.calib_npy), "out": str(sens_path),
                            "debug_limit": min(8, len(ctx.split.calib))}, b.build)
     sensitivity = json.loads(sens_path.read_text())
-    ranked = [r for r in sensitivity if r["op"] not in RUNTIME_FLOAT_OPS]
+    ranked = [r for r in sensitivity if r["op"] not in RUNTIME_FLOAT_OPS and r["drop_db"] > 0]
     calib_n = min(64, len(ctx.split.calib))
     calib_imgs = np.load(b.calib_npy)[:calib_n]
     ref = torch_logits(ctx.loaded.model, np.ascontiguousarray(calib_imgs.transpose(0, 3, 1, 2)))
     tried = []
     best = None
-    for k in MIXED_STEPS:
+    for ln_stats, k in MIXED_STEPS:
         if k > len(ranked):
             break
         nodes = [r["tensor"] for r in ranked[:k]]
-        path = b.build / f"mixed_{k}.tflite"
-        b.quantize("int8", path, denylist={"ops": list(RUNTIME_FLOAT_OPS), "nodes": nodes})
+        deny = {"ops": list(RUNTIME_FLOAT_OPS), "nodes": nodes, "layernorm_stats": ln_stats}
+        path = b.quantize(b.build / f"mixed_{int(ln_stats)}_{k}.tflite", denylist=deny)
         m = compare_logits(ref, litert_logits(path, calib_imgs, b.build))
         ok = m["top1_agreement"] >= 0.99 and m["sqnr_db"] >= 25.0
-        tried.append({"kept_nodes": k, "calib_agreement": m["top1_agreement"], "calib_sqnr_db": m["sqnr_db"],
-                      "bytes": path.stat().st_size})
-        log.info("tflite int8-mixed: %d sensitive ops in float -> calib agreement %.1f%%, SQNR %.1f dB",
-                 k, 100 * m["top1_agreement"], m["sqnr_db"])
-        best = (k, nodes, path, ok)
+        tried.append({"layernorm_stats_float": ln_stats, "kept_nodes": k, "calib_agreement": m["top1_agreement"],
+                      "calib_sqnr_db": m["sqnr_db"], "bytes": path.stat().st_size})
+        log.info("tflite int8-mixed: LayerNorm stats %s, %d sensitive ops in float -> calib agreement %.1f%%, "
+                 "SQNR %.1f dB", "float" if ln_stats else "int8", k, 100 * m["top1_agreement"], m["sqnr_db"])
+        if best is None or (ok, m["sqnr_db"]) > (best[3], best[4]):
+            best = (ln_stats, k, path, ok, m["sqnr_db"])
         if ok:
             break
-    k, nodes, path, ok = best
+    ln_stats, k, path, ok, _ = best
     final = ctx.work_dir / f"{stem}_int8_mixed.tflite"
     shutil.copyfile(path, final)
     details = {
         "kept_float_op_types": list(RUNTIME_FLOAT_OPS),
         "kept_float_op_types_reason": "no int8 kernel inside XNNPACK (measured): int8 versions fall back to "
                                       "reference kernels and split the delegate",
-        "kept_float_nodes": [{"tensor": r["tensor"], "op": r["op"], "sqnr_db": r["sqnr_db"]} for r in ranked[:k]],
+        "layernorm_stats_float": ln_stats,
+        "kept_float_nodes": [{"tensor": r["tensor"], "op": r["op"], "drop_db": r["drop_db"]} for r in ranked[:k]],
         "target_met_on_calibration": ok,
         "search": tried,
         "sensitivity": sensitivity,
@@ -255,14 +276,14 @@ def convert(ctx: ConvertContext, precisions: list[str]) -> list[ArtifactResult |
         return b.result(precision, dst)
 
     def int8() -> list[ArtifactResult]:
-        f = b.quantize("int8", ctx.work_dir / f"{stem}_int8.tflite")
-        i = b.quantize("int8", ctx.work_dir / f"{stem}_int8_io.tflite", int8_io=True)
+        f = b.quantize(ctx.work_dir / f"{stem}_int8.tflite")
+        i = b.quantize(ctx.work_dir / f"{stem}_int8_io.tflite", int8_io=True)
         return [b.result("int8", f), b.result("int8", i)]
 
     steps = {
         "fp32": lambda: copy("model_float32.tflite", "fp32"),
         "fp16": lambda: copy("model_float16.tflite", "fp16"),
-        "dynamic": lambda: b.result("dynamic", b.quantize("dynamic", ctx.work_dir / f"{stem}_dynamic.tflite")),
+        "dynamic": lambda: b.result("dynamic", b.convert("dynamic", ctx.work_dir / f"{stem}_dynamic.tflite")),
         "int8": int8,
         "int8-mixed": lambda: _mixed(b, stem),
     }

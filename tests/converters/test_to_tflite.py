@@ -1,0 +1,141 @@
+"""TFLite target on the tiny variant: graph shape, per-precision checks, crash isolation."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnx2tf", reason="TFLite extra not installed (pip install -e '.[tflite]')")
+
+from converters.to_tflite import _run, inspect_tflite, litert_logits  # noqa: E402
+from edge.errors import ConversionError  # noqa: E402
+from edge.manifest import Manifest  # noqa: E402
+from edge.pipeline import ConvertRequest, convert  # noqa: E402
+
+TINY = "efficientmod_test_tiny"
+
+
+@pytest.fixture(scope="module")
+def tflite_out(tmp_path_factory, samples_dir) -> Path:
+    out = tmp_path_factory.mktemp("tflite")
+    convert(ConvertRequest(targets=["tflite"], model=TINY, output=out, calib_dir=str(samples_dir),
+                           calib_size=16, eval_size=12, precisions=["fp32", "fp16", "dynamic", "int8"]))
+    return out
+
+
+def _by(manifest: Manifest, path_part: str):
+    (a,) = [a for a in manifest.artifacts if a.path.endswith(path_part)]
+    return a
+
+
+def test_fp32_matches_pytorch(tflite_out):
+    m = Manifest.load(tflite_out / "manifest.json")
+    a = _by(m, "_fp32.tflite")
+    assert a.checks["max_abs_diff"] <= 1e-4, f"fp32 TFLite logits differ from PyTorch: {a.checks}"
+    assert a.checks["top1_agreement"] == 1.0
+
+
+def test_fp16_sqnr(tflite_out):
+    a = _by(Manifest.load(tflite_out / "manifest.json"), "_fp16.tflite")
+    assert a.checks["sqnr_db"] >= 50.0, f"fp16 TFLite SQNR {a.checks['sqnr_db']} dB < 50 dB"
+
+
+def test_int8_io_variant_is_integer(tflite_out):
+    m = Manifest.load(tflite_out / "manifest.json")
+    io = _by(m, "_int8_io.tflite")
+    assert io.input.dtype == "int8" and io.input.quantization["scale"] > 0
+    assert io.output.dtype == "int8" and io.output.quantization["scale"] > 0
+    fl = _by(m, "_int8.tflite")
+    assert fl.input.dtype == "float32"
+    # Same calibration, same graph: the int8-I/O file differs only by I/O rounding.
+    assert abs(io.checks["sqnr_db"] - fl.checks["sqnr_db"]) < 3.0, (io.checks, fl.checks)
+    assert fl.checks["sqnr_db"] > 10.0, f"int8 logits unrelated to PyTorch: {fl.checks}"
+
+
+def test_graph_is_phone_friendly(tflite_out):
+    info = inspect_tflite(tflite_out / f"{TINY}_fp32.tflite")
+    ops = info["ops"]
+    # 3 depthwise convs per modulation block (7x7 split into 5x5 core + 2 dilated edges), 5 blocks
+    assert ops.get("DEPTHWISE_CONV_2D") == 15, ops
+    assert "TILE" not in ops and not any(k.startswith("Flex") for k in ops), ops
+    assert ops.get("GELU", 0) > 0, "GELU should be one builtin op, not an Erf expansion"
+    # transposes only inside the two attention blocks (2 each)
+    assert ops.get("TRANSPOSE", 0) <= 4, ops
+    assert info["not_delegated"] == {}, f"fp32 ops outside XNNPACK: {info['not_delegated']}"
+
+
+def test_sidecar_and_labels(tflite_out):
+    m = Manifest.load(tflite_out / "manifest.json")
+    a = _by(m, "_int8_io.tflite")
+    side = json.loads((tflite_out / a.details["sidecar"]).read_text())
+    assert side["input"]["quantization"] == a.input.quantization
+    assert side["input"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    labels = (tflite_out / side["labels"]).read_text().splitlines()
+    assert len(labels) == 1000 and labels[0] == "tench"
+
+
+def test_litert_logits_match_manifest_check(tflite_out, samples_dir):
+    """Re-running a file reproduces the logits the check was computed from."""
+    from calibration.folder import scan_folder
+    from calibration.splits import make_split
+    from edge.checks import compare_logits
+    from edge.context import torch_logits
+    from edge.efficientmod import create_model
+
+    m = Manifest.load(tflite_out / "manifest.json")
+    split = make_split(scan_folder(samples_dir), 16, 12, 0)
+    got = litert_logits(tflite_out / f"{TINY}_fp32.tflite", split.eval.nhwc(), tflite_out.parent)
+    ref = torch_logits(create_model(TINY), split.eval.nchw())
+    metrics = compare_logits(ref, got)
+    assert metrics["max_abs_diff"] == pytest.approx(_by(m, "_fp32.tflite").checks["max_abs_diff"], abs=1e-6)
+
+
+def test_corrupt_model_fails_in_subprocess(tmp_path):
+    bad = tmp_path / "bad.tflite"
+    bad.write_bytes(b"TFL3" + bytes(range(256)) * 4)
+    with pytest.raises(ConversionError, match="LiteRT run failed"):
+        litert_logits(bad, np.zeros((1, 224, 224, 3), np.float32), tmp_path)
+
+
+def test_aborting_runtime_is_reported_not_fatal(tmp_path):
+    with pytest.raises(ConversionError, match="SIGABRT"):
+        _run([sys.executable, "-c", "import os; os.abort()"], tmp_path, "LiteRT run")
+
+
+def test_failing_precision_spares_the_others(tmp_path, samples_dir, monkeypatch):
+    import converters.to_tflite as tfl
+
+    real = tfl._Builder.convert
+
+    def broken(self, mode, out):
+        if mode == "dynamic":
+            raise ConversionError("simulated abort of the dynamic-range converter")
+        return real(self, mode, out)
+
+    monkeypatch.setattr(tfl._Builder, "convert", broken)
+    result = convert(ConvertRequest(targets=["tflite"], model=TINY, output=tmp_path, calib_dir=str(samples_dir),
+                                    calib_size=4, eval_size=4, precisions=["fp32", "dynamic"]))
+    assert [f.precision for f in result.manifest.failures] == ["dynamic"]
+    assert "simulated abort" in result.manifest.failures[0].error
+    assert [a.precision for a in result.manifest.artifacts] == ["fp32"]
+    assert result.manifest.artifacts[0].checks["max_abs_diff"] <= 1e-4
+    assert not list(tmp_path.glob(".effmod-staging-*"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["efficientmod_xxs", "efficientmod_xs", "efficientmod_s", "efficientmod_s_conv"])
+def test_all_precisions_all_variants(tmp_path, samples_dir, variant):
+    result = convert(ConvertRequest(targets=["tflite"], model=variant, output=tmp_path, calib_dir=str(samples_dir),
+                                    calib_size=64, eval_size=32))
+    assert not result.manifest.failures, result.manifest.failures
+    by_precision = {a.precision: a for a in result.manifest.artifacts}
+    assert set(by_precision) == {"fp32", "fp16", "dynamic", "int8", "int8-mixed"}
+    assert by_precision["fp32"].checks["max_abs_diff"] <= 1e-4
+    assert by_precision["fp16"].checks["sqnr_db"] >= 50.0
+    int8 = [a for a in result.manifest.artifacts if a.precision == "int8"]
+    fp32_bytes = by_precision["fp32"].bytes
+    assert all(a.bytes <= 0.30 * fp32_bytes for a in int8), "int8 file must be <= 30 % of fp32"
