@@ -57,7 +57,9 @@ def main(verbose: bool) -> None:
 @click.option("--eval-size", default=100, show_default=True, help="Evaluation images, disjoint from calibration.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the data split (and of random weights).")
 @click.option("--check-threshold", is_flag=True, help="Exit non-zero when an artifact misses its accuracy bar.")
-def convert(targets, precisions, model, weights, output, calib_dir, calib_size, eval_size, seed, check_threshold) -> None:
+@click.option("--report", "with_report", is_flag=True, help="Then evaluate, bench and render the report.")
+def convert(targets, precisions, model, weights, output, calib_dir, calib_size, eval_size, seed, check_threshold,
+            with_report) -> None:
     """Convert a checkpoint, check every artifact against PyTorch, write manifest.json."""
     from edge.pipeline import ConvertRequest, convert as run_convert
 
@@ -78,6 +80,15 @@ def convert(targets, precisions, model, weights, output, calib_dir, calib_size, 
         )
     for f in m.failures:
         click.echo(f"  {f.target:7s} {f.precision:10s} FAILED: {f.error}", err=True)
+    if with_report:
+        from edge.bench import bench_manifest
+        from edge.evaluate import evaluate_manifest
+        from edge.report import render
+
+        evaluate_manifest(result.manifest_path)
+        bench_manifest(result.manifest_path)
+        md, page, _ = render(result.manifest_path.parent)
+        click.echo(f"report: {md} {page}")
     if result.failed:
         sys.exit(1)
     if check_threshold and result.below_threshold:
@@ -125,6 +136,42 @@ def bench(manifest: str, runs: int, warmup: int, rounds: int, threads: str | Non
     m = result["machine"]
     click.echo(f"{result['model']} ({result['weights']}) on {m['cpu']}, {m['cores']} cores, {result['date']}")
     click.echo(format_table(result))
+
+
+@main.command()
+@click.argument("manifest", type=click.Path())
+@click.option("--data", default=None, type=click.Path(), help="Image folder (default: the manifest's eval split).")
+@click.option("--limit", default=None, type=int, help="At most N images.")
+def evaluate(manifest: str, data: str | None, limit: int | None) -> None:
+    """Run every artifact and PyTorch fp32 on the same images; writes evaluation.json."""
+    from edge.bench import require_manifest
+    from edge.evaluate import evaluate_manifest
+
+    result = evaluate_manifest(require_manifest(manifest), data, limit)
+    img = result["images"]
+    click.echo(f"{img['count']} images ({img['split']}, {img['root']})")
+    for r in result["rows"]:
+        if "error" in r:
+            click.echo(f"  {r['target']:7s} {r['precision']:10s} {r['path']:40s} ERROR: {r['error']}")
+        else:
+            click.echo(f"  {r['target']:7s} {r['precision']:10s} {r['path']:40s} top-1 {r.get('top1', 0):.1%} "
+                       f"agree {r['top1_agreement']:.1%} SQNR {r['sqnr_db']:.1f} dB")
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--fail-under", "fail_under", multiple=True,
+              help="Gate, e.g. agreement=0.99 or sqnr=25; exits 1 naming the rows below it.")
+def report(out_dir: str, fail_under: tuple[str, ...]) -> None:
+    """Render report.md and a self-contained report.html from OUT_DIR's json files."""
+    from edge.report import FailUnder, render
+
+    md, page, misses = render(Path(out_dir), [FailUnder.parse(f) for f in fail_under])
+    click.echo(f"{md}\n{page}")
+    if misses:
+        for m in misses:
+            click.echo(f"below bar: {m}", err=True)
+        sys.exit(1)
 
 
 @main.command()

@@ -145,7 +145,9 @@ def convert(request: ConvertRequest) -> ConvertResult:
     folder = scan_folder(image_dir)
     loaded = load_model(request.model, request.weights, seed=request.seed)
     output = Path(request.output).expanduser()
+    created = not output.exists()
     staging = prepare_output(output)
+    done = False
     try:
         split = make_split(folder, request.calib_size, request.eval_size, request.seed)
         log.info("data: %s; calib %d, eval %d", folder.summary(), len(split.calib), len(split.eval))
@@ -190,13 +192,17 @@ def convert(request: ConvertRequest) -> ConvertResult:
             artifacts=artifacts,
             failures=failures,
             data={**split.describe(), "labels": LABELS_FILE},
-            tool={"name": "effmod-edge", "version": __version__, "input_size": request.input_size},
+            tool={"name": "effmod-edge", "version": __version__, "input_size": request.input_size,
+                  "seed": request.seed},
         ).validate()
         extra = [f for r in all_results for f in r.extra_files]
         for entry in [LABELS_FILE] + sorted({a.path for a in artifacts} | set(extra)):
             _move_into_place(staging / entry, output / entry)
         manifest_path = output / "manifest.json"
         manifest.save(manifest_path)
+        done = True
         return ConvertResult(manifest, manifest_path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if created and not done and output.is_dir() and not any(output.iterdir()):
+            output.rmdir()

@@ -1,0 +1,44 @@
+"""Markdown accuracy/size table of a manifest (the BENCHMARKS.md accuracy rows)."""
+
+from __future__ import annotations
+
+import sys
+
+from edge.manifest import Manifest
+
+
+def table(manifest: Manifest) -> str:
+    fp32 = {a.target: a.bytes for a in manifest.artifacts if a.precision == "fp32"}
+    rows = ["| target | precision | file | MB | % of fp32 | agreement | SQNR dB | cosine | max abs diff | "
+            "top-1 | top-5 | passes |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for a in manifest.artifacts:
+        c = a.checks
+        share = f"{100 * a.bytes / fp32[a.target]:.0f}" if a.target in fp32 else "-"
+        rows.append(
+            f"| {a.target} | {a.precision} | {a.path} | {a.bytes / 1e6:.2f} | {share} | {c['top1_agreement']:.1%} | "
+            f"{c['sqnr_db']:.1f} | {c['cosine']:.4f} | {c['max_abs_diff']:.2e} | {c.get('top1', float('nan')):.1%} | "
+            f"{c.get('top5', float('nan')):.1%} | {'yes' if c['passed'] else 'no: ' + '; '.join(c['misses'])} |"
+        )
+    for f in manifest.failures:
+        rows.append(f"| {f.target} | {f.precision} | FAILED after {f.seconds:.0f}s: {f.error} | | | | | | | | | |")
+    mixed = [a for a in manifest.artifacts if a.precision == "int8-mixed"]
+    for a in mixed:
+        d = a.details
+        rows.append("")
+        rows.append(f"int8-mixed kept in float: op types {', '.join(d['kept_float_op_types'])}; "
+                    f"LayerNorm statistics {'float' if d['layernorm_stats_float'] else 'int8'}; "
+                    f"{len(d['kept_float_nodes'])} most error-adding ops; target met on calibration: "
+                    f"{d['target_met_on_calibration']}")
+        for s in d["search"]:
+            rows.append(f"- LN stats float={s['layernorm_stats_float']}, +{s['kept_nodes']} ops: "
+                        f"calib agreement {s['calib_agreement']:.1%}, SQNR {s['calib_sqnr_db']:.1f} dB, "
+                        f"{s['bytes'] / 1e6:.2f} MB")
+    d = manifest.data or {}
+    rows.append("")
+    rows.append(f"model {manifest.model}, weights {manifest.weights}; eval {d.get('eval_size')} images, "
+                f"calib {d.get('calib_size')}, seed {d.get('seed')}")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(table(Manifest.load(sys.argv[1])))

@@ -1,0 +1,130 @@
+"""``effmod-edge evaluate``: every artifact of a manifest on the same images.
+
+Results are cached per artifact under ``OUT/.effmod-cache``, keyed by the
+artifact's SHA-256 and a fingerprint of the image list, so adding one artifact
+to a manifest re-runs only that one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from calibration.folder import ImageFolder, scan_folder
+from calibration.splits import Batch, _take, balanced_order
+from edge.bench import machine_info
+from edge.checks import compare_logits
+from edge.context import log, torch_logits
+from edge.errors import DataError, EffmodError
+from edge.manifest import Artifact, Manifest, write_json_atomic
+from edge.pipeline import _path_bytes_and_sha
+from edge.weights import file_sha256, load_model
+
+CACHE_DIR = ".effmod-cache"
+
+
+def _manifest_images(manifest: Manifest, data_dir: str | os.PathLike | None, limit: int | None) -> tuple[Batch, dict]:
+    """The manifest's own evaluation split, or a class-balanced pick from ``data_dir``."""
+    d = manifest.data or {}
+    if data_dir is None and d.get("eval_images"):
+        root = Path(d["root"])
+        folder = scan_folder(root)
+        wanted = set(d["eval_images"][:limit] if limit else d["eval_images"])
+        items = [i for i in folder.items if i.name in wanted]
+        if not items:
+            raise DataError(f"none of the manifest's evaluation images is in {root}; pass --data DIR")
+        source = {"split": "manifest eval split", "root": str(root), "seed": d.get("seed")}
+    else:
+        if data_dir is None:
+            raise DataError("the manifest records no evaluation images; pass --data DIR")
+        folder = scan_folder(data_dir)
+        items = balanced_order(folder.items, 0)[: limit or len(folder.items)]
+        source = {"split": "balanced pick", "root": str(folder.root), "seed": 0}
+    batch, _ = _take(items, 0, len(items), folder.skipped)
+    if not len(batch):
+        raise DataError(f"no usable image among {len(items)} in {folder.root}")
+    return batch, {**source, "count": len(batch), "fingerprint": batch.fingerprint(),
+                   "skipped": dict(folder.skipped)}
+
+
+def _reference_model(manifest: Manifest):
+    seed = int((manifest.tool or {}).get("seed", 0))
+    if manifest.weights == "untrained":
+        return load_model(manifest.model, None, seed=seed).model
+    path = Path(manifest.weights)
+    if manifest.weights_sha256 and path.is_file() and file_sha256(path) != manifest.weights_sha256:
+        raise EffmodError(f"checkpoint {path} changed since the conversion (sha256 differs); re-run convert")
+    return load_model(manifest.model, path).model
+
+
+def artifact_logits(root: Path, a: Artifact, batch: Batch, work: Path) -> np.ndarray:
+    """Run one artifact on ``batch`` with the runtime its target needs."""
+    path = root / a.path
+    if a.target == "onnx":
+        from converters.to_onnx import onnx_logits
+
+        return onnx_logits(path, batch.nchw(), batch=1 if a.input.shape[0] == 1 else 16)
+    if a.target == "tflite":
+        from converters.to_tflite import litert_logits
+
+        return litert_logits(path, batch.nhwc(), work)
+    if a.target == "coreml":
+        from converters.mil_interp import run_package
+
+        return run_package(path, batch.pixels)
+    raise EffmodError(f"no runtime for target {a.target!r}")
+
+
+def evaluate_manifest(
+    manifest_path: str | os.PathLike,
+    data_dir: str | os.PathLike | None = None,
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Evaluate all artifacts and PyTorch fp32; writes ``evaluation.json`` beside the manifest."""
+    manifest_path = Path(manifest_path)
+    manifest = Manifest.load(manifest_path)
+    root = manifest_path.parent
+    batch, images = _manifest_images(manifest, data_dir, limit)
+    cache = root / CACHE_DIR
+    cache.mkdir(exist_ok=True)
+    ref_key = hashlib.sha256(f"{manifest.weights}|{manifest.weights_sha256}|{manifest.model}".encode()).hexdigest()[:16]
+    ref_file = cache / f"reference-{ref_key}-{images['fingerprint']}.npy"
+    if ref_file.exists():
+        reference = np.load(ref_file)
+    else:
+        reference = torch_logits(_reference_model(manifest), batch.nchw())
+        np.save(ref_file, reference)
+    rows = [{"target": "pytorch", "precision": "fp32", "path": "", "bytes": 0,
+             **compare_logits(reference, reference, batch.labels)}]
+    work = cache / "work"
+    work.mkdir(exist_ok=True)
+    for a in tqdm(manifest.artifacts, desc="evaluate", unit="artifact", disable=not progress):
+        row = {"target": a.target, "precision": a.precision, "path": a.path, "bytes": a.bytes}
+        p = root / a.path
+        if not p.exists():
+            rows.append({**row, "error": f"artifact file {a.path} is missing"})
+            continue
+        sha = _path_bytes_and_sha(p)[1]
+        if sha != a.sha256:
+            rows.append({**row, "error": f"artifact file {a.path} does not match its sha256 in the manifest"})
+            continue
+        cached = cache / f"logits-{sha[:24]}-{images['fingerprint']}.npy"
+        try:
+            if cached.exists():
+                logits = np.load(cached)
+            else:
+                logits = artifact_logits(root, a, batch, work)
+                np.save(cached, logits)
+            rows.append({**row, **compare_logits(reference, logits, batch.labels), "cached": cached.name})
+        except Exception as exc:  # a runtime failure is a row's error, not the evaluation's
+            log.error("evaluate %s %s failed: %s", a.target, a.path, exc)
+            rows.append({**row, "error": f"{type(exc).__name__}: {exc}"})
+    result = {"manifest": str(manifest_path), "model": manifest.model, "weights": manifest.weights,
+              "images": images, "machine": machine_info(), "rows": rows}
+    write_json_atomic(root / "evaluation.json", result)
+    return result

@@ -1,0 +1,235 @@
+"""``effmod-edge report``: one page that answers "which file do I ship?".
+
+Reads ``manifest.json`` and, when present, ``evaluation.json`` and
+``bench.json`` from the output folder; writes ``report.md`` and a
+self-contained ``report.html`` (inline SVG plots, no network).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge.errors import ConfigError, EffmodError
+from edge.manifest import Manifest
+
+METRICS = {"agreement": "top1_agreement", "sqnr": "sqnr_db", "top1": "top1", "top5": "top5", "cosine": "cosine"}
+
+
+@dataclass(frozen=True)
+class FailUnder:
+    """A report gate: rows whose ``metric`` is below ``value`` fail it."""
+
+    metric: str
+    value: float
+
+    @classmethod
+    def parse(cls, text: str) -> "FailUnder":
+        name, sep, value = text.partition("=")
+        if not sep or name not in METRICS:
+            raise ConfigError(f"--fail-under {text!r}: use METRIC=VALUE with METRIC one of {', '.join(METRICS)}")
+        try:
+            return cls(name, float(value))
+        except ValueError:
+            raise ConfigError(f"--fail-under {text!r}: {value!r} is not a number") from None
+
+
+def _load_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise EffmodError(f"{path} is not valid JSON ({exc}); re-run the command that wrote it") from None
+
+
+def collect_rows(out_dir: Path) -> tuple[Manifest, list[dict], dict | None, dict | None]:
+    """One row per artifact: manifest facts + evaluation metrics + 1-thread/N-thread latency."""
+    manifest = Manifest.load(out_dir / "manifest.json")
+    evaluation = _load_json(out_dir / "evaluation.json")
+    bench = _load_json(out_dir / "bench.json")
+    evals = {r["path"]: r for r in (evaluation or {}).get("rows", []) if r.get("path")}
+    lat: dict[str, dict[int, float]] = {}
+    for r in (bench or {}).get("results", []):
+        if "median_ms" in r:
+            lat.setdefault(r["path"] or "(eager)", {})[r["threads"]] = r["median_ms"]
+    rows = []
+    for a in manifest.artifacts:
+        source = evals.get(a.path)
+        metrics = source if source is not None else a.checks
+        row = {"target": a.target, "precision": a.precision, "path": a.path, "bytes": a.bytes,
+               "metrics_from": "evaluation.json" if source is not None else "manifest checks",
+               "latency": lat.get(a.path, {}), "details": a.details}
+        if source is not None and "error" in source:
+            row["error"] = source["error"]
+        else:
+            row.update({k: metrics.get(v) for k, v in METRICS.items()})
+        file = out_dir / a.path
+        if "error" not in row and not file.exists():
+            row["error"] = f"artifact file {a.path} is missing"
+        rows.append(row)
+    if "(eager)" in lat:
+        rows.append({"target": "pytorch", "precision": "fp32", "path": "(eager)", "bytes": 0,
+                     "metrics_from": "reference", "latency": lat["(eager)"], "details": {},
+                     "agreement": 1.0, "sqnr": math.inf, "cosine": 1.0,
+                     "top1": next((r.get("top1") for r in (evaluation or {}).get("rows", []) if r["target"] == "pytorch"), None),
+                     "top5": next((r.get("top5") for r in (evaluation or {}).get("rows", []) if r["target"] == "pytorch"), None)})
+    return manifest, rows, evaluation, bench
+
+
+def gate(rows: list[dict], fail_under: list[FailUnder]) -> list[str]:
+    """Names of rows (with the reason) that miss a --fail-under bar or have an error."""
+    misses = []
+    for r in rows:
+        if r["target"] == "pytorch":
+            continue
+        name = f"{r['target']}/{r['precision']} {r['path']}"
+        if "error" in r:
+            misses.append(f"{name}: {r['error']}")
+            continue
+        for f in fail_under:
+            v = r.get(f.metric)
+            if v is None or v < f.value:
+                misses.append(f"{name}: {f.metric} {v} < {f.value}")
+    return misses
+
+
+def _fmt(v, pct: bool = False, digits: int = 1) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and math.isinf(v):
+        return "exact"
+    return f"{100 * v:.{digits}f}%" if pct else f"{v:.{digits}f}"
+
+
+def _table_rows(rows: list[dict], threads: list[int]) -> list[list[str]]:
+    out = []
+    for r in rows:
+        lat = [_fmt(r["latency"].get(t), digits=2) for t in threads]
+        if "error" in r:
+            out.append([r["target"], r["precision"], r["path"], _fmt(r["bytes"] / 1e6, digits=2), "ERROR: " + r["error"],
+                        "", "", "", "", *lat])
+        else:
+            out.append([r["target"], r["precision"], r["path"], _fmt(r["bytes"] / 1e6, digits=2) if r["bytes"] else "-",
+                        _fmt(r.get("top1"), True), _fmt(r.get("top5"), True), _fmt(r.get("agreement"), True),
+                        _fmt(r.get("sqnr")), _fmt(r.get("cosine"), digits=4), *lat])
+    return out
+
+
+def _svg_scatter(rows: list[dict], thread: int) -> str:
+    """Latency vs top-1 agreement, one labelled point per artifact (paper Fig. 3 style)."""
+    pts = [(r["latency"][thread], r["agreement"], f"{r['target']} {r['precision']}") for r in rows
+           if "error" not in r and thread in r.get("latency", {}) and r.get("agreement") is not None]
+    w, h, pad = 640, 360, 50
+    if not pts:
+        return '<svg xmlns="http://www.w3.org/2000/svg" width="640" height="60" role="img"><text x="10" y="30">' \
+               'no latency figures: run effmod-edge bench first</text></svg>'
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    x0, x1 = 0.0, max(xs) * 1.1
+    y0, y1 = min(min(ys), 0.9) - 0.01, 1.005
+    sx = lambda x: pad + (x - x0) / (x1 - x0) * (w - 2 * pad)  # noqa: E731
+    sy = lambda y: h - pad - (y - y0) / (y1 - y0) * (h - 2 * pad)  # noqa: E731
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" class="plot" '
+             f'aria-label="latency versus top-1 agreement">',
+             f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="black"/>',
+             f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="black"/>',
+             f'<text x="{w / 2}" y="{h - 10}" text-anchor="middle">latency, {thread} thread(s), ms (median)</text>',
+             f'<text x="14" y="{h / 2}" transform="rotate(-90 14 {h / 2})" text-anchor="middle">top-1 agreement with PyTorch</text>']
+    for i in range(5):
+        xv = x0 + (x1 - x0) * i / 4
+        yv = y0 + (y1 - y0) * i / 4
+        parts.append(f'<text x="{sx(xv):.1f}" y="{h - pad + 15}" font-size="11" text-anchor="middle">{xv:.1f}</text>')
+        parts.append(f'<text x="{pad - 4}" y="{sy(yv):.1f}" font-size="11" text-anchor="end">{100 * yv:.0f}%</text>')
+    for x, y, label in pts:
+        parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="5" fill="#2a6fb0"><title>{html.escape(label)}</title></circle>')
+        parts.append(f'<text x="{sx(x) + 7:.1f}" y="{sy(y) - 6:.1f}" font-size="11">{html.escape(label)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _svg_sensitivity(sens: list[dict]) -> str:
+    """Bar per op: dB of SQNR the op itself loses in full int8, in graph order of rank."""
+    top = sens[:40]
+    w, bar = 760, 14
+    h = 30 + bar * len(top)
+    peak = max([r["drop_db"] for r in top] + [1e-9])
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" class="plot" '
+             f'aria-label="per-op int8 sensitivity">',
+             '<text x="4" y="14" font-size="12">SQNR lost at each op in full int8 (dB), worst 40</text>']
+    for i, r in enumerate(top):
+        y = 24 + i * bar
+        bw = max(r["drop_db"], 0) / peak * 380
+        parts.append(f'<text x="4" y="{y + 10}" font-size="10">{html.escape(r["op"])} {html.escape(r["tensor"][-40:])}</text>')
+        parts.append(f'<rect x="360" y="{y}" width="{bw:.1f}" height="{bar - 3}" fill="#c0392b"/>')
+        parts.append(f'<text x="{364 + bw:.1f}" y="{y + 10}" font-size="10">{r["drop_db"]:.1f}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def render(out_dir: str | os.PathLike, fail_under: list[FailUnder] | None = None) -> tuple[Path, Path, list[str]]:
+    """Write report.md and report.html; returns their paths and the gate misses."""
+    out_dir = Path(out_dir)
+    manifest, rows, evaluation, bench = collect_rows(out_dir)
+    threads = sorted({t for r in rows for t in r["latency"]})
+    header = ["target", "precision", "file", "MB", "top-1", "top-5", "agreement", "SQNR dB", "cosine",
+              *[f"ms ({t} thr)" for t in threads]]
+    body = _table_rows(rows, threads)
+    img = (evaluation or {}).get("images") or {k: (manifest.data or {}).get(k) for k in ("eval_size", "seed", "root")}
+    machine = (bench or evaluation or {}).get("machine", {})
+    misses = gate(rows, fail_under or [])
+    source = "evaluation.json" if evaluation else "the manifest's conversion checks (run effmod-edge evaluate for more)"
+    md = [f"# effmod-edge report: {manifest.model}", "",
+          f"Weights: `{manifest.weights}`. Metrics from {source}; images: {json.dumps(img)}.",
+          f"Machine: {machine.get('cpu', '-')}, {machine.get('cores', '-')} cores; runtimes {json.dumps(machine.get('versions', {}))}.",
+          "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in body]
+    mixed = [r for r in rows if r["details"].get("sensitivity")]
+    for r in mixed:
+        d = r["details"]
+        md += ["", f"## Mixed precision: {r['path']}",
+               f"Kept in float: op types {', '.join(d.get('kept_float_op_types', []))}; LayerNorm statistics "
+               f"{'float' if d.get('layernorm_stats_float') else 'int8'}; {len(d.get('kept_float_nodes', []))} most "
+               f"error-adding ops. Target met on calibration: {d.get('target_met_on_calibration')}."]
+        md += [f"- step: LN stats float={s.get('layernorm_stats_float')}, +{s['kept_nodes']} ops -> agreement "
+               f"{s['calib_agreement']:.1%}, SQNR {s['calib_sqnr_db']:.1f} dB, {s['bytes'] / 1e6:.2f} MB" for s in d["search"]]
+    for f in manifest.failures:
+        md.append(f"\nFailed: {f.target}/{f.precision} after {f.seconds:.0f}s: {f.error}")
+    if misses:
+        md += ["", "## Gate misses", *[f"- {m}" for m in misses]]
+    md_path = out_dir / "report.md"
+    md_path.write_text("\n".join(md) + "\n")
+
+    esc = html.escape
+    table = ["<table id='artifacts'><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr></thead><tbody>"]
+    for row, r in zip(body, rows):
+        cls = "error" if "error" in r else "ok"
+        table.append(f"<tr class='{cls}'>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>")
+    table.append("</tbody></table>")
+    plot_thread = max(threads) if threads else 1
+    sections = [f"<h2>Latency vs fidelity</h2>{_svg_scatter(rows, plot_thread)}"]
+    for r in mixed:
+        sections.append(f"<h2>Per-op int8 sensitivity: {esc(r['path'])}</h2>{_svg_sensitivity(r['details']['sensitivity'])}")
+        sections.append("<ul>" + "".join(
+            f"<li>LN stats float={s.get('layernorm_stats_float')}, +{s['kept_nodes']} ops: agreement "
+            f"{s['calib_agreement']:.1%}, SQNR {s['calib_sqnr_db']:.1f} dB, {s['bytes'] / 1e6:.2f} MB</li>"
+            for s in r["details"]["search"]) + "</ul>")
+    if misses:
+        sections.append("<h2>Gate misses</h2><ul>" + "".join(f"<li>{esc(m)}</li>" for m in misses) + "</ul>")
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>effmod-edge report: {esc(manifest.model)}</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 6px;font-size:13px}}tr.error td{{background:#fdd}}</style>
+</head><body>
+<h1>effmod-edge report: {esc(manifest.model)}</h1>
+<p>Weights: <code>{esc(manifest.weights)}</code>. Metrics from {esc(source)}. Images: <code>{esc(json.dumps(img))}</code>.</p>
+<p>Machine: {esc(str(machine.get('cpu', '-')))}, {esc(str(machine.get('cores', '-')))} cores.</p>
+{''.join(table)}
+{''.join(sections)}
+</body></html>
+"""
+    html_path = out_dir / "report.html"
+    html_path.write_text(page)
+    return md_path, html_path, misses

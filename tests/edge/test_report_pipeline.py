@@ -1,0 +1,89 @@
+"""evaluate -> bench -> report on a tiny ONNX conversion, including broken rows."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from edge.bench import bench_manifest
+from edge.evaluate import CACHE_DIR, evaluate_manifest
+from edge.errors import ConfigError
+from edge.manifest import Manifest
+from edge.pipeline import ConvertRequest, convert
+from edge.report import FailUnder, render
+
+TINY = "efficientmod_test_tiny"
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, samples_dir):
+    out = tmp_path_factory.mktemp("report")
+    convert(ConvertRequest(targets=["onnx"], model=TINY, output=out, calib_dir=str(samples_dir),
+                           calib_size=4, eval_size=10))
+    return out
+
+
+def test_evaluate_matches_reference_and_caches(converted):
+    result = evaluate_manifest(converted / "manifest.json", progress=False)
+    assert result["images"]["count"] == 10
+    rows = {r["path"]: r for r in result["rows"]}
+    onnx = rows[f"{TINY}.onnx"]
+    assert onnx["max_abs_diff"] <= 1e-4 and onnx["top1_agreement"] == 1.0, onnx
+    cached = sorted((converted / CACHE_DIR).glob("logits-*.npy"))
+    assert len(cached) == 2
+    stamp = [c.stat().st_mtime_ns for c in cached]
+    again = evaluate_manifest(converted / "manifest.json", progress=False)
+    assert [c.stat().st_mtime_ns for c in cached] == stamp, "second evaluate re-ran cached artifacts"
+    assert again["rows"] == result["rows"]
+
+
+def test_bench_times_every_runnable_artifact(converted):
+    result = bench_manifest(converted / "manifest.json", runs=3, warmup=1, rounds=1, threads=(1,))
+    timed = [r for r in result["results"] if "median_ms" in r]
+    assert {r["target"] for r in timed} == {"onnx", "pytorch"}
+    assert all(0 < r["min_ms"] <= r["median_ms"] <= r["p90_ms"] for r in timed), timed
+    assert result["machine"]["cores"] >= 1 and "onnxruntime" in result["machine"]["versions"]
+
+
+def test_report_rows_gate_and_broken_artifacts(converted, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(converted, out)
+    m = Manifest.load(out / "manifest.json")
+    (out / m.artifacts[1].path).unlink()
+    with open(out / m.artifacts[0].path, "ab") as f:
+        f.write(b"tampered")
+    evaluate_manifest(out / "manifest.json", progress=False)
+    md, page, misses = render(out, [FailUnder.parse("agreement=0.99")])
+    text = md.read_text()
+    assert "does not match its sha256" in text and "is missing" in text
+    assert len(misses) == 2 and all("onnx/fp32" in x for x in misses)
+    assert page.read_text().count("<tr class='error'>") == 2
+
+
+def test_report_gate_passes_on_intact_output(converted):
+    md, page, misses = render(converted, [FailUnder.parse("agreement=0.99"), FailUnder.parse("sqnr=60")])
+    assert misses == []
+    assert "efficientmod_test_tiny_dynamic.onnx" in md.read_text()
+
+
+def test_fail_under_rejects_unknown_metric():
+    with pytest.raises(ConfigError, match="latency"):
+        FailUnder.parse("latency=3")
+
+
+def test_report_html_renders_in_chromium(converted, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (Debian package 'chromium'; .ci/run installs it)")
+    bench_manifest(converted / "manifest.json", runs=2, warmup=1, rounds=1, threads=(1,))
+    _, page, _ = render(converted)
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'prof'}",
+           "--dump-dom", page.as_uri()]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+    assert dom.count("<tr class=\"ok\">") == 3, "artifact rows (2 ONNX + PyTorch) missing from the rendered page"
+    assert dom.count("<circle") >= 2, "latency-vs-agreement plot has no points"
+    assert "effmod-edge report" in dom
