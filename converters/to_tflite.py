@@ -45,6 +45,7 @@ SAMPLE_NPY = "calibration_image_sample_data_20x128x128x3_float32.npy"
 RUNTIME_FLOAT_OPS = ("GELU", "RSQRT", "SOFTMAX", "BATCH_MATMUL")
 # (LayerNorm statistics in float?, number of most error-adding ops kept float)
 MIXED_STEPS = ((False, 0), (True, 0), (True, 4), (True, 16), (True, 64))
+MIN_GAIN_DB = 1.0
 WORKER_TIMEOUT_S = 900
 
 
@@ -231,7 +232,9 @@ def _mixed(b: _Builder, stem: str) -> ArtifactResult:
                       "calib_sqnr_db": m["sqnr_db"], "bytes": path.stat().st_size})
         log.info("tflite int8-mixed: LayerNorm stats %s, %d sensitive ops in float -> calib agreement %.1f%%, "
                  "SQNR %.1f dB", "float" if ln_stats else "int8", k, 100 * m["top1_agreement"], m["sqnr_db"])
-        if best is None or (ok, m["sqnr_db"]) > (best[3], best[4]):
+        # each step adds float ops (slower, bigger): take it only if it meets the
+        # target or buys at least MIN_GAIN_DB over the best step so far
+        if best is None or ok or m["sqnr_db"] >= best[4] + MIN_GAIN_DB:
             best = (ln_stats, k, path, ok, m["sqnr_db"])
         if ok:
             break

@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-RepeatMode = Literal["concat", "tile", "broadcast"]
-REPEAT_MODES: tuple[str, ...] = ("concat", "tile", "broadcast")
+RepeatMode = Literal["concat", "tile", "broadcast", "fold"]
+REPEAT_MODES: tuple[str, ...] = ("concat", "tile", "broadcast", "fold")
 NormImpl = Literal["reduce", "conv"]
 NORM_IMPLS: tuple[str, ...] = ("reduce", "conv")
 DwImpl = Literal["single", "split"]
@@ -388,12 +388,20 @@ class _DeployModulationBlock(nn.Module):
         _fold_norm_affine(self.fc1, src.norm)
         self.ratio = mlp.ratio
         self.dim = ctx.f.out_features
+        if repeat_mode == "fold" and self.ratio != 1:
+            # g's output channels tiled: the conv emits the repeated context directly
+            with torch.no_grad():
+                w, b = self.ctx_g.weight, self.ctx_g.bias
+                tiled = nn.Conv2d(w.shape[1], w.shape[0] * self.ratio, 1)
+                tiled.weight.copy_(w.repeat(self.ratio, 1, 1, 1))
+                tiled.bias.copy_(b.repeat(self.ratio))
+            self.ctx_g = tiled
         self.hw = height * width
         self.height, self.width = height, width
         self.repeat_mode = repeat_mode
 
     def _repeat_mul(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        if self.ratio == 1:
+        if self.ratio == 1 or self.repeat_mode == "fold":
             return h * c
         if self.repeat_mode == "concat":
             return h * _repeat_channels(c, self.ratio)
