@@ -1,0 +1,78 @@
+// Minimal EfficientMod classifier for files written by effmod-edge.
+// Preprocessing = calibration/preprocess.py: shorter side -> 256 (bicubic),
+// center crop 224, /255, (x - mean) / std per RGB channel, NHWC.
+package dev.effmod.demo
+
+import android.content.Context
+import android.graphics.Bitmap
+import org.json.JSONObject
+import org.tensorflow.lite.Interpreter
+import java.io.FileInputStream
+import java.nio.ByteBuffer
+import java.nio.ByteOrder
+import java.nio.channels.FileChannel
+import kotlin.math.roundToInt
+
+class EffmodClassifier(context: Context, modelAsset: String, threads: Int = 2) {
+    private val sidecar = JSONObject(context.assets.open("$modelAsset.json").bufferedReader().readText())
+    private val input = sidecar.getJSONObject("input")
+    private val output = sidecar.getJSONObject("output")
+    private val mean = FloatArray(3) { input.getJSONArray("mean").getDouble(it).toFloat() }
+    private val std = FloatArray(3) { input.getJSONArray("std").getDouble(it).toFloat() }
+    private val int8In = input.getString("dtype") == "int8"
+    private val int8Out = output.getString("dtype") == "int8"
+    val labels: List<String> =
+        context.assets.open(sidecar.getString("labels")).bufferedReader().readLines()
+    private val interpreter: Interpreter
+
+    init {
+        val fd = context.assets.openFd(modelAsset)
+        val buffer = FileInputStream(fd.fileDescriptor).channel
+            .map(FileChannel.MapMode.READ_ONLY, fd.startOffset, fd.declaredLength)
+        interpreter = Interpreter(buffer, Interpreter.Options().setNumThreads(threads))
+    }
+
+    /** Resize the shorter side to 256 and center-crop 224 (Android's filter is bilinear, not bicubic). */
+    private fun crop224(bitmap: Bitmap): Bitmap {
+        val scale = 256f / minOf(bitmap.width, bitmap.height)
+        val w = (bitmap.width * scale).toInt()
+        val h = (bitmap.height * scale).toInt()
+        val resized = Bitmap.createScaledBitmap(bitmap, w, h, true)
+        return Bitmap.createBitmap(resized, ((w - 224) / 2f).roundToInt(), ((h - 224) / 2f).roundToInt(), 224, 224)
+    }
+
+    fun classify(bitmap: Bitmap, topK: Int = 5): List<Pair<String, Float>> {
+        val pixels = IntArray(224 * 224)
+        crop224(bitmap).getPixels(pixels, 0, 224, 0, 0, 224, 224)
+        val q = input.optJSONObject("quantization")
+        val bytesPerValue = if (int8In) 1 else 4
+        val buf = ByteBuffer.allocateDirect(224 * 224 * 3 * bytesPerValue).order(ByteOrder.nativeOrder())
+        for (p in pixels) {
+            val rgb = floatArrayOf(((p shr 16) and 0xFF) / 255f, ((p shr 8) and 0xFF) / 255f, (p and 0xFF) / 255f)
+            for (c in 0 until 3) {
+                val x = (rgb[c] - mean[c]) / std[c]
+                if (int8In) {
+                    val v = (x / q!!.getDouble("scale") + q.getInt("zero_point")).roundToInt().coerceIn(-128, 127)
+                    buf.put(v.toByte())
+                } else {
+                    buf.putFloat(x)
+                }
+            }
+        }
+        buf.rewind()
+        val logits = FloatArray(labels.size)
+        if (int8Out) {
+            val raw = Array(1) { ByteArray(labels.size) }
+            interpreter.run(buf, raw)
+            val oq = output.getJSONObject("quantization")
+            for (i in logits.indices) {
+                logits[i] = ((raw[0][i] - oq.getInt("zero_point")) * oq.getDouble("scale")).toFloat()
+            }
+        } else {
+            val raw = Array(1) { FloatArray(labels.size) }
+            interpreter.run(buf, raw)
+            raw[0].copyInto(logits)
+        }
+        return logits.indices.sortedByDescending { logits[it] }.take(topK).map { labels[it] to logits[it] }
+    }
+}
