@@ -1,0 +1,110 @@
+"""Image folders, preprocessing, splits and where images come from."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from calibration.folder import load_pixels, scan_folder
+from calibration.imagenet import class_names, wnids
+from calibration.preprocess import CROP, MEAN, STD, preprocess, resize_and_crop
+from calibration.source import resolve_image_dir
+from calibration.splits import make_split
+from edge.errors import DataError
+
+
+def _jpeg(path, color=(200, 10, 10), size=(300, 200), mode="RGB"):
+    Image.new(mode, size, color if mode == "RGB" else color[0]).save(path, "JPEG")
+
+
+def test_label_convention():
+    w = wnids()
+    assert len(w) == 1000 and w == sorted(w) and w[0] == "n01440764" and w[-1] == "n15075141"
+    assert class_names()[0] == "tench" and len(set(class_names())) > 990
+
+
+def test_preprocess_contract():
+    img = Image.new("RGB", (400, 300), (255, 0, 128))
+    x = preprocess(img)
+    assert x.shape == (3, CROP, CROP) and x.dtype == np.float32
+    expected = (np.array([1.0, 0.0, 128 / 255]) - MEAN) / STD
+    assert np.allclose(x[:, 100, 100], expected, atol=1e-5)
+
+
+def test_center_crop_keeps_center():
+    img = Image.new("RGB", (600, 300), (0, 0, 0))
+    img.paste((255, 255, 255), (250, 100, 350, 200))  # white square in the middle
+    out = np.asarray(resize_and_crop(img))
+    assert out.shape == (224, 224, 3)
+    assert out[112, 112].min() > 240 and out[5, 5].max() < 15
+
+
+def test_grayscale_becomes_rgb():
+    x = preprocess(Image.new("L", (256, 256), 128))
+    assert x.shape == (3, 224, 224)
+    assert np.allclose(x[:, 0, 0], (128 / 255 - np.array(MEAN)) / np.array(STD), atol=1e-5)
+
+
+def test_both_layouts_and_bad_files(tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    _jpeg(flat / "n01440764_tench.JPEG")
+    _jpeg(flat / "n15075141_toilet_tissue.JPEG")
+    (flat / "n01443537_goldfish.JPEG").write_bytes(np.random.default_rng(0).bytes(500))
+    (flat / "README.md").write_text("not an image")
+    folder = scan_folder(flat)
+    assert sorted(i.label for i in folder.items) == [0, 1, 999]
+    assert folder.skipped["non-image"] == 1
+    pixels, labels, kept = load_pixels(folder.items, folder.skipped)
+    assert pixels.shape == (2, 224, 224, 3) and sorted(labels.tolist()) == [0, 999]
+    assert folder.skipped["corrupt or unreadable"] == 1
+    nested = tmp_path / "nested"
+    (nested / "n01443537").mkdir(parents=True)
+    _jpeg(nested / "n01443537" / "a.jpg")
+    _jpeg(nested / "unknown.jpg")
+    labels = {i.name: i.label for i in scan_folder(nested).items}
+    assert labels == {"a.jpg": 1, "unknown.jpg": -1}
+
+
+def test_empty_and_all_corrupt_folders(tmp_path):
+    with pytest.raises(DataError, match="no images"):
+        scan_folder(tmp_path)
+    (tmp_path / "x.jpg").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="no usable image"):
+        make_split(scan_folder(tmp_path), 1, 1)
+    with pytest.raises(DataError, match="does not exist"):
+        scan_folder(tmp_path / "missing")
+
+
+def test_split_is_balanced_disjoint_deterministic(samples_dir):
+    folder = scan_folder(samples_dir)
+    a = make_split(folder, 200, 50, seed=0)
+    b = make_split(scan_folder(samples_dir), 200, 50, seed=0)
+    c = make_split(scan_folder(samples_dir), 200, 50, seed=1)
+    assert a.calib.names == b.calib.names and a.eval.names == b.eval.names
+    assert a.calib.names != c.calib.names
+    assert not set(a.calib.names) & set(a.eval.names)
+    assert len(set(a.calib.labels.tolist())) == 200, "calibration set is not class-balanced"
+    assert np.array_equal(a.eval.nhwc(), a.eval.nchw().transpose(0, 2, 3, 1))
+
+
+def test_split_needs_eval_images(tmp_path):
+    for i in range(3):
+        _jpeg(tmp_path / f"n01440764_{i}.JPEG")
+    with pytest.raises(DataError, match="lower --calib-size"):
+        make_split(scan_folder(tmp_path), 5, 2)
+
+
+def test_image_dir_resolution_order(tmp_path, monkeypatch):
+    monkeypatch.setenv("EFFMOD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("EFFMOD_CALIB_DIR", str(tmp_path / "env"))
+    assert resolve_image_dir(tmp_path / "arg") == tmp_path / "arg"
+    assert resolve_image_dir(None) == tmp_path / "env"
+    monkeypatch.delenv("EFFMOD_CALIB_DIR")
+    with pytest.raises(DataError, match="--calib-dir"):
+        resolve_image_dir(None)
+    done = tmp_path / "cache" / "imagenet-samples"
+    done.mkdir(parents=True)
+    (done / ".complete").write_text("ok")
+    assert resolve_image_dir(None) == done

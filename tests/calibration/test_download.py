@@ -1,0 +1,108 @@
+"""The explicit sample download against a local HTTP server: checksums, resume, errors."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import threading
+from functools import partial
+
+import pytest
+
+import calibration.download as dl
+from edge.errors import DataError
+
+
+class RangeHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves files with HTTP Range support; counts requested ranges."""
+
+    ranges: list = []
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        path = self.translate_path(self.path)
+        try:
+            data = open(path, "rb").read()
+        except OSError:
+            self.send_error(404)
+            return
+        rng = self.headers.get("Range")
+        RangeHandler.ranges.append(rng)
+        if rng:
+            start = int(rng.split("=")[1].split("-")[0])
+            body = data[start:]
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            body = data
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture()
+def server(tmp_path):
+    root = tmp_path / "remote"
+    root.mkdir()
+    files = {f"n0144076{i}_x.JPEG": bytes([i]) * (1000 + i) for i in range(3)}
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(RangeHandler, directory=str(root)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/", files, root
+    httpd.shutdown()
+
+
+def _sums(files):
+    return {n: hashlib.sha256(d).hexdigest() for n, d in files.items()}
+
+
+def test_download_verifies_and_marks_complete(server, tmp_path, monkeypatch):
+    url, files, _ = server
+    monkeypatch.setenv("EFFMOD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(dl, "checksums", lambda: _sums(files))
+    out = dl.download_samples(url, progress=False)
+    assert {p.name: p.read_bytes() for p in out.glob("*.JPEG")} == files
+    assert dl.cached_samples_dir() == out
+
+
+def test_download_resumes_partial_file(server, tmp_path, monkeypatch):
+    url, files, _ = server
+    monkeypatch.setenv("EFFMOD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(dl, "checksums", lambda: _sums(files))
+    dest = tmp_path / "cache" / "imagenet-samples"
+    dest.mkdir(parents=True)
+    name = sorted(files)[1]
+    (dest / (name + ".part")).write_bytes(files[name][:400])
+    RangeHandler.ranges.clear()
+    dl.download_samples(url, progress=False)
+    assert (dest / name).read_bytes() == files[name]
+    assert "bytes=400-" in RangeHandler.ranges
+
+
+def test_checksum_mismatch_leaves_no_file(server, tmp_path, monkeypatch):
+    url, files, _ = server
+    monkeypatch.setenv("EFFMOD_CACHE", str(tmp_path / "cache"))
+    bad = _sums(files)
+    first = sorted(bad)[0]
+    bad[first] = "0" * 64
+    monkeypatch.setattr(dl, "checksums", lambda: bad)
+    with pytest.raises(DataError, match="checksum mismatch"):
+        dl.download_samples(url, progress=False)
+    assert not (tmp_path / "cache" / "imagenet-samples" / first).exists()
+    assert dl.cached_samples_dir() is None
+
+
+def test_unreachable_server_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("EFFMOD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(dl, "checksums", lambda: {"n01440764_x.JPEG": "0" * 64})
+    with pytest.raises(DataError, match="--calib-dir"):
+        dl.download_samples("http://127.0.0.1:9/", timeout=2, progress=False)
+
+
+def test_packaged_checksums_cover_the_sample_set():
+    sums = dl.checksums()
+    assert len(sums) == 1000 and all(len(v) == 64 for v in sums.values())

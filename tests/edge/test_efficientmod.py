@@ -1,0 +1,132 @@
+"""Model zoo: parameter counts, release key names, deploy-form equivalence, export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edge.efficientmod import (
+    DW_IMPLS,
+    NORM_IMPLS,
+    REPEAT_MODES,
+    VARIANTS,
+    EfficientMod,
+    ModulationBlock,
+    SplitDepthwise,
+    count_macs,
+    count_params,
+    create_model,
+    get_config,
+    to_deploy,
+)
+from edge.errors import ConfigError
+
+EXPECTED = {
+    "efficientmod_xxs": 4_736_264,
+    "efficientmod_xs": 6_627_544,
+    "efficientmod_s": 12_897_184,
+    "efficientmod_s_conv": 12_872_336,
+}
+
+
+def _perturbed(name: str, seed: int = 1) -> EfficientMod:
+    """A model whose LayerNorm affines and LayerScales are far from their init, so folding matters."""
+    m = create_model(name, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.LayerNorm):
+                mod.weight.copy_(torch.rand(mod.weight.shape, generator=g) + 0.5)
+                mod.bias.copy_(torch.rand(mod.bias.shape, generator=g) * 0.4 - 0.2)
+            if isinstance(mod, ModulationBlock):
+                mod.gamma_1.copy_(torch.rand(mod.gamma_1.shape, generator=g) * 0.9 + 0.1)
+    return m
+
+
+@pytest.mark.parametrize("name,count", EXPECTED.items())
+def test_parameter_counts_match_release(name, count):
+    with torch.device("meta"):
+        m = EfficientMod(get_config(name))
+    assert count_params(m) == count
+
+
+def test_release_key_names():
+    keys = set(create_model("efficientmod_xxs").state_dict())
+    for k in ("patch_embed.proj.weight", "layers.2.blocks.5.mlp.context_layer.context_list.0.weight",
+              "layers.2.blocks.6.attn.qkv.weight", "layers.0.blocks.0.gamma_1",
+              "layers.0.downsample.norm.bias", "head.weight"):
+        assert k in keys, k
+
+
+def test_macs_counted_from_graph():
+    macs = count_macs(create_model("efficientmod_xxs"))
+    assert 0.55e9 < macs < 0.62e9, macs  # paper: 0.6 GMACs
+
+
+def _max_diff(a: torch.nn.Module, b: torch.nn.Module, size: int = 224) -> float:
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return (a(x) - b(x)).abs().max().item()
+
+
+@pytest.mark.parametrize("repeat", REPEAT_MODES)
+@pytest.mark.parametrize("norm", NORM_IMPLS)
+@pytest.mark.parametrize("dw", DW_IMPLS)
+def test_deploy_forms_equal_eager_tiny(repeat, norm, dw):
+    m = _perturbed("efficientmod_test_tiny")
+    d = to_deploy(m, repeat_mode=repeat, norm_impl=norm, dw_impl=dw)
+    assert _max_diff(m, d) <= 1e-5, f"deploy form ({repeat}, {norm}, {dw}) logits differ from eager"
+
+
+def test_deploy_form_equals_eager_xxs():
+    m = _perturbed("efficientmod_xxs")
+    assert _max_diff(m, to_deploy(m)) <= 1e-5
+    assert _max_diff(m, to_deploy(m, norm_impl="conv", dw_impl="split")) <= 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["efficientmod_xs", "efficientmod_s", "efficientmod_s_conv"])
+def test_deploy_form_equals_eager_large(name):
+    m = _perturbed(name)
+    assert _max_diff(m, to_deploy(m)) <= 1e-5
+    assert _max_diff(m, to_deploy(m, norm_impl="conv", dw_impl="split")) <= 1e-5
+
+
+def test_reparameterize_is_idempotent():
+    m = _perturbed("efficientmod_test_tiny")
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        before = m(x)
+        once = m.reparameterize()(x)
+        twice = m.reparameterize()(x)
+    assert (before - once).abs().max().item() <= 1e-5
+    assert torch.equal(once, twice)
+    assert all(torch.all(b.gamma_1 == 1) for b in m.modules() if isinstance(b, ModulationBlock))
+
+
+def test_deploy_form_exports_with_torch_export_and_trace():
+    m = _perturbed("efficientmod_test_tiny")
+    d = to_deploy(m)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        ref = d(x)
+        traced = torch.jit.trace(d, x)
+        exported = torch.export.export(d, (x,))
+        assert (traced(x) - ref).abs().max().item() <= 1e-6
+        assert (exported.module()(x) - ref).abs().max().item() <= 1e-6
+
+
+def test_split_depthwise_is_exact():
+    conv = torch.nn.Conv2d(16, 16, 7, padding=3, groups=16)
+    x = torch.randn(1, 16, 13, 11)
+    with torch.no_grad():
+        assert (conv(x) - SplitDepthwise(conv)(x)).abs().max().item() <= 1e-5
+
+
+def test_unknown_variant_names_choices():
+    with pytest.raises(ConfigError, match="efficientmod_xxs"):
+        get_config("efficientmod_huge")
+
+
+def test_tiny_variant_is_hidden_but_registered():
+    assert VARIANTS["efficientmod_test_tiny"].test_only

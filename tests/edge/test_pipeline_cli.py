@@ -1,0 +1,95 @@
+"""convert end to end on ONNX: checks, atomic output, bad input, the CLI surface."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from edge.cli import main
+from edge.efficientmod import create_model
+from edge.errors import ConfigError, EffmodError
+from edge.manifest import Manifest
+from edge.pipeline import ConvertRequest, convert
+from edge.weights import file_sha256
+
+
+def test_onnx_convert_records_checks(tmp_path, samples_dir):
+    res = convert(ConvertRequest(targets=["onnx"], model="efficientmod_test_tiny", output=tmp_path,
+                                 calib_dir=str(samples_dir), calib_size=4, eval_size=12))
+    m = Manifest.load(res.manifest_path)
+    assert [a.input.shape[0] for a in m.artifacts] == [1, None]
+    for a in m.artifacts:
+        assert a.checks["max_abs_diff"] <= 1e-4 and a.checks["top1_agreement"] == 1.0, a.checks
+        assert a.sha256 == file_sha256(tmp_path / a.path) and a.bytes == (tmp_path / a.path).stat().st_size
+    assert len(m.data["eval_images"]) == 12 and (tmp_path / "labels.txt").read_text().count("\n") == 1000
+    assert not list(tmp_path.glob(".effmod-staging-*"))
+
+
+@pytest.mark.parametrize("wrap", ["timm", "ddp"])
+def test_upstream_format_checkpoint_onnx_matches(tmp_path, samples_dir, wrap):
+    sd = create_model("efficientmod_xxs", seed=11).state_dict()
+    obj = {"state_dict": sd} if wrap == "timm" else {"model": {"module." + k: v for k, v in sd.items()}}
+    ckpt = tmp_path / "ckpt.pth"
+    torch.save(obj, ckpt)
+    res = convert(ConvertRequest(targets=["onnx"], weights=str(ckpt), output=tmp_path / "out",
+                                 calib_dir=str(samples_dir), calib_size=0, eval_size=16))
+    assert res.manifest.model == "efficientmod_xxs" and res.manifest.weights_sha256 == file_sha256(ckpt)
+    for a in res.manifest.artifacts:
+        assert a.checks["max_abs_diff"] <= 1e-4, f"{a.path}: {a.checks['max_abs_diff']}"
+
+
+def test_unwritable_output_writes_nothing(tmp_path, samples_dir):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    with pytest.raises(EffmodError, match="not writable"):
+        convert(ConvertRequest(targets=["onnx"], model="efficientmod_test_tiny", output=blocker / "out",
+                               calib_dir=str(samples_dir), calib_size=2, eval_size=2))
+
+
+def test_failing_target_spares_others(tmp_path, samples_dir, monkeypatch):
+    from edge import targets
+
+    spec = targets.TARGETS["onnx"]
+    monkeypatch.setitem(targets.TARGETS, "coreml", type(spec)(
+        name="coreml", description="broken", suffix=".x", converter="json:nonexistent_function",
+        precisions=targets.TARGETS["coreml"].precisions))
+    res = convert(ConvertRequest(targets=["onnx", "coreml"], model="efficientmod_test_tiny", output=tmp_path,
+                                 calib_dir=str(samples_dir), calib_size=2, eval_size=4, precisions=["fp32", "fp16"]))
+    assert {a.target for a in res.manifest.artifacts} == {"onnx"}
+    assert [(f.target, f.precision) for f in res.manifest.failures] == [("coreml", "fp16"), ("coreml", "fp32")]
+    assert "nonexistent_function" in res.manifest.failures[0].error
+
+
+def test_plan_validation():
+    with pytest.raises(ConfigError, match="unknown target"):
+        ConvertRequest(targets=["caffe"], output=None).plan()
+    with pytest.raises(ConfigError, match="int4"):
+        ConvertRequest(targets=["onnx"], output=None, precisions=["int4"]).plan()
+    plan = ConvertRequest(targets=["onnx", "tflite"], output=None, precisions=["fp32", "int8"]).plan()
+    assert plan == {"onnx": ["fp32"], "tflite": ["fp32", "int8"]}
+
+
+def test_cli_models_table():
+    out = CliRunner().invoke(main, ["models"]).output
+    for name, count in [("efficientmod_xxs", "4,736,264"), ("efficientmod_xs", "6,627,544"),
+                        ("efficientmod_s ", "12,897,184"), ("efficientmod_s_conv", "12,872,336")]:
+        line = next(l for l in out.splitlines() if l.startswith(name))
+        assert count in line
+    assert "test_tiny" not in out
+
+
+def test_cli_bad_target_and_missing_weights(tmp_path, samples_dir):
+    r = CliRunner().invoke(main, ["convert", "--target", "bogus", "--output", str(tmp_path)])
+    assert r.exit_code != 0 and "bogus" in r.output
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge.cli", "convert", "--target", "onnx", "--weights", str(tmp_path / "no.pth"),
+         "--calib-dir", str(samples_dir), "--output", str(tmp_path / "out")],
+        capture_output=True, text=True)
+    assert proc.returncode == 2
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and "not found" in errors[0]
+    assert not (tmp_path / "out").exists()

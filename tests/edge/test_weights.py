@@ -1,0 +1,89 @@
+"""Checkpoint loading: wrappers, prefixes, variant detection, one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from edge.efficientmod import checkpoint_filter_fn, create_model
+from edge.errors import CheckpointError
+from edge.weights import load_model
+
+
+@pytest.fixture(scope="module")
+def xxs():
+    return create_model("efficientmod_xxs", seed=7)
+
+
+@pytest.mark.parametrize("wrap", ["bare", "state_dict", "state_dict_ema", "ddp_model"])
+def test_wrappers_load_strictly_and_detect_variant(tmp_path, xxs, wrap):
+    sd = xxs.state_dict()
+    obj = {
+        "bare": sd,
+        "state_dict": {"state_dict": sd, "epoch": 3, "args": argparse.Namespace(lr=1e-3)},
+        "state_dict_ema": {"state_dict_ema": sd},
+        "ddp_model": {"model": {"module." + k: v for k, v in sd.items()}},
+    }[wrap]
+    path = tmp_path / f"{wrap}.pth"
+    torch.save(obj, path)
+    loaded = load_model(None, path)
+    assert loaded.variant == "efficientmod_xxs" and len(loaded.weights_sha256) == 64
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), xxs(x))
+
+
+def test_filter_is_pure(xxs):
+    src = {"model": {"module." + k: v for k, v in xxs.state_dict().items()}}
+    keys = list(src["model"])
+    out = checkpoint_filter_fn(src)
+    assert list(src["model"]) == keys, "input dict was modified"
+    assert set(out) == set(xxs.state_dict())
+
+
+def _one_line_error(path, model=None) -> str:
+    with pytest.raises(CheckpointError) as e:
+        load_model(model, path)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_wrong_variant_names_counts_and_match(tmp_path, xxs):
+    p = tmp_path / "xxs.pth"
+    torch.save({"state_dict": xxs.state_dict()}, p)
+    msg = _one_line_error(p, "efficientmod_s")
+    assert "missing keys" in msg and "unexpected keys" in msg and "it matches efficientmod_xxs" in msg
+
+
+def test_truncated_text_and_empty_files(tmp_path, xxs):
+    full = tmp_path / "full.pth"
+    torch.save(xxs.state_dict(), full)
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(full.read_bytes()[:4000])
+    assert "truncated or not a PyTorch checkpoint" in _one_line_error(cut)
+    text = tmp_path / "notes.pth"
+    text.write_text("not a checkpoint")
+    assert "could not read checkpoint" in _one_line_error(text)
+    nothing = tmp_path / "nothing.pth"
+    torch.save({"epoch": 1}, nothing)
+    assert "holds no model weights" in _one_line_error(nothing)
+    assert "not found" in _one_line_error(tmp_path / "absent.pth")
+
+
+def test_partial_checkpoint_matches_no_variant(tmp_path, xxs):
+    sd = dict(xxs.state_dict())
+    sd.pop("head.weight")
+    p = tmp_path / "partial.pth"
+    torch.save(sd, p)
+    msg = _one_line_error(p)
+    assert "1 missing keys (e.g. head.weight)" in msg and "matches no EfficientMod variant" in msg
+
+
+def test_no_weights_is_untrained_and_deterministic():
+    a = load_model("efficientmod_test_tiny", None, seed=3)
+    b = load_model("efficientmod_test_tiny", None, seed=3)
+    assert a.untrained and a.weights == "untrained" and a.weights_sha256 is None
+    assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
