@@ -139,3 +139,16 @@ def test_all_precisions_all_variants(tmp_path, samples_dir, variant):
     int8 = [a for a in result.manifest.artifacts if a.precision == "int8"]
     fp32_bytes = by_precision["fp32"].bytes
     assert all(a.bytes <= 0.30 * fp32_bytes for a in int8), "int8 file must be <= 30 % of fp32"
+
+
+def test_inspect_cli_names_float_and_undelegated_ops(tflite_out):
+    from click.testing import CliRunner
+
+    from edge.cli import main
+
+    fp32 = CliRunner().invoke(main, ["inspect", str(tflite_out / f"{TINY}_fp32.tflite")]).output
+    assert "DEPTHWISE_CONV_2D 15" in fp32 and "not delegated: none" in fp32
+    int8 = CliRunner().invoke(main, ["inspect", str(tflite_out / f"{TINY}_int8_io.tflite")]).output
+    assert "float ops:     none" in int8, int8
+    undelegated = next(l for l in int8.splitlines() if "not delegated" in l)
+    assert "GELU" in undelegated and "RSQRT" in undelegated, "XNNPACK coverage of int8 changed: update BENCHMARKS.md"
