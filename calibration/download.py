@@ -9,7 +9,6 @@ written only once all 1000 verified files are present.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import urllib.error
 import urllib.request
@@ -19,6 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from edge.errors import DataError
+from edge.weights import file_sha256
 
 DEFAULT_BASE_URL = "https://raw.githubusercontent.com/EliSchwartz/imagenet-sample-images/master/"
 URL_ENV = "EFFMOD_SAMPLES_URL"
@@ -41,14 +41,6 @@ def cached_samples_dir() -> Path | None:
     return d if (d / _MARKER).is_file() else None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _fetch(url: str, dest: Path, timeout: float) -> None:
     part = dest.with_name(dest.name + ".part")
     start = part.stat().st_size if part.exists() else 0
@@ -67,7 +59,7 @@ def download_samples(base_url: str | None = None, timeout: float = 30.0, progres
     dest = cache_root() / "imagenet-samples"
     dest.mkdir(parents=True, exist_ok=True)
     sums = checksums()
-    todo = [n for n in sorted(sums) if not ((dest / n).is_file() and _sha256(dest / n) == sums[n])]
+    todo = [n for n in sorted(sums) if not ((dest / n).is_file() and file_sha256(dest / n) == sums[n])]
     for name in tqdm(todo, desc="imagenet samples", unit="img", disable=not progress):
         target = dest / name
         try:
@@ -77,7 +69,7 @@ def download_samples(base_url: str | None = None, timeout: float = 30.0, progres
                 f"download of {name} from {base} failed ({exc}); check the network or pass "
                 "--calib-dir DIR with a local image folder (the download resumes when rerun)"
             ) from None
-        if _sha256(target) != sums[name]:
+        if file_sha256(target) != sums[name]:
             target.unlink()
             raise DataError(f"checksum mismatch for {name} from {base}; rerun to fetch it again")
     (dest / _MARKER).write_text("ok\n")

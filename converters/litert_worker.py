@@ -188,12 +188,18 @@ def cmd_sensitivity(args: dict) -> None:
         json.dump(rows, f, indent=1)
 
 
-def cmd_run(args: dict) -> None:
-    """Run a .tflite on normalized NHWC float images; write float32 logits."""
+def _interpreter(args: dict):
+    """A LiteRT interpreter with the default (XNNPACK) delegate, tensors allocated."""
     from ai_edge_litert import interpreter as lit
 
     it = lit.Interpreter(model_path=args["model"], num_threads=args.get("threads", 2))
     it.allocate_tensors()
+    return it
+
+
+def cmd_run(args: dict) -> None:
+    """Run a .tflite on normalized NHWC float images; write float32 logits."""
+    it = _interpreter(args)
     inp = it.get_input_details()[0]
     out = it.get_output_details()[0]
     images = np.load(args["images"])
@@ -259,10 +265,7 @@ def cmd_bench(args: dict) -> None:
     """Latency of a .tflite: warm-up, then timed invokes; writes all samples in ms."""
     import time
 
-    from ai_edge_litert import interpreter as lit
-
-    it = lit.Interpreter(model_path=args["model"], num_threads=args.get("threads", 2))
-    it.allocate_tensors()
+    it = _interpreter(args)
     inp = it.get_input_details()[0]
     it.set_tensor(inp["index"], np.zeros(inp["shape"], inp["dtype"]))
     for _ in range(args.get("warmup", 5)):

@@ -513,34 +513,30 @@ def to_deploy(
 # --------------------------------------------------------------------------- registry
 
 
-def _cfg(**kw) -> VariantConfig:
-    return VariantConfig(**kw)
-
-
 VARIANTS: dict[str, VariantConfig] = {
     c.name: c
     for c in (
-        _cfg(
+        VariantConfig(
             name="efficientmod_xxs", embed_dims=(32, 64, 128, 256), depths=(2, 2, 6, 2),
             attention_depths=(0, 0, 1, 2), mlp_ratio=6, att_ratios=(0, 0, 4, 4),
             paper_top1=77.1, expected_params=4_736_264,
         ),
-        _cfg(
+        VariantConfig(
             name="efficientmod_xs", embed_dims=(32, 64, 144, 288), depths=(3, 3, 4, 2),
             attention_depths=(0, 0, 3, 3), mlp_ratio=4, att_ratios=(4, 4, 4, 4),
             paper_top1=79.4, expected_params=6_627_544,
         ),
-        _cfg(
+        VariantConfig(
             name="efficientmod_s", embed_dims=(32, 64, 144, 312), depths=(4, 4, 8, 4),
             attention_depths=(0, 0, 4, 4), mlp_ratio=6, att_ratios=(4, 4, 4, 5),
             paper_top1=81.9, expected_params=12_897_184,
         ),
-        _cfg(
+        VariantConfig(
             name="efficientmod_s_conv", embed_dims=(40, 80, 160, 344), depths=(4, 4, 12, 8),
             attention_depths=(0, 0, 0, 0), mlp_ratio=6, att_ratios=(0, 0, 0, 0),
             paper_top1=80.5, expected_params=12_872_336,
         ),
-        _cfg(
+        VariantConfig(
             name="efficientmod_test_tiny", embed_dims=(8, 16, 24, 32), depths=(2, 1, 1, 1),
             attention_depths=(0, 0, 1, 1), mlp_ratio=4, att_ratios=(0, 0, 2, 2),
             test_only=True,
