@@ -1,0 +1,500 @@
+"""Core ML target: ML Program packages, app-ready, verified on Linux by a NumPy MIL interpreter.
+
+Per precision this writes ``<stem>_<precision>.mlpackage`` (image in, ``logits``
+out) and, for the shipping precisions, ``<stem>_<precision>_classifier.mlpackage``
+(image in, ``classLabel`` + ``classLabel_probs`` out). Both take an RGB
+224x224 ``image``; the exact per-channel ImageNet normalization is inside the
+model (Core ML's image scale is one scalar), so ImageType uses scale 1, bias 0.
+
+Conversion goes through ``torch.export`` of the deploy form: by default the ANE
+form of :mod:`edge.ane` (option ``coreml_form="plain"`` takes
+:class:`edge.efficientmod.EfficientModDeploy` as it is).
+
+Precisions: fp32 / fp16 compute precision; ``w8`` int8 per-channel weights;
+``pal6`` / ``pal4`` per-tensor k-means weight palettes; ``w8a8`` int8 weights
+plus int8 activations at every conv input, whose ranges come from running the
+fp16 package through :mod:`converters.mil_interp` on the calibration images
+(coremltools' own calibration calls ``MLModel.predict``, macOS only); the
+quantize/dequantize pairs are inserted by a small MIL graph pass here. The
+classifier head stays float for w8a8 activations and palettes. The compressed
+packages start from the fp16 program, as shipped to devices.
+
+Options (``ctx.options``): ``deployment_target`` (iOS16, iOS17 default, iOS18),
+``coreml_form`` (ane default, plain), ``coreml_weight_threshold`` (weights with
+fewer elements stay float; 2048), ``coreml_float_ops`` (op names kept float),
+``coreml_float_head`` (True).
+
+Every reported logit is computed by the interpreter from the *saved* package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from calibration.imagenet import class_names
+from calibration.preprocess import CROP, MEAN, RESIZE, STD
+from edge import __version__
+from edge.context import ArtifactResult, ConvertContext, PrecisionFailure, log
+from edge.errors import ConfigError
+from edge.manifest import TensorSpec
+
+FORMS = ("ane", "plain")
+DEPLOYMENT_TARGETS = ("iOS16", "iOS17", "iOS18")
+COMPRESSED = ("w8", "w8a8", "pal6", "pal4")
+CLASSIFIER_PRECISIONS = ("fp16", "w8", "pal6", "pal4")
+WEIGHT_THRESHOLD = 2048  # coremltools' default: smaller weight tensors stay float
+CLASSIFIER_CHECK_IMAGES = 4
+# Smallest activation range quantized: the int8 scale (range / 127) must be a normal fp16
+# number, or it underflows to 0 in an fp16 program. Tensors this small (e.g. LayerScale-damped
+# branch outputs of a randomly initialised model) lose only values below 3e-5.
+MIN_RANGE = 127 * 2.0**-14
+PREPROCESSING = (
+    f"RGB; resize shorter side to {RESIZE} (bicubic); center crop {CROP}x{CROP}; feed 0..255 pixels. "
+    f"Inside the model: x/255, minus mean {list(MEAN)}, divided by std {list(STD)} per channel."
+)
+
+
+class PixelInput(nn.Module):
+    """``net`` behind the exact ImageNet normalization: takes 0..255 RGB pixels (NCHW)."""
+
+    def __init__(self, net: nn.Module, probabilities: bool = False):
+        super().__init__()
+        self.net = net
+        self.probabilities = probabilities
+        self.register_buffer("mean", torch.tensor(MEAN, dtype=torch.float32).reshape(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(STD, dtype=torch.float32).reshape(1, 3, 1, 1))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        logits = self.net((pixels / 255.0 - self.mean) / self.std)
+        return torch.softmax(logits, dim=1) if self.probabilities else logits
+
+
+def classifier_labels() -> list[str]:
+    """The 1000 class names, made unique for Core ML's label -> probability dictionary.
+
+    ImageNet-1k has two names used twice ("crane": bird and machine, "maillot");
+    those get their wnid appended, e.g. ``crane (n02012849)``.
+    """
+    from collections import Counter
+
+    from calibration.imagenet import wnids
+
+    names = class_names()
+    dup = {n for n, c in Counter(names).items() if c > 1}
+    return [f"{n} ({w})" if n in dup else n for n, w in zip(names, wnids())]
+
+
+def _ct() -> Any:
+    with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("coremltools").setLevel(logging.ERROR)
+        import coremltools as ct
+    return ct
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence coremltools' progress bars and version warnings during a call."""
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def deploy_target(name: str) -> Any:
+    if name not in DEPLOYMENT_TARGETS:
+        raise ConfigError(f"deployment_target {name!r} is not one of {', '.join(DEPLOYMENT_TARGETS)}")
+    return getattr(_ct().target, name)
+
+
+def network(ctx: ConvertContext, form: str) -> nn.Module:
+    """The deploy-form network for ``form`` (``ane`` or ``plain``), same weights as ctx.deploy."""
+    if form == "plain":
+        return ctx.deploy
+    if form == "ane":
+        from edge.ane import to_ane
+
+        return to_ane(ctx.deploy, ctx.input_size)
+    raise ConfigError(f"coreml_form {form!r} is not one of {', '.join(FORMS)}")
+
+
+def build_mlmodel(
+    net: nn.Module, input_size: int, compute_precision: str, target: str, classifier: bool = False
+) -> Any:
+    """Convert ``net`` (normalized NCHW in, logits out) to an in-memory ML Program."""
+    ct = _ct()
+    wrapped = PixelInput(net, probabilities=classifier).eval()
+    example = (torch.rand(1, 3, input_size, input_size) * 255.0,)
+    with _quiet(), torch.no_grad():
+        ep = torch.export.export(wrapped, example).run_decompositions({})
+        kwargs: dict[str, Any] = {}
+        if classifier:
+            kwargs["classifier_config"] = ct.ClassifierConfig(classifier_labels(), predicted_feature_name="classLabel")
+        else:
+            kwargs["outputs"] = [ct.TensorType(name="logits", dtype=np.float32)]
+        return ct.convert(
+            ep,
+            inputs=[ct.ImageType(name="image", shape=(1, 3, input_size, input_size),
+                                 color_layout=ct.colorlayout.RGB, scale=1.0, bias=[0.0, 0.0, 0.0])],
+            convert_to="mlprogram",
+            minimum_deployment_target=deploy_target(target),
+            compute_precision=ct.precision.FLOAT16 if compute_precision == "fp16" else ct.precision.FLOAT32,
+            **kwargs,
+        )
+
+
+def compress_weights(
+    mlmodel: Any, precision: str, target: str, threshold: int = WEIGHT_THRESHOLD, float_ops: tuple[str, ...] = ()
+) -> Any:
+    """int8 per-channel (``w8``/``w8a8``) or k-means palette (``pal6``/``pal4``) weights.
+
+    Weights consumed by the ops named in ``float_ops`` stay fp16.
+    """
+    import coremltools.optimize.coreml as cto
+
+    skip = {name: None for name in float_ops}
+
+    if precision in ("w8", "w8a8"):
+        op = cto.OpLinearQuantizerConfig(
+            mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=threshold
+        )
+        with _quiet():
+            return cto.linear_quantize_weights(mlmodel, cto.OptimizationConfig(global_config=op, op_name_configs=skip))
+    nbits = {"pal6": 6, "pal4": 4}[precision]
+    if target == "iOS18" and nbits == 4:
+        op = cto.OpPalettizerConfig(mode="kmeans", nbits=nbits, granularity="per_grouped_channel",
+                                    group_size=16, weight_threshold=threshold)
+    else:
+        op = cto.OpPalettizerConfig(mode="kmeans", nbits=nbits, granularity="per_tensor", weight_threshold=threshold)
+    with _quiet():
+        return cto.palettize_weights(mlmodel, cto.OptimizationConfig(global_config=op, op_name_configs=skip))
+
+
+def _share_concat_ranges(program: Any, stats: dict[str, dict[str, float]]) -> None:
+    """Give every tensor around a concat one common range (one scale in, one out)."""
+    groups: list[set[str]] = []
+    for op in program.functions["main"].operations:
+        if op.op_type != "concat":
+            continue
+        names = {v.name for v in op.inputs["values"]} | {op.outputs[0].name}
+        for g in [g for g in groups if g & names]:
+            names |= g
+            groups.remove(g)
+        groups.append(names)
+    for g in groups:
+        known = [stats[n] for n in g if n in stats]
+        if not known:
+            continue
+        lo, hi = min(s["rmin"] for s in known), max(s["rmax"] for s in known)
+        for n in g:
+            if n in stats:
+                stats[n] = {"rmin": lo, "rmax": hi}
+
+
+QUANTIZED_OP_TYPES = ("conv", "linear")
+
+
+def head_op_name(program: Any) -> str | None:
+    """Name of the classifier head: the last conv/linear op of the program."""
+    heads = [op.name for op in program.functions["main"].operations if op.op_type in ("conv", "linear")]
+    return heads[-1] if heads else None
+
+
+def _insert_activation_quant_pass(
+    stats: dict[str, dict[str, float]], float_ops: tuple[str, ...], op_types: tuple[str, ...]
+) -> Any:
+    """A MIL graph pass putting int8 quantize -> dequantize in front of conv/linear/add inputs.
+
+    One symmetric per-tensor pair per quantized tensor (scale = max|range| / 127 from
+    ``stats``), shared by all of its quantized consumers; other consumers keep the
+    float tensor. coremltools' own prefix/suffix passes are not used: in 9.0 they
+    produced quantize/dequantize pairs with different scales on this model.
+    """
+    from coremltools.converters.mil.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+    from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
+
+    class InsertActivationQuant(AbstractGraphPass):
+        def apply(self, prog: Any) -> None:
+            block = prog.functions["main"]
+            dequantized: dict[str, Any] = {}
+            with block:
+                for op in list(block.operations):
+                    if op.op_type not in op_types or op.name in float_ops:
+                        continue
+                    keys = ("x", "y") if op.op_type == "add" else ("x",)
+                    live = [k for k in keys if op.inputs[k].op is None or op.inputs[k].op.op_type != "const"]
+                    if len(live) != len(keys) or not all(op.inputs[k].name in stats for k in keys):
+                        continue
+                    args = dict(op.inputs)
+                    for k in keys:
+                        var = op.inputs[k]
+                        if var.name not in dequantized:
+                            rng = stats[var.name]
+                            np_dt = np.float16 if var.dtype == types.fp16 else np.float32
+                            scale = np_dt(max(abs(rng["rmin"]), abs(rng["rmax"])) / 127.0)
+                            q = mb.quantize(input=var, scale=scale, output_dtype="int8", before_op=op)
+                            dequantized[var.name] = mb.dequantize(input=q, scale=scale, before_op=op)
+                        args[k] = dequantized[var.name]
+                    out_name = op.outputs[0].name
+                    new = getattr(mb, op.op_type)(**args, name=op.name, before_op=op)
+                    block.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=new)
+                    block.remove_ops([op])
+                    new.name = out_name
+
+    return InsertActivationQuant()
+
+
+def quantize_activations(
+    mlmodel: Any,
+    stats: dict[str, dict[str, float]],
+    float_ops: tuple[str, ...] = (),
+    op_types: tuple[str, ...] = QUANTIZED_OP_TYPES,
+) -> Any:
+    """int8 activations at the inputs of every ``op_types`` op, with the given calibrated ranges.
+
+    ``float_ops`` names ops whose inputs stay float. matmul, einsum, softmax,
+    layer_norm, gelu and the modulation ``mul`` stay float by construction;
+    residual ``add`` stays float unless ``op_types`` includes it (per-tensor int8
+    on the residual stream measured 2-8 dB worse on xxs, and coremltools'
+    add-scale normalization then overflows fp16 when one branch is tiny).
+    """
+    from coremltools.converters.mil.frontend.milproto import load as milproto
+    from coremltools.models import utils as model_utils
+
+    with _quiet():
+        return model_utils._apply_graph_pass(
+            mlmodel,
+            [_insert_activation_quant_pass(stats, float_ops, op_types)],
+            spec_version=8,
+            pymil_load_func=milproto.load,
+            skip_model_load=True,
+        )
+
+
+def describe(mlmodel: Any, ctx: ConvertContext, precision: str, form: str, target: str, classifier: bool) -> None:
+    """App-facing metadata: author, license, version, descriptions, user-defined keys."""
+    variant = ctx.loaded.variant
+    mlmodel.author = f"effmod-edge {__version__}; EfficientMod architecture by Ma et al. (ICLR 2024)"
+    mlmodel.license = str(ctx.options.get(
+        "license", "Apache-2.0 (effmod-edge conversion code); weights under the license of their source"
+    ))
+    mlmodel.version = __version__
+    kind = "classifier (classLabel + probabilities)" if classifier else "raw logits"
+    mlmodel.short_description = (
+        f"EfficientMod {variant} ImageNet-1k image classifier, {kind}, {precision} Core ML ML Program "
+        f"({form} form). Input: RGB {ctx.input_size}x{ctx.input_size} image; normalization is inside the model."
+    )
+    mlmodel.input_description["image"] = (
+        f"RGB image, {ctx.input_size}x{ctx.input_size}, resized (shorter side {RESIZE}, bicubic) and "
+        f"center-cropped; pixels 0..255, no normalization needed"
+    )
+    if classifier:
+        mlmodel.output_description["classLabel"] = "most likely ImageNet-1k class name"
+        mlmodel.output_description["classLabel_probs"] = "softmax probability of every ImageNet-1k class"
+    else:
+        mlmodel.output_description["logits"] = "(1, 1000) ImageNet-1k logits in class-index order (labels.txt)"
+    meta = {
+        "variant": variant,
+        "weights_source": ctx.loaded.weights,
+        "weights_sha256": ctx.loaded.weights_sha256 or "",
+        "untrained": str(ctx.loaded.untrained).lower(),
+        "precision": precision,
+        "form": form,
+        "deployment_target": target,
+        "preprocessing": PREPROCESSING,
+        "labels": "ImageNet-1k, class index = sorted wnid order (labels.txt beside the package)",
+        "converter": f"effmod-edge {__version__} converters.to_coreml",
+    }
+    if classifier:
+        meta["com.apple.coreml.model.preview.type"] = "imageClassifier"
+    for k, v in meta.items():
+        mlmodel.user_defined_metadata[k] = v
+
+
+def _save(mlmodel: Any, path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+    with _quiet():
+        mlmodel.save(str(path))
+
+
+def _summarize_check(check: dict, limit: int = 20) -> dict:
+    from collections import Counter
+
+    out = {k: v for k, v in check.items() if k not in ("fallback", "warnings")}
+    out["fallback"] = check["fallback"][:limit]
+    out["warnings_by_type"] = dict(Counter(w["type"] for w in check["warnings"]))
+    out["warnings"] = check["warnings"][:limit]
+    return out
+
+
+def calibration_stats(package: Path, pixels_nhwc: np.ndarray) -> dict[str, dict[str, float]]:
+    """Per-tensor activation ranges of a saved float package over calibration images."""
+    from converters.mil_interp import activation_stats, image_feed, load_package
+
+    pkg = load_package(package)
+    feeds = ({pkg.input_name: image_feed(pkg, img)} for img in pixels_nhwc)
+    stats = activation_stats(pkg.program, feeds)
+    _share_concat_ranges(pkg.program, stats)
+    for s in stats.values():
+        if max(abs(s["rmin"]), abs(s["rmax"])) < MIN_RANGE:
+            s["rmin"], s["rmax"] = min(s["rmin"], -MIN_RANGE), max(s["rmax"], MIN_RANGE)
+    return stats
+
+
+class _Builder:
+    """Builds (and caches) the float ML Programs one conversion needs."""
+
+    def __init__(self, ctx: ConvertContext, form: str, target: str):
+        self.ctx, self.form, self.target = ctx, form, target
+        self.net = network(ctx, form)
+        self._cache: dict[tuple[str, bool], Any] = {}
+
+    def float_model(self, compute_precision: str, classifier: bool) -> Any:
+        key = (compute_precision, classifier)
+        if key not in self._cache:
+            self._cache[key] = build_mlmodel(self.net, self.ctx.input_size, compute_precision, self.target, classifier)
+        return self._cache[key]
+
+
+def _compressed(b: _Builder, precision: str, classifier: bool, stats: dict | None, threshold: int,
+                float_ops: tuple[str, ...], float_head: bool) -> tuple[Any, list[str]]:
+    """The package model for ``precision`` and the ops deliberately kept float."""
+    cp = "fp32" if precision == "fp32" else "fp16"
+    model = b.float_model(cp, classifier)
+    head = head_op_name(model._mil_program) if float_head else None
+    kept = list(float_ops) + ([head] if head else [])
+    if precision == "w8a8":
+        model = quantize_activations(model, stats or {}, tuple(kept))
+    if precision in ("w8", "w8a8"):
+        model = compress_weights(model, precision, b.target, threshold)
+    elif precision in ("pal6", "pal4"):
+        model = compress_weights(model, precision, b.target, threshold, float_ops=tuple(kept))
+    return model, (kept if precision in ("w8a8", "pal6", "pal4") else [])
+
+
+def _one_precision(
+    b: _Builder, precision: str, threshold: int, float_ops: tuple[str, ...], float_head: bool
+) -> ArtifactResult:
+    from converters.ane_check import check_program, compute_plan_devices
+    from converters.mil_interp import classify_package, load_package, precision_histogram, run_package, weight_histogram
+
+    ctx = b.ctx
+    t0 = time.perf_counter()
+    stats = None
+    calib: dict[str, Any] = {}
+    if precision == "w8a8":
+        if b.target == "iOS16":
+            raise ConfigError("w8a8 needs deployment_target iOS17 or newer (quantize/dequantize ops)")
+        if len(ctx.split.calib) == 0:
+            raise ConfigError("w8a8 needs calibration images: use --calib-size > 0")
+        tmp = ctx.work_dir / f".{ctx.stem}_w8a8_calib_base.mlpackage"
+        base = b.float_model("fp16", False)
+        describe(base, ctx, "fp16", b.form, b.target, False)
+        _save(base, tmp)
+        tc = time.perf_counter()
+        stats = calibration_stats(tmp, ctx.split.calib.pixels)
+        shutil.rmtree(tmp, ignore_errors=True)
+        calib = {"images": len(ctx.split.calib), "tensors": len(stats), "mode": "linear_symmetric int8, per-tensor",
+                 "ranges_from": "NumPy MIL interpreter on the fp16 package (min/max)",
+                 "seconds": round(time.perf_counter() - tc, 2)}
+    model, kept_float = _compressed(b, precision, False, stats, threshold, float_ops, float_head)
+    describe(model, ctx, precision, b.form, b.target, False)
+    name = f"{ctx.stem}_{precision}.mlpackage"
+    _save(model, ctx.work_dir / name)
+    t_convert = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    pkg = load_package(ctx.work_dir / name)
+    logits = run_package(pkg, ctx.split.eval.pixels)
+    t_verify = time.perf_counter() - t1
+    program = pkg.program
+    cp = "fp32" if precision == "fp32" else "fp16"
+    details: dict[str, Any] = {
+        "form": b.form,
+        "deployment_target": b.target,
+        "compute_precision": cp,
+        "ops_by_precision": precision_histogram(program),
+        "weight_ops": weight_histogram(program),
+        "ane_check": _summarize_check(check_program(program)),
+        "compute_plan": compute_plan_devices(ctx.work_dir / name),
+        "verified_by": "converters.mil_interp (NumPy) on the saved package"
+        + (", fp16 rounding after every op" if cp == "fp16" else ""),
+        "seconds": {"convert": round(t_convert, 2), "verify": round(t_verify, 2)},
+    }
+    if precision in COMPRESSED:
+        details["weight_threshold"] = threshold
+    if kept_float:
+        details["kept_float"] = {
+            "ops": kept_float,
+            "why": "classifier head: its error lands directly on the logits"
+            + ("; int8 activations only at conv/linear inputs (residual adds, matmul/einsum, softmax, "
+               "layer_norm, gelu, modulation mul stay fp16)" if precision == "w8a8" else " (weights fp16)"),
+        }
+    if calib:
+        details["activation_calibration"] = calib
+        details["activation_quantize_ops"] = details["ops_by_precision"].get("quantize", {}).get("int8", 0)
+    extra: list[str] = []
+    if precision in CLASSIFIER_PRECISIONS:
+        cmodel, _ = _compressed(b, precision, True, stats, threshold, float_ops, float_head)
+        describe(cmodel, ctx, precision, b.form, b.target, True)
+        cname = f"{ctx.stem}_{precision}_classifier.mlpackage"
+        _save(cmodel, ctx.work_dir / cname)
+        n = min(CLASSIFIER_CHECK_IMAGES, len(ctx.split.eval))
+        labels = classify_package(ctx.work_dir / cname, ctx.split.eval.pixels[:n])
+        names = classifier_labels()
+        expected = [names[i] for i in logits[:n].argmax(1)]
+        details["classifier"] = {
+            "path": cname,
+            "outputs": ["classLabel", "classLabel_probs"],
+            "labels": "ImageNet-1k names; the two duplicated names carry their wnid",
+            "checked_images": n,
+            "label_agreement_with_logits_package": float(np.mean([a == e for a, e in zip(labels, expected)])) if n else None,
+        }
+        extra.append(cname)
+    return ArtifactResult(
+        precision=precision,
+        path=name,
+        input=TensorSpec(name="image", layout="image", dtype="image", shape=[1, 3, ctx.input_size, ctx.input_size],
+                         mean=list(MEAN), std=list(STD)),
+        output=TensorSpec(name="logits", layout="NC", dtype="float32", shape=[1, 1000]),
+        logits=logits,
+        details=details,
+        extra_files=extra,
+    )
+
+
+def convert(ctx: ConvertContext, precisions: list[str]) -> list[ArtifactResult | PrecisionFailure]:
+    """Write one logits package per precision (plus classifier packages) and their interpreter logits."""
+    import traceback
+
+    target = str(ctx.options.get("deployment_target", "iOS17"))
+    deploy_target(target)
+    form = str(ctx.options.get("coreml_form", "ane"))
+    if form not in FORMS:
+        raise ConfigError(f"coreml_form {form!r} is not one of {', '.join(FORMS)}")
+    threshold = int(ctx.options.get("coreml_weight_threshold", WEIGHT_THRESHOLD))
+    float_ops = tuple(ctx.options.get("coreml_float_ops", ()))
+    float_head = bool(ctx.options.get("coreml_float_head", True))
+    builder = _Builder(ctx, form, target)
+    out: list[ArtifactResult | PrecisionFailure] = []
+    for precision in precisions:
+        log.info("coreml: %s (%s form, %s)", precision, form, target)
+        try:
+            out.append(_one_precision(builder, precision, threshold, float_ops, float_head))
+        except Exception as exc:  # one precision's failure must not stop the others
+            log.debug("coreml %s failed:\n%s", precision, traceback.format_exc())
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            out.append(PrecisionFailure(precision, f"{type(exc).__name__}: {msg}"))
+    return out

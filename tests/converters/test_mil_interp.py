@@ -1,0 +1,249 @@
+"""NumPy MIL interpreter: each kernel against PyTorch (or coremltools' own decompression)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+ct = pytest.importorskip("coremltools", reason="Core ML extra not installed (pip install -e '.[coreml]')")
+
+from coremltools.converters.mil import Builder as mb  # noqa: E402
+
+from converters.mil_interp import Interpreter, UnsupportedOpError, precision_histogram, unpack_bits  # noqa: E402
+
+RNG = np.random.default_rng(0)
+IOS17 = ct.target.iOS17
+
+
+def _randn(*shape: int) -> np.ndarray:
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+def _run(prog, **feeds) -> np.ndarray:
+    out = Interpreter(prog).run(feeds)
+    return next(iter(out.values()))
+
+
+def _maxdiff(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+@pytest.mark.parametrize(
+    "cin,cout,k,stride,pad,dil,groups",
+    [
+        (3, 8, 7, 4, 3, 1, 1),  # stem: 7x7 stride 4
+        (8, 16, 3, 2, 1, 1, 1),  # downsample
+        (8, 8, 7, 1, 3, 1, 8),  # depthwise 7x7
+        (8, 8, 3, 1, 3, 3, 8),  # dilated depthwise
+        (8, 12, 1, 1, 0, 1, 1),  # 1x1
+        (8, 12, 3, 1, 1, 1, 4),  # grouped
+    ],
+)
+def test_conv_matches_torch(cin, cout, k, stride, pad, dil, groups):
+    x, w, b = _randn(2, cin, 20, 20), _randn(cout, cin // groups, k, k), _randn(cout)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=x.shape)], opset_version=IOS17)
+    def prog(x_in):
+        return mb.conv(x=x_in, weight=w, bias=b, strides=[stride] * 2, pad_type="custom", pad=[pad] * 4,
+                       dilations=[dil] * 2, groups=groups)
+
+    ref = F.conv2d(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b), stride, pad, dil, groups)
+    got = _run(prog, x_in=x)
+    assert got.shape == tuple(ref.shape)
+    assert _maxdiff(got, ref) < 1e-4
+
+
+def test_conv_same_padding_matches_torch():
+    x, w = _randn(1, 4, 9, 9), _randn(6, 4, 3, 3)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=x.shape)], opset_version=IOS17)
+    def prog(x_in):
+        return mb.conv(x=x_in, weight=w, strides=[1, 1], pad_type="same")
+
+    ref = F.conv2d(torch.from_numpy(x), torch.from_numpy(w), padding="same")
+    assert _maxdiff(_run(prog, x_in=x), ref) < 1e-4
+
+
+def test_linear_and_matmul_match_torch():
+    x, w, b = _randn(3, 16), _randn(10, 16), _randn(10)
+    a, c = _randn(2, 4, 7, 5), _randn(2, 4, 6, 5)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=x.shape), mb.TensorSpec(shape=a.shape), mb.TensorSpec(shape=c.shape)],
+                opset_version=IOS17)
+    def prog(x_in, a_in, c_in):
+        return (
+            mb.linear(x=x_in, weight=w, bias=b),
+            mb.matmul(x=a_in, y=c_in, transpose_y=True),
+            mb.matmul(x=c_in, y=a_in, transpose_y=True),
+        )
+
+    lin, mm1, mm2 = Interpreter(prog).run({"x_in": x, "a_in": a, "c_in": c}).values()
+    assert _maxdiff(lin, F.linear(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b))) < 1e-5
+    assert _maxdiff(mm1, torch.from_numpy(a) @ torch.from_numpy(c).transpose(-1, -2)) < 1e-5
+    assert _maxdiff(mm2, torch.from_numpy(c) @ torch.from_numpy(a).transpose(-1, -2)) < 1e-5
+
+
+def test_einsum_ane_attention_equations_match_torch():
+    q, k = _randn(1, 8, 1, 12), _randn(1, 12, 1, 8)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=q.shape), mb.TensorSpec(shape=k.shape)], opset_version=IOS17)
+    def prog(q_in, k_in):
+        return mb.einsum(values=(q_in, k_in), equation="nchw,nwhu->nchu")
+
+    ref = torch.einsum("nchw,nwhu->nchu", torch.from_numpy(q), torch.from_numpy(k))
+    assert _maxdiff(_run(prog, q_in=q, k_in=k), ref) < 1e-5
+
+
+def test_layer_norm_gelu_softmax_match_torch():
+    x = _randn(2, 6, 5, 5)
+    g, b = _randn(6), _randn(6)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=x.shape)], opset_version=IOS17)
+    def prog(x_in):
+        return (
+            mb.layer_norm(x=x_in, axes=[1], gamma=g, beta=b, epsilon=1e-5),
+            mb.gelu(x=x_in, mode="EXACT"),
+            mb.gelu(x=x_in, mode="TANH_APPROXIMATION"),
+            mb.softmax(x=x_in, axis=1),
+            mb.softmax(x=x_in, axis=-1),
+        )
+
+    ln, ge, gt, s1, s2 = Interpreter(prog).run({"x_in": x}).values()
+    t = torch.from_numpy(x)
+    ln_ref = F.layer_norm(t.permute(0, 2, 3, 1), (6,), torch.from_numpy(g), torch.from_numpy(b)).permute(0, 3, 1, 2)
+    assert _maxdiff(ln, ln_ref) < 1e-5
+    assert _maxdiff(ge, F.gelu(t)) < 1e-6
+    assert _maxdiff(gt, F.gelu(t, approximate="tanh")) < 1e-6
+    assert _maxdiff(s1, torch.softmax(t, 1)) < 1e-6
+    assert _maxdiff(s2, torch.softmax(t, -1)) < 1e-6
+
+
+def test_elementwise_and_reductions_match_torch():
+    x, y = _randn(2, 3, 4, 4), np.abs(_randn(1, 3, 1, 1)) + 0.5
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=x.shape)], opset_version=IOS17)
+    def prog(x_in):
+        sq = mb.mul(x=x_in, y=x_in)
+        return (
+            mb.add(x=x_in, y=y), mb.sub(x=x_in, y=y), mb.mul(x=x_in, y=y), mb.real_div(x=x_in, y=y),
+            mb.reduce_mean(x=x_in, axes=[2, 3], keep_dims=False), mb.rsqrt(x=sq, epsilon=1e-6),
+            mb.sqrt(x=sq),
+        )
+
+    add, sub, mul, div, mean, rs, sq = Interpreter(prog).run({"x_in": x}).values()
+    t, u = torch.from_numpy(x), torch.from_numpy(y)
+    assert _maxdiff(add, t + u) < 1e-6 and _maxdiff(sub, t - u) < 1e-6
+    assert _maxdiff(mul, t * u) < 1e-6 and _maxdiff(div, t / u) < 1e-6
+    assert _maxdiff(mean, t.mean(dim=(2, 3))) < 1e-6
+    assert _maxdiff(rs, torch.rsqrt(t * t + 1e-6)) / float(torch.rsqrt(t * t + 1e-6).max()) < 1e-6
+    assert _maxdiff(sq, torch.abs(t)) < 1e-6
+
+
+def test_layout_ops_match_torch():
+    x = _randn(1, 12, 2, 5)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=x.shape)], opset_version=IOS17)
+    def prog(x_in):
+        a, b, c = mb.split(x=x_in, split_sizes=[4, 4, 4], axis=1)
+        return (
+            mb.reshape(x=x_in, shape=[1, 12, 1, 10]),
+            mb.transpose(x=x_in, perm=[0, 3, 2, 1]),
+            mb.tile(x=x_in, reps=[1, 2, 1, 1]),
+            mb.concat(values=(c, a, b), axis=1),
+            mb.squeeze(x=mb.reshape(x=x_in, shape=[1, 120, 1, 1]), axes=[2, 3]),
+            mb.cast(x=x_in, dtype="int32"),
+        )
+
+    r, tr, ti, ca, sq, cs = Interpreter(prog).run({"x_in": x}).values()
+    t = torch.from_numpy(x)
+    assert _maxdiff(r, t.reshape(1, 12, 1, 10)) == 0.0
+    assert _maxdiff(tr, t.permute(0, 3, 2, 1)) == 0.0
+    assert _maxdiff(ti, t.repeat(1, 2, 1, 1)) == 0.0
+    a, b, c = torch.split(t, 4, dim=1)
+    assert _maxdiff(ca, torch.cat([c, a, b], 1)) == 0.0
+    assert sq.shape == (1, 120) and _maxdiff(sq, t.reshape(1, 120)) == 0.0
+    assert cs.dtype == np.int32 and _maxdiff(cs, t.to(torch.int32)) == 0.0
+
+
+def test_quantize_dequantize_match_torch():
+    x = _randn(1, 4, 6, 6) * 3
+    scale, zp = 0.05, 3
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=x.shape)], opset_version=IOS17)
+    def prog(x_in):
+        q = mb.quantize(input=x_in, scale=np.float32(scale), zero_point=np.int8(zp), output_dtype="int8")
+        return q, mb.dequantize(input=q, scale=np.float32(scale), zero_point=np.int8(zp))
+
+    q, dq = Interpreter(prog).run({"x_in": x}).values()
+    tq = torch.clamp(torch.round(torch.from_numpy(x) / scale) + zp, -128, 127)  # round half to even
+    assert q.dtype == np.int8
+    assert int(np.abs(q.astype(np.int32) - tq.numpy().astype(np.int32)).max()) == 0
+    assert _maxdiff(dq, (tq - zp) * scale) < 1e-6
+
+
+def test_constexpr_weight_decompression_matches_coremltools():
+    from coremltools.optimize import _utils as opt_utils
+
+    q = RNG.integers(-127, 128, size=(6, 4, 1, 1)).astype(np.int8)
+    scale = (RNG.random(6) * 0.1 + 0.01).astype(np.float32)
+    zp = np.zeros(6, np.int8)
+    lut = np.sort(_randn(16))
+    idx = RNG.integers(0, 16, size=6 * 4).astype(np.uint8)
+    packed = opt_utils.pack_elements_into_bits(idx, 4)
+    x = _randn(1, 4, 3, 3)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=x.shape)], opset_version=IOS17)
+    def prog(x_in):
+        w1 = mb.constexpr_affine_dequantize(quantized_data=q, zero_point=zp, scale=scale, axis=0)
+        w2 = mb.constexpr_lut_to_dense(lut=lut, indices=packed, shape=np.uint32([6, 4, 1, 1]))
+        return mb.conv(x=x_in, weight=w1), mb.conv(x=x_in, weight=w2)
+
+    y1, y2 = Interpreter(prog).run({"x_in": x}).values()
+    w1 = q.astype(np.float32) * scale[:, None, None, None]
+    w2 = lut[idx].reshape(6, 4, 1, 1)
+    assert _maxdiff(y1, F.conv2d(torch.from_numpy(x), torch.from_numpy(w1))) < 1e-5
+    assert _maxdiff(y2, F.conv2d(torch.from_numpy(x), torch.from_numpy(w2))) < 1e-5
+    assert int(np.abs(unpack_bits(packed, 4, idx.size).astype(np.int64) - idx).max()) == 0
+    hist = precision_histogram(prog)
+    assert hist["conv"] == {"fp32": 2}
+
+
+def test_unknown_op_fails_naming_it():
+    x = _randn(1, 8)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=x.shape)], opset_version=IOS17)
+    def prog(x_in):
+        return mb.topk(x=x_in, k=2, axis=-1)
+
+    with pytest.raises(UnsupportedOpError, match="'topk'") as info:
+        Interpreter(prog)
+    assert info.value.op_type == "topk"
+
+
+def test_fp16_mode_rounds_every_intermediate():
+    x = np.full((1, 4), 1.0, np.float32)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=x.shape)], opset_version=IOS17)
+    def prog(x_in):
+        a = mb.add(x=x_in, y=np.float32(1e-4))  # below half an fp16 ulp at 1.0 (4.9e-4)
+        return mb.sub(x=a, y=np.float32(1.0))
+
+    exact = _run(prog, x_in=x)
+    assert float(exact[0, 0]) == pytest.approx(1e-4, rel=1e-2)
+    forced = Interpreter(prog, fp16=True).run({"x_in": x})
+    assert float(next(iter(forced.values()))[0, 0]) == 0.0
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=x.shape)], opset_version=IOS17)
+    def prog16(x_in):
+        h = mb.cast(x=x_in, dtype="fp16")
+        a = mb.add(x=h, y=np.float16(1e-3))
+        return mb.cast(x=mb.mul(x=a, y=np.float16(3.0)), dtype="fp32")
+
+    got = float(_run(prog16, x_in=x)[0, 0])
+    want = float(np.float16(np.float16(np.float16(1.0) + np.float16(1e-3)) * np.float16(3.0)))
+    assert got == want
+    assert got != pytest.approx(3.003, abs=1e-5)
+    ignored = float(next(iter(Interpreter(prog16, fp16=False).run({"x_in": x}).values()))[0, 0])
+    assert abs(ignored - (1.0 + float(np.float16(1e-3))) * 3.0) < 1e-6

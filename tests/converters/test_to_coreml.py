@@ -1,0 +1,196 @@
+"""Core ML target on the tiny variant, checked on Linux by the NumPy MIL interpreter."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("coremltools", reason="Core ML extra not installed (pip install -e '.[coreml]')")
+
+from converters.mil_interp import load_package, run_package  # noqa: E402
+from edge.ane import to_ane  # noqa: E402
+from edge.efficientmod import create_model, to_deploy  # noqa: E402
+from edge.manifest import Manifest  # noqa: E402
+from edge.pipeline import ConvertRequest, convert  # noqa: E402
+
+TINY = "efficientmod_test_tiny"
+ALL = ["fp16", "fp32", "w8", "w8a8", "pal6", "pal4"]
+# The tiny variant's weight tensors are small; quantize all of them so w8/pal really are compressed.
+OPTS = {"coreml_weight_threshold": 64}
+
+
+def _artifact(m: Manifest, precision: str):
+    (a,) = [a for a in m.artifacts if a.precision == precision]
+    return a
+
+
+@pytest.fixture(scope="module")
+def ane_out(tmp_path_factory, samples_dir) -> Path:
+    out = tmp_path_factory.mktemp("coreml_ane")
+    convert(ConvertRequest(targets=["coreml"], model=TINY, output=out, calib_dir=str(samples_dir),
+                           calib_size=8, eval_size=6, precisions=ALL, options=dict(OPTS)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def plain_out(tmp_path_factory, samples_dir) -> Path:
+    out = tmp_path_factory.mktemp("coreml_plain")
+    convert(ConvertRequest(targets=["coreml"], model=TINY, output=out, calib_dir=str(samples_dir),
+                           calib_size=0, eval_size=6, precisions=["fp32"],
+                           options={**OPTS, "coreml_form": "plain"}))
+    return out
+
+
+def test_all_precisions_written(ane_out):
+    m = Manifest.load(ane_out / "manifest.json")
+    assert sorted(a.precision for a in m.artifacts) == sorted(ALL), m.failures
+    for a in m.artifacts:
+        assert (ane_out / a.path / "Manifest.json").is_file()
+        assert a.path == f"{TINY}_{a.precision}.mlpackage"
+        assert a.details["form"] == "ane" and a.details["deployment_target"] == "iOS17"
+        assert a.input.layout == "image" and a.input.shape == [1, 3, 224, 224]
+        assert a.bytes > 0
+
+
+def test_fp32_matches_pytorch(ane_out):
+    a = _artifact(Manifest.load(ane_out / "manifest.json"), "fp32")
+    assert a.checks["max_abs_diff"] <= 1e-4, a.checks
+    assert a.checks["top1_agreement"] == 1.0
+
+
+def test_fp16_sqnr(ane_out):
+    a = _artifact(Manifest.load(ane_out / "manifest.json"), "fp16")
+    assert a.checks["sqnr_db"] >= 40.0, a.checks
+    assert a.details["compute_precision"] == "fp16"
+    assert set(a.details["ops_by_precision"]["conv"]) == {"fp16"}
+
+
+def test_w8_agreement_and_compression(ane_out):
+    m = Manifest.load(ane_out / "manifest.json")
+    a = _artifact(m, "w8")
+    assert a.checks["top1_agreement"] >= 0.99, a.checks
+    assert a.details["weight_ops"].get("constexpr_affine_dequantize", 0) >= 30
+    assert a.bytes < 0.7 * _artifact(m, "fp16").bytes
+
+
+def test_w8a8_has_int8_activations(ane_out):
+    a = _artifact(Manifest.load(ane_out / "manifest.json"), "w8a8")
+    assert a.details["activation_quantize_ops"] >= 30
+    assert a.details["activation_calibration"]["images"] == 8
+    assert a.checks["sqnr_db"] >= 25.0 and a.checks["top1_agreement"] >= 0.99, a.checks
+
+
+def test_palettes(ane_out):
+    m = Manifest.load(ane_out / "manifest.json")
+    p6, p4 = _artifact(m, "pal6"), _artifact(m, "pal4")
+    assert p6.details["weight_ops"].get("constexpr_lut_to_dense", 0) >= 30
+    assert p6.checks["sqnr_db"] > p4.checks["sqnr_db"], (p6.checks, p4.checks)
+    assert p4.bytes < p6.bytes
+
+
+def test_ane_form_is_4d_and_matches_plain(ane_out, plain_out):
+    ane = _artifact(Manifest.load(ane_out / "manifest.json"), "fp32")
+    plain = _artifact(Manifest.load(plain_out / "manifest.json"), "fp32")
+    chk = ane.details["ane_check"]
+    assert chk["max_rank"] == 4 and chk["rank5_ops"] == 0
+    assert "einsum" in ane.details["ops_by_precision"] and "linear" not in ane.details["ops_by_precision"]
+    assert plain.details["form"] == "plain" and plain.checks["max_abs_diff"] <= 1e-4
+    fp16 = _artifact(Manifest.load(ane_out / "manifest.json"), "fp16").details["ane_check"]
+    assert fp16["fallback_count"] == 0, fp16["fallback"]
+    # fp32 packages cannot run on the fp16-only ANE: every compute op is flagged
+    assert chk["fallback_count"] > 50
+
+
+def test_ane_module_matches_eager_model():
+    model = create_model(TINY)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        ref = model(x)
+        diff = (to_ane(to_deploy(model))(x) - ref).abs().max().item()
+    assert diff < 1e-4
+
+
+def test_classifier_package(ane_out):
+    m = Manifest.load(ane_out / "manifest.json")
+    a = _artifact(m, "fp16")
+    cls = a.details["classifier"]
+    assert cls["label_agreement_with_logits_package"] == 1.0
+    pkg = load_package(ane_out / cls["path"])
+    assert pkg.classifier and pkg.output_names == ["classLabel", "classLabel_probs"]
+    probs = run_package(pkg, np.zeros((1, 224, 224, 3), np.uint8))
+    assert probs.shape == (1, 1000) and abs(float(probs.sum()) - 1.0) < 1e-2
+
+
+def test_metadata_and_interface(ane_out):
+    pkg = load_package(ane_out / f"{TINY}_fp16.mlpackage")
+    md = pkg.metadata
+    assert md["author"] and md["license"] and md["version"] == "0.1.0"
+    assert "EfficientMod" in md["short_description"]
+    ud = md["user_defined"]
+    assert ud["variant"] == TINY and ud["weights_source"] == "untrained" and "std" in ud["preprocessing"]
+    assert pkg.is_image and pkg.color_layout == "RGB" and pkg.input_shape == (1, 3, 224, 224)
+    assert pkg.output_names == ["logits"]
+    assert len(ud) >= 8
+
+
+def test_interpreter_rereads_saved_package(ane_out, samples_dir):
+    m = Manifest.load(ane_out / "manifest.json")
+    a = _artifact(m, "fp32")
+    from calibration.folder import scan_folder
+    from calibration.splits import make_split
+
+    split = make_split(scan_folder(samples_dir), 8, 6, 0)
+    logits = run_package(ane_out / a.path, split.eval.pixels[:2])
+    with torch.no_grad():
+        ref = create_model(TINY)(torch.from_numpy(split.eval.nchw()[:2])).numpy()
+    assert float(np.abs(logits - ref).max()) <= 1e-4
+
+
+def test_ios16_target(tmp_path, samples_dir):
+    res = convert(ConvertRequest(targets=["coreml"], model=TINY, output=tmp_path, calib_dir=str(samples_dir),
+                                 calib_size=4, eval_size=3, precisions=["fp16", "w8a8"],
+                                 options={**OPTS, "deployment_target": "iOS16"}))
+    (a,) = res.manifest.artifacts
+    assert a.details["deployment_target"] == "iOS16" and a.checks["sqnr_db"] >= 40.0
+    (f,) = res.failed
+    assert f.precision == "w8a8" and "iOS17" in f.error
+
+
+@pytest.mark.macos
+@pytest.mark.skipif(sys.platform != "darwin", reason="MLModel.predict needs the macOS Core ML runtime")
+def test_coreml_runtime_agrees_with_interpreter(ane_out, samples_dir):
+    import coremltools as ct
+    from PIL import Image
+
+    a = _artifact(Manifest.load(ane_out / "manifest.json"), "fp32")
+    model = ct.models.MLModel(str(ane_out / a.path), compute_units=ct.ComputeUnit.CPU_ONLY)
+    from calibration.folder import scan_folder
+    from calibration.splits import make_split
+
+    px = make_split(scan_folder(samples_dir), 0, 2, 0).eval.pixels
+    got = np.stack([model.predict({"image": Image.fromarray(p)})["logits"].reshape(-1) for p in px])
+    assert float(np.abs(got - run_package(ane_out / a.path, px)).max()) < 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["ane", "plain"])
+def test_xxs_all_precisions(tmp_path, samples_dir, form):
+    res = convert(ConvertRequest(targets=["coreml"], model="efficientmod_xxs", output=tmp_path,
+                                 calib_dir=str(samples_dir), calib_size=16, eval_size=16, precisions=ALL,
+                                 options={"coreml_form": form}))
+    assert not res.failed, res.failed
+    checks = {a.precision: a.checks for a in res.manifest.artifacts}
+    assert checks["fp32"]["max_abs_diff"] <= 1e-4
+    assert checks["fp16"]["sqnr_db"] >= 40.0
+    for p in ("w8", "w8a8"):
+        assert checks[p]["passed"], (p, checks[p])
+    # Random weights give near-tied logits (median top-1/top-2 gap ~0.03), so palette top-1
+    # agreement is not meaningful here; check the noise level instead.
+    assert checks["pal6"]["sqnr_db"] >= 25.0 and checks["pal4"]["sqnr_db"] >= 12.0, checks
+    assert checks["pal6"]["sqnr_db"] > checks["pal4"]["sqnr_db"]
+    rank5 = [a.details["ane_check"]["rank5_ops"] for a in res.manifest.artifacts]
+    assert max(rank5) == 0
