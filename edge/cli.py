@@ -58,8 +58,12 @@ def main(verbose: bool) -> None:
 @click.option("--seed", default=0, show_default=True, help="Seed of the data split (and of random weights).")
 @click.option("--check-threshold", is_flag=True, help="Exit non-zero when an artifact misses its accuracy bar.")
 @click.option("--report", "with_report", is_flag=True, help="Then evaluate, bench and render the report.")
+@click.option("--deployment-target", default="iOS17", show_default=True, type=click.Choice(["iOS16", "iOS17", "iOS18"]),
+              help="Core ML minimum deployment target.")
+@click.option("--coreml-form", default="ane", show_default=True, type=click.Choice(["ane", "plain"]),
+              help="Core ML graph: Neural-Engine-friendly layout or the plain deploy form.")
 def convert(targets, precisions, model, weights, output, calib_dir, calib_size, eval_size, seed, check_threshold,
-            with_report) -> None:
+            with_report, deployment_target, coreml_form) -> None:
     """Convert a checkpoint, check every artifact against PyTorch, write manifest.json."""
     from edge.pipeline import ConvertRequest, convert as run_convert
 
@@ -67,6 +71,7 @@ def convert(targets, precisions, model, weights, output, calib_dir, calib_size, 
         ConvertRequest(
             targets=list(targets), precisions=list(precisions) or None, model=model, weights=weights,
             output=Path(output), calib_dir=calib_dir, calib_size=calib_size, eval_size=eval_size, seed=seed,
+            options={"deployment_target": deployment_target, "coreml_form": coreml_form},
         )
     )
     m = result.manifest
