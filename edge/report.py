@@ -54,16 +54,20 @@ def collect_rows(out_dir: Path) -> tuple[Manifest, list[dict], dict | None, dict
     bench = _load_json(out_dir / "bench.json")
     evals = {r["path"]: r for r in (evaluation or {}).get("rows", []) if r.get("path")}
     lat: dict[str, dict[int, float]] = {}
+    no_latency: dict[str, str] = {}
     for r in (bench or {}).get("results", []):
         if "median_ms" in r:
             lat.setdefault(r["path"] or "(eager)", {})[r["threads"]] = r["median_ms"]
+        elif r.get("skipped") or r.get("error"):
+            no_latency[r["path"]] = r.get("skipped") or r["error"]
     rows = []
     for a in manifest.artifacts:
         source = evals.get(a.path)
         metrics = source if source is not None else a.checks
         row = {"target": a.target, "precision": a.precision, "path": a.path, "bytes": a.bytes,
                "metrics_from": "evaluation.json" if source is not None else "manifest checks",
-               "latency": lat.get(a.path, {}), "details": a.details}
+               "latency": lat.get(a.path, {}), "details": a.details,
+               "no_latency": no_latency.get(a.path)}
         if source is not None and "error" in source:
             row["error"] = source["error"]
         else:
@@ -110,6 +114,8 @@ def _table_rows(rows: list[dict], threads: list[int]) -> list[list[str]]:
     out = []
     for r in rows:
         lat = [_fmt(r["latency"].get(t), digits=2) for t in threads]
+        if r.get("no_latency") and threads:
+            lat = ["n/a: " + r["no_latency"]] + [""] * (len(threads) - 1)
         if "error" in r:
             out.append([r["target"], r["precision"], r["path"], _fmt(r["bytes"] / 1e6, digits=2), "ERROR: " + r["error"],
                         "", "", "", "", *lat])
