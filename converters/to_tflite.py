@@ -20,6 +20,7 @@ TensorFlow/LiteRT step runs in a subprocess (``converters.litert_worker``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -87,10 +88,11 @@ def worker(command: str, args: dict, build_dir: Path, timeout: float = WORKER_TI
 
 def litert_logits(model: Path, images_nhwc: np.ndarray, build_dir: Path, threads: int = 2) -> np.ndarray:
     """Logits of a .tflite on normalized NHWC images, computed in a subprocess."""
-    images = build_dir / "eval_images.npy"
-    if not images.exists() or np.load(images, mmap_mode="r").shape != images_nhwc.shape:
+    digest = hashlib.sha256(np.ascontiguousarray(images_nhwc).tobytes()).hexdigest()[:16]
+    images = build_dir / f"images-{digest}.npy"
+    if not images.exists():
         np.save(images, images_nhwc)
-    out = build_dir / f"logits-{model.stem}.npy"
+    out = build_dir / f"logits-{model.stem}-{digest}.npy"
     worker("run", {"model": str(model), "images": str(images), "out": str(out), "threads": threads}, build_dir)
     return np.load(out)
 
