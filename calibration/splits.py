@@ -91,6 +91,19 @@ def _take(order: list[ImageItem], start: int, n: int, skipped: Counter) -> tuple
     return Batch(np.concatenate(pix), np.concatenate(lab), names), i
 
 
+def load_items(items: list[ImageItem], skipped: Counter | None = None) -> Batch:
+    """Decode ``items`` in order into a batch, skipping (and counting) unusable files."""
+    batch, _ = _take(items, 0, len(items), skipped if skipped is not None else Counter())
+    return batch
+
+
+def pick_balanced(folder: ImageFolder, n: int | None = None, seed: int = 0) -> Batch:
+    """Up to ``n`` usable images of ``folder`` in class-balanced order."""
+    order = balanced_order(folder.items, seed)
+    batch, _ = _take(order, 0, n or len(order), folder.skipped)
+    return batch
+
+
 def make_split(folder: ImageFolder, calib_size: int, eval_size: int, seed: int = 0) -> Split:
     """Calibration set then a disjoint evaluation set, both class-balanced."""
     if calib_size < 0 or eval_size < 1:

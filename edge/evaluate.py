@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from calibration.folder import ImageFolder, scan_folder
-from calibration.splits import Batch, _take, balanced_order
+from calibration.folder import scan_folder
+from calibration.splits import Batch, load_items, pick_balanced
 from edge.bench import machine_info
 from edge.checks import compare_logits
 from edge.context import log, torch_logits
@@ -37,16 +37,16 @@ def _manifest_images(manifest: Manifest, data_dir: str | os.PathLike | None, lim
         items = [i for i in folder.items if i.name in wanted]
         if not items:
             raise DataError(f"none of the manifest's evaluation images is in {root}; pass --data DIR")
+        batch = load_items(items, folder.skipped)
         source = {"split": "manifest eval split", "root": str(root), "seed": d.get("seed")}
     else:
         if data_dir is None:
             raise DataError("the manifest records no evaluation images; pass --data DIR")
         folder = scan_folder(data_dir)
-        items = balanced_order(folder.items, 0)[: limit or len(folder.items)]
+        batch = pick_balanced(folder, limit, seed=0)
         source = {"split": "balanced pick", "root": str(folder.root), "seed": 0}
-    batch, _ = _take(items, 0, len(items), folder.skipped)
     if not len(batch):
-        raise DataError(f"no usable image among {len(items)} in {folder.root}")
+        raise DataError(f"no usable image in {folder.root}")
     return batch, {**source, "count": len(batch), "fingerprint": batch.fingerprint(),
                    "skipped": dict(folder.skipped)}
 

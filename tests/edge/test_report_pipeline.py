@@ -87,3 +87,10 @@ def test_report_html_renders_in_chromium(converted, tmp_path):
     assert dom.count("<tr class=\"ok\">") == 3, "artifact rows (2 ONNX + PyTorch) missing from the rendered page"
     assert dom.count("<circle") >= 2, "latency-vs-agreement plot has no points"
     assert "effmod-edge report" in dom
+
+
+def test_evaluate_on_another_folder_picks_balanced_images(converted, samples_dir):
+    result = evaluate_manifest(converted / "manifest.json", data_dir=samples_dir, limit=6, progress=False)
+    assert result["images"]["count"] == 6 and result["images"]["split"] == "balanced pick"
+    onnx = next(r for r in result["rows"] if r["target"] == "onnx")
+    assert onnx["labelled_images"] == 6 and onnx["max_abs_diff"] <= 1e-4
