@@ -36,12 +36,8 @@ def _converter(args: dict):
 
     conv = tf.lite.TFLiteConverter.from_saved_model(args["saved_model"])
     mode = args["mode"]
-    if mode == "fp32":
-        return conv
     conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    if mode == "fp16":
-        conv.target_spec.supported_types = [tf.float16]
-    elif mode == "calibrate":
+    if mode == "calibrate":
         conv.representative_dataset = _representative(args["calib"], args.get("calib_limit"))
         conv._experimental_calibrate_only = True
     elif mode != "dynamic":
@@ -50,7 +46,10 @@ def _converter(args: dict):
 
 
 def cmd_convert(args: dict) -> None:
-    """saved_model -> .tflite: fp32, fp16, dynamic, or a calibrated (float) model for int8."""
+    """saved_model -> dynamic-range .tflite, or a calibrated (float) model for int8.
+
+    fp32 and fp16 files come from onnx2tf itself.
+    """
     model = _converter(args).convert()
     with open(args["out"], "wb") as f:
         f.write(model)

@@ -20,7 +20,7 @@ import torch
 
 from edge.context import log
 from edge.errors import EffmodError
-from edge.manifest import Artifact, Manifest, write_json_atomic
+from edge.manifest import Manifest, artifact_problem, write_json_atomic
 
 
 def machine_info() -> dict:
@@ -116,7 +116,7 @@ def bench_manifest(
         build = Path(tmp)
         for a in manifest.artifacts:
             row = {"target": a.target, "precision": a.precision, "path": a.path, "bytes": a.bytes}
-            problem = _artifact_problem(root, a)
+            problem = artifact_problem(root, a)
             if problem:
                 rows.append({**row, "error": problem})
                 continue
@@ -154,17 +154,6 @@ def bench_manifest(
               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "results": rows}
     write_json_atomic(root / "bench.json", result)
     return result
-
-
-def _artifact_problem(root: Path, a: Artifact) -> str | None:
-    from edge.pipeline import _path_bytes_and_sha
-
-    p = root / a.path
-    if not p.exists():
-        return f"artifact file {a.path} is missing"
-    if _path_bytes_and_sha(p)[1] != a.sha256:
-        return f"artifact file {a.path} does not match its sha256 in the manifest"
-    return None
 
 
 def format_table(result: dict) -> str:

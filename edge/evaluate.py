@@ -20,8 +20,7 @@ from edge.bench import machine_info
 from edge.checks import compare_logits
 from edge.context import log, torch_logits
 from edge.errors import DataError, EffmodError
-from edge.manifest import Artifact, Manifest, write_json_atomic
-from edge.pipeline import _path_bytes_and_sha
+from edge.manifest import Artifact, Manifest, artifact_problem, write_json_atomic
 from edge.weights import file_sha256, load_model
 
 CACHE_DIR = ".effmod-cache"
@@ -105,15 +104,11 @@ def evaluate_manifest(
     work.mkdir(exist_ok=True)
     for a in tqdm(manifest.artifacts, desc="evaluate", unit="artifact", disable=not progress):
         row = {"target": a.target, "precision": a.precision, "path": a.path, "bytes": a.bytes}
-        p = root / a.path
-        if not p.exists():
-            rows.append({**row, "error": f"artifact file {a.path} is missing"})
+        problem = artifact_problem(root, a)
+        if problem:
+            rows.append({**row, "error": problem})
             continue
-        sha = _path_bytes_and_sha(p)[1]
-        if sha != a.sha256:
-            rows.append({**row, "error": f"artifact file {a.path} does not match its sha256 in the manifest"})
-            continue
-        cached = cache / f"logits-{sha[:24]}-{images['fingerprint']}.npy"
+        cached = cache / f"logits-{a.sha256[:24]}-{images['fingerprint']}.npy"
         try:
             if cached.exists():
                 logits = np.load(cached)

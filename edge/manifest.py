@@ -120,6 +120,33 @@ class Manifest:
         write_json_atomic(Path(path), self.to_dict())
 
 
+def artifact_digest(path: Path) -> tuple[int, str]:
+    """Bytes and SHA-256 of an artifact; a folder (.mlpackage) hashes its sorted files."""
+    import hashlib
+
+    from edge.weights import file_sha256
+
+    if path.is_file():
+        return path.stat().st_size, file_sha256(path)
+    h = hashlib.sha256()
+    size = 0
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f.relative_to(path).as_posix().encode() + b"\0")
+        h.update(file_sha256(f).encode())
+        size += f.stat().st_size
+    return size, h.hexdigest()
+
+
+def artifact_problem(root: Path, artifact: Artifact) -> str | None:
+    """Why ``artifact`` under ``root`` cannot be trusted (missing, changed), or None."""
+    path = root / artifact.path
+    if not path.exists():
+        return f"artifact file {artifact.path} is missing"
+    if artifact_digest(path)[1] != artifact.sha256:
+        return f"artifact file {artifact.path} does not match its sha256 in the manifest"
+    return None
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON through a temp file in the same folder, then rename into place."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -19,9 +19,9 @@ from edge.checks import check_record, compare_logits
 from edge.context import ArtifactResult, ConvertContext, PrecisionFailure, log, torch_logits
 from edge.efficientmod import to_deploy
 from edge.errors import ConfigError, EffmodError
-from edge.manifest import Artifact, Failure, Manifest
+from edge.manifest import Artifact, Failure, Manifest, artifact_digest
 from edge.targets import TARGETS, get_target, resolve_precisions
-from edge.weights import file_sha256, load_model
+from edge.weights import load_model
 
 LABELS_FILE = "labels.txt"
 
@@ -103,20 +103,6 @@ def _move_into_place(src: Path, dest: Path) -> None:
         os.replace(src, dest)
 
 
-def _path_bytes_and_sha(path: Path) -> tuple[int, str]:
-    if path.is_file():
-        return path.stat().st_size, file_sha256(path)
-    import hashlib
-
-    h = hashlib.sha256()
-    size = 0
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(f.relative_to(path).as_posix().encode() + b"\0")
-        h.update(file_sha256(f).encode())
-        size += f.stat().st_size
-    return size, h.hexdigest()
-
-
 def run_target(ctx: ConvertContext, target: str, precisions: list[str]) -> tuple[list[ArtifactResult], list[Failure]]:
     """Run one target's converter; any exception becomes a timed failure for that target."""
     spec = get_target(target)
@@ -174,7 +160,7 @@ def convert(request: ConvertRequest) -> ConvertResult:
             for r in results:
                 threshold = get_target(target).precision(r.precision).threshold
                 checks = check_record(compare_logits(reference, r.logits, split.eval.labels), threshold)
-                size, sha = _path_bytes_and_sha(staging / r.path)
+                size, sha = artifact_digest(staging / r.path)
                 artifacts.append(
                     Artifact(target, r.precision, r.path, size, sha, r.input, r.output, checks, r.details)
                 )
