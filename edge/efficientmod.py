@@ -255,31 +255,40 @@ class LayerNorm2d(nn.Module):
     """LayerNorm over the channel axis of an NCHW tensor, in ops every target has.
 
     ``impl="reduce"`` computes the statistics with channel means; ``impl="conv"``
-    computes them with 1x1 convolutions (centering matrix I - 1/C, then a
-    1/C-weighted sum of squares whose bias is eps), which keeps an int8 graph
-    inside the XNNPACK delegate. With ``affine=False`` scale and shift are left
-    out: the caller folded them into the convolution(s) that consume the output.
+    computes them with 1x1 convolutions, which keeps an int8 graph inside the
+    XNNPACK delegate: the negated channel mean as a C->C conv whose weights are
+    all -1/C, added to the input (not the centering matrix I - 1/C as one conv:
+    per-channel int8 weights round its -1/C entries against the ~1 diagonal, to
+    0 for C >= 256, so the mean was never subtracted), then a 1/C-weighted sum of
+    squares whose bias is eps. ``centered=True`` skips the mean: the caller
+    folded the centering into the conv that produces the input. With
+    ``affine=False`` scale and shift are left out: the caller folded them into
+    the convolution(s) that consume the output.
     """
 
-    def __init__(self, src: nn.LayerNorm, affine: bool = True, impl: NormImpl = "reduce"):
+    def __init__(self, src: nn.LayerNorm, affine: bool = True, impl: NormImpl = "reduce", centered: bool = False):
         super().__init__()
         c = src.normalized_shape[0]
         self.eps = float(src.eps)
         self.affine = affine
         self.impl = impl
+        self.centered = centered
+        if centered and impl != "conv":
+            raise ValueError("centered=True needs impl='conv'")
         if affine:
             self.weight = nn.Parameter(src.weight.detach().clone().reshape(1, c, 1, 1))
             self.bias = nn.Parameter(src.bias.detach().clone().reshape(1, c, 1, 1))
         if impl == "conv":
-            self.center = nn.Conv2d(c, c, 1, bias=False)
-            self.center.weight.data.copy_((torch.eye(c) - 1.0 / c).reshape(c, c, 1, 1))
+            if not centered:
+                self.neg_mean = nn.Conv2d(c, c, 1, bias=False)
+                self.neg_mean.weight.data.fill_(-1.0 / c)
             self.variance = nn.Conv2d(c, 1, 1, bias=True)
             self.variance.weight.data.fill_(1.0 / c)
             self.variance.bias.data.fill_(self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.impl == "conv":
-            d = self.center(x)
+            d = x if self.centered else x + self.neg_mean(x)
             y = d * torch.rsqrt(self.variance(d * d))
         else:
             d = x - x.mean(dim=1, keepdim=True)
@@ -308,6 +317,14 @@ def _fold_norm_affine(layer: nn.Conv2d | nn.Linear, norm: nn.LayerNorm) -> None:
     layer.bias.add_(w2d @ norm.bias.detach())
     scale = norm.weight.detach().reshape((1, -1) + (1,) * (layer.weight.dim() - 2))
     layer.weight.mul_(scale)
+
+
+@torch.no_grad()
+def _center_outputs(conv: nn.Conv2d) -> None:
+    """Make ``conv`` output its result minus the mean over output channels, in place."""
+    conv.weight.sub_(conv.weight.mean(dim=0, keepdim=True))
+    if conv.bias is not None:
+        conv.bias.sub_(conv.bias.mean())
 
 
 def _conv1x1(src: nn.Linear, rows: torch.Tensor | None = None) -> nn.Conv2d:
@@ -358,7 +375,10 @@ class _DeployPatchEmbed(nn.Module):
     def __init__(self, src: PatchEmbed, norm_impl: NormImpl = "reduce"):
         super().__init__()
         self.proj = copy.deepcopy(src.proj)
-        self.norm = LayerNorm2d(src.norm, impl=norm_impl)
+        centered = norm_impl == "conv"
+        if centered:
+            _center_outputs(self.proj)
+        self.norm = LayerNorm2d(src.norm, impl=norm_impl, centered=centered)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.proj(x))

@@ -11,6 +11,7 @@ from edge.efficientmod import (
     REPEAT_MODES,
     VARIANTS,
     EfficientMod,
+    LayerNorm2d,
     ModulationBlock,
     SplitDepthwise,
     count_macs,
@@ -130,3 +131,40 @@ def test_unknown_variant_names_choices():
 
 def test_tiny_variant_is_hidden_but_registered():
     assert VARIANTS["efficientmod_test_tiny"].test_only
+
+
+def _int8_per_channel(w: torch.Tensor) -> torch.Tensor:
+    """Symmetric per-output-channel int8 fake quantization, as TFLite does for conv weights."""
+    scale = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True).clamp_min(1e-12) / 127
+    return torch.round(w / scale) * scale
+
+
+@pytest.mark.parametrize("channels", [32, 256, 512])
+def test_conv_layernorm_survives_int8_weights(channels):
+    """The conv-form LayerNorm must still subtract the mean when its conv weights are int8.
+
+    A centering matrix I - 1/C as one conv lost its -1/C entries to rounding (all
+    of them for C >= 256); the -1/C mean conv quantizes exactly.
+    """
+    src = torch.nn.LayerNorm(channels)
+    norm = LayerNorm2d(src, affine=False, impl="conv")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, channels, 7, 7, generator=gen) + 3.0 * torch.randn(2, 1, 7, 7, generator=gen)
+    with torch.no_grad():
+        ref = norm(x)
+        for conv in (norm.neg_mean, norm.variance):
+            conv.weight.copy_(_int8_per_channel(conv.weight))
+        got = norm(x)
+    sqnr = 10 * torch.log10(ref.pow(2).sum() / (ref - got).pow(2).sum()).item()
+    assert sqnr >= 40.0, f"int8-weight LayerNorm over {channels} channels: SQNR {sqnr:.1f} dB < 40 dB"
+
+
+def test_patch_embed_folds_centering_into_projection():
+    m = _perturbed("efficientmod_test_tiny")
+    d = to_deploy(m, norm_impl="conv")
+    pe = d.patch_embed
+    assert pe.norm.centered and not hasattr(pe.norm, "neg_mean")
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        mean = pe.proj(x).mean(dim=1)
+    assert mean.abs().max().item() < 1e-5, "projection output should already be centered over channels"
