@@ -55,6 +55,56 @@ def cmd_convert(args: dict) -> None:
         f.write(model)
 
 
+def cmd_refine_ranges(args: dict) -> None:
+    """Replace the calibrated min/max of every activation with its MSE-optimal int8 range.
+
+    Runs the calibrated (still float) model on the calibration images, histograms
+    each recorded tensor over its min/max, and writes a copy whose min/max are
+    ``calibration.ranges.mse_range`` of that histogram; ``mlir_quantize`` then
+    derives scales from them.
+    """
+    from ai_edge_litert import interpreter as lit
+    from tensorflow.lite.tools import flatbuffer_utils as fu
+
+    from calibration.ranges import HistogramObserver
+
+    model = fu.read_model(args["calibrated"])
+    tensors = {t.name.decode(): t for t in model.subgraphs[0].tensors}
+    recorded = {
+        n: (float(t.quantization.min[0]), float(t.quantization.max[0]))
+        for n, t in tensors.items()
+        if t.quantization is not None and t.quantization.min is not None and len(t.quantization.min) == 1
+    }
+    obs = HistogramObserver(recorded)
+    it = lit.Interpreter(
+        model_path=args["calibrated"],
+        experimental_preserve_all_tensors=True,
+        experimental_op_resolver_type=lit.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+    )
+    it.allocate_tensors()
+    index = {t["name"]: t["index"] for t in it.get_tensor_details() if t["name"] in obs.hist}
+    inp = it.get_input_details()[0]
+    images = np.load(args["calib"])[: args.get("limit") or None]
+    for x in images:
+        it.set_tensor(inp["index"], x[None].astype(np.float32))
+        it.invoke()
+        for name, idx in index.items():
+            obs.update(name, it.get_tensor(idx))
+    ratios = []
+    for name, (lo, hi) in obs.mse_ranges().items():
+        if name not in index:
+            continue
+        q = tensors[name].quantization
+        old_lo, old_hi = recorded[name]
+        q.min, q.max = np.array([lo], np.float32), np.array([hi], np.float32)
+        ratios.append((hi - lo) / (old_hi - old_lo))
+    fu.write_model(model, args["out"])
+    with open(args["summary"], "w") as f:
+        json.dump({"method": "mse", "images": int(len(images)), "tensors": len(ratios),
+                   "median_range_ratio": round(float(np.median(ratios)), 3) if ratios else 1.0,
+                   "min_range_ratio": round(float(np.min(ratios)), 3) if ratios else 1.0}, f)
+
+
 def layernorm_stat_nodes(model_content: bytes) -> list[str]:
     """Output tensors of each LayerNorm's statistics chain (square, variance, rsqrt, scale).
 
@@ -281,6 +331,7 @@ def cmd_bench(args: dict) -> None:
 COMMANDS = {
     "convert": cmd_convert,
     "quantize": cmd_quantize,
+    "refine_ranges": cmd_refine_ranges,
     "sensitivity": cmd_sensitivity,
     "run": cmd_run,
     "inspect": cmd_inspect,

@@ -48,6 +48,7 @@ from edge import __version__
 from edge.context import ArtifactResult, ConvertContext, PrecisionFailure, log
 from edge.errors import ConfigError
 from edge.manifest import TensorSpec
+from edge.targets import validate_options
 
 FORMS = ("ane", "plain")
 DEPLOYMENT_TARGETS = ("iOS16", "iOS17", "iOS18")
@@ -286,9 +287,7 @@ def describe(mlmodel: Any, ctx: ConvertContext, precision: str, form: str, targe
     """App-facing metadata: author, license, version, descriptions, user-defined keys."""
     variant = ctx.loaded.variant
     mlmodel.author = f"effmod-edge {__version__}; EfficientMod architecture by Ma et al. (ICLR 2024)"
-    mlmodel.license = str(ctx.options.get(
-        "license", "Apache-2.0 (effmod-edge conversion code); weights under the license of their source"
-    ))
+    mlmodel.license = validate_options(ctx.options)["license"]
     mlmodel.version = __version__
     kind = "classifier (classLabel + probabilities)" if classifier else "raw logits"
     mlmodel.short_description = (
@@ -479,14 +478,13 @@ def convert(ctx: ConvertContext, precisions: list[str]) -> list[ArtifactResult |
     """Write one logits package per precision (plus classifier packages) and their interpreter logits."""
     import traceback
 
-    target = str(ctx.options.get("deployment_target", "iOS17"))
+    opts = validate_options(ctx.options)
+    target = opts["deployment_target"]
     deploy_target(target)
-    form = str(ctx.options.get("coreml_form", "ane"))
-    if form not in FORMS:
-        raise ConfigError(f"coreml_form {form!r} is not one of {', '.join(FORMS)}")
-    threshold = int(ctx.options.get("coreml_weight_threshold", WEIGHT_THRESHOLD))
-    float_ops = tuple(ctx.options.get("coreml_float_ops", ()))
-    float_head = bool(ctx.options.get("coreml_float_head", True))
+    form = opts["coreml_form"]
+    threshold = opts["coreml_weight_threshold"]
+    float_ops = opts["coreml_float_ops"]
+    float_head = opts["coreml_float_head"]
     builder = _Builder(ctx, form, target)
     out: list[ArtifactResult | PrecisionFailure] = []
     for precision in precisions:

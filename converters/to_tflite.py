@@ -13,6 +13,10 @@ Graph choices (each measured, see BENCHMARKS.md):
 * the modulation's channel repeat as concats of at most 4 inputs (XNNPACK does
   not delegate a 6-input ``CONCATENATION``).
 
+int8 calibration records each activation's min/max over the calibration images,
+then narrows it to the MSE-optimal int8 range of the activation's histogram
+(``calibration.ranges``; option ``tflite_ranges=minmax`` turns that off).
+
 onnx2tf runs in a private working folder that holds the sample-image .npy it
 would otherwise download, with the venv's ``onnxsim`` on PATH. Every
 TensorFlow/LiteRT step runs in a subprocess (``converters.litert_worker``).
@@ -40,6 +44,7 @@ from edge.context import ArtifactResult, ConvertContext, PrecisionFailure, log, 
 from edge.efficientmod import to_deploy
 from edge.errors import ConversionError
 from edge.manifest import TensorSpec
+from edge.targets import validate_options
 
 ONNX_OPSET = 20
 SAMPLE_NPY = "calibration_image_sample_data_20x128x128x3_float32.npy"
@@ -169,6 +174,8 @@ class _Builder:
         self.eval_nhwc = ctx.split.eval.nhwc()
         self.calib_npy = build / "calib.npy"
         self._calibrated: Path | None = None
+        self.ranges = validate_options(ctx.options)["tflite_ranges"]
+        self.ranges_summary: dict = {"method": "minmax"}
         if len(ctx.split.calib):
             np.save(self.calib_npy, ctx.split.calib.nhwc())
 
@@ -178,7 +185,11 @@ class _Builder:
         return out
 
     def calibrated(self) -> Path:
-        """The float model with activation ranges from the calibration images (once)."""
+        """The float model with activation ranges from the calibration images (once).
+
+        The converter records each tensor's min/max; with ``tflite_ranges="mse"``
+        (default) they are then narrowed to the MSE-optimal int8 range.
+        """
         if self._calibrated is None:
             if not self.calib_npy.exists():
                 raise ConversionError("int8 needs calibration images: use --calib-size > 0")
@@ -186,6 +197,13 @@ class _Builder:
             log.info("tflite: calibrating on %d images", len(self.ctx.split.calib))
             worker("convert", {"saved_model": str(self.saved), "mode": "calibrate", "out": str(out),
                                "calib": str(self.calib_npy)}, self.build)
+            if self.ranges == "mse":
+                refined, summary = self.build / "calibrated_mse.tflite", self.build / "ranges.json"
+                log.info("tflite: MSE-optimal activation ranges")
+                worker("refine_ranges", {"calibrated": str(out), "calib": str(self.calib_npy),
+                                         "out": str(refined), "summary": str(summary)}, self.build)
+                self.ranges_summary = json.loads(summary.read_text())
+                out = refined
             self._calibrated = out
         return self._calibrated
 
@@ -250,6 +268,7 @@ def _mixed(b: _Builder, stem: str) -> ArtifactResult:
         "layernorm_stats_float": ln_stats,
         "kept_float_nodes": [{"tensor": r["tensor"], "op": r["op"], "drop_db": r["drop_db"]} for r in ranked[:k]],
         "target_met_on_calibration": ok,
+        "activation_ranges": b.ranges_summary,
         "search": tried,
         "sensitivity": sensitivity,
     }
@@ -283,7 +302,8 @@ def convert(ctx: ConvertContext, precisions: list[str]) -> list[ArtifactResult |
     def int8() -> list[ArtifactResult]:
         f = b.quantize(ctx.work_dir / f"{stem}_int8.tflite")
         i = b.quantize(ctx.work_dir / f"{stem}_int8_io.tflite", int8_io=True)
-        return [b.result("int8", f), b.result("int8", i)]
+        ranges = {"activation_ranges": b.ranges_summary}
+        return [b.result("int8", f, ranges), b.result("int8", i, ranges)]
 
     steps = {
         "fp32": lambda: copy("model_float32.tflite", "fp32"),

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from edge.errors import EffmodError
-from edge.targets import TARGETS
+from edge.targets import OPTIONS, TARGETS, parse_option_pairs
 
 ALL_PRECISIONS = sorted({p for t in TARGETS.values() for p in t.precision_names})
 
@@ -58,20 +58,26 @@ def main(verbose: bool) -> None:
 @click.option("--seed", default=0, show_default=True, help="Seed of the data split (and of random weights).")
 @click.option("--check-threshold", is_flag=True, help="Exit non-zero when an artifact misses its accuracy bar.")
 @click.option("--report", "with_report", is_flag=True, help="Then evaluate, bench and render the report.")
-@click.option("--deployment-target", default="iOS17", show_default=True, type=click.Choice(["iOS16", "iOS17", "iOS18"]),
-              help="Core ML minimum deployment target.")
-@click.option("--coreml-form", default="ane", show_default=True, type=click.Choice(["ane", "plain"]),
-              help="Core ML graph: Neural-Engine-friendly layout or the plain deploy form.")
+@click.option("--deployment-target", default=None, type=click.Choice(list(OPTIONS["deployment_target"].choices)),
+              help="Core ML minimum deployment target [default: iOS17].")
+@click.option("--coreml-form", default=None, type=click.Choice(list(OPTIONS["coreml_form"].choices)),
+              help="Core ML graph: Neural-Engine-friendly layout or the plain deploy form [default: ane].")
+@click.option("--option", "option_pairs", multiple=True, metavar="KEY=VALUE",
+              help="Converter option, repeatable; `effmod-edge options` lists them.")
 def convert(targets, precisions, model, weights, output, calib_dir, calib_size, eval_size, seed, check_threshold,
-            with_report, deployment_target, coreml_form) -> None:
+            with_report, deployment_target, coreml_form, option_pairs) -> None:
     """Convert a checkpoint, check every artifact against PyTorch, write manifest.json."""
     from edge.pipeline import ConvertRequest, convert as run_convert
 
+    options = parse_option_pairs(option_pairs)
+    for key, value in (("deployment_target", deployment_target), ("coreml_form", coreml_form)):
+        if value is not None:
+            options[key] = value
     result = run_convert(
         ConvertRequest(
             targets=list(targets), precisions=list(precisions) or None, model=model, weights=weights,
             output=Path(output), calib_dir=calib_dir, calib_size=calib_size, eval_size=eval_size, seed=seed,
-            options={"deployment_target": deployment_target, "coreml_form": coreml_form},
+            options=options,
         )
     )
     m = result.manifest
@@ -100,6 +106,13 @@ def convert(targets, precisions, model, weights, output, calib_dir, calib_size, 
         names = ", ".join(f"{a.target}/{a.precision}" for a in result.below_threshold)
         click.echo(f"error: accuracy bar missed by {names}", err=True)
         sys.exit(1)
+
+
+@main.command()
+def options() -> None:
+    """Table of converter options (for --option KEY=VALUE)."""
+    for o in OPTIONS.values():
+        click.echo(f"{o.name:24s} {o.target:7s} {o.hint():40s} default {o.default!r}\n{'':33s}{o.description}")
 
 
 @main.command()

@@ -20,7 +20,7 @@ from edge.context import ArtifactResult, ConvertContext, PrecisionFailure, log, 
 from edge.efficientmod import to_deploy
 from edge.errors import ConfigError, EffmodError
 from edge.manifest import Artifact, Failure, Manifest, artifact_digest
-from edge.targets import TARGETS, get_target, resolve_precisions
+from edge.targets import TARGETS, get_target, resolve_precisions, validate_options
 from edge.weights import load_model
 
 LABELS_FILE = "labels.txt"
@@ -59,6 +59,7 @@ class ConvertRequest:
             raise ConfigError(
                 f"precision {unknown[0]!r} is not offered by target(s) {', '.join(plan)}; choose from {', '.join(choices)}"
             )
+        self.options = validate_options(self.options)
         if self.calib_size < 0 or self.eval_size < 1:
             raise ConfigError(f"--calib-size must be >= 0 and --eval-size >= 1 (got {self.calib_size}, {self.eval_size})")
         return plan
@@ -179,7 +180,8 @@ def convert(request: ConvertRequest) -> ConvertResult:
             failures=failures,
             data={**split.describe(), "labels": LABELS_FILE},
             tool={"name": "effmod-edge", "version": __version__, "input_size": request.input_size,
-                  "seed": request.seed},
+                  "seed": request.seed, "options": {k: list(v) if isinstance(v, tuple) else v
+                                                     for k, v in request.options.items()}},
         ).validate()
         extra = [f for r in all_results for f in r.extra_files]
         for entry in [LABELS_FILE] + sorted({a.path for a in artifacts} | set(extra)):

@@ -114,6 +114,94 @@ TARGETS: dict[str, TargetSpec] = {
 }
 
 
+@dataclass(frozen=True)
+class OptionSpec:
+    """A converter option: ``ConvertRequest.options[name]``, ``--option name=value`` on the CLI."""
+
+    name: str
+    target: str
+    kind: str  # "choice", "int", "bool", "list", "str"
+    default: object
+    description: str
+    choices: tuple[str, ...] = ()
+
+    def parse(self, value: object) -> object:
+        """``value`` (a Python value or CLI text) as this option's type; ConfigError names a bad one."""
+        bad = ConfigError(f"option {self.name}={value!r} is invalid: {self.hint()}")
+        if self.kind == "choice":
+            if str(value) not in self.choices:
+                raise bad
+            return str(value)
+        if self.kind == "int":
+            try:
+                n = int(value)  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                raise bad from None
+            if n < 0:
+                raise bad
+            return n
+        if self.kind == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text not in ("true", "false", "1", "0", "yes", "no"):
+                raise bad
+            return text in ("true", "1", "yes")
+        if self.kind == "list":
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
+                raise bad
+            return tuple(i.strip() for i in items if i.strip())
+        return str(value)
+
+    def hint(self) -> str:
+        if self.kind == "choice":
+            return f"choose from {', '.join(self.choices)}"
+        return {"int": "a whole number >= 0", "bool": "true or false", "list": "comma-separated names"}.get(
+            self.kind, "text"
+        )
+
+
+OPTIONS: dict[str, OptionSpec] = {
+    o.name: o
+    for o in (
+        OptionSpec("deployment_target", "coreml", "choice", "iOS17", "minimum iOS of the packages",
+                   ("iOS16", "iOS17", "iOS18")),
+        OptionSpec("coreml_form", "coreml", "choice", "ane",
+                   "graph layout: Neural-Engine-friendly or the plain deploy form", ("ane", "plain")),
+        OptionSpec("coreml_weight_threshold", "coreml", "int", 2048,
+                   "weight tensors with fewer elements stay float when compressing"),
+        OptionSpec("coreml_float_ops", "coreml", "list", (), "MIL op names whose weights/inputs stay float"),
+        OptionSpec("coreml_float_head", "coreml", "bool", True, "keep the classifier head float in w8a8"),
+        OptionSpec("license", "coreml", "str",
+                   "Apache-2.0 (effmod-edge conversion code); weights under the license of their source",
+                   "license string written into the package metadata"),
+        OptionSpec("tflite_ranges", "tflite", "choice", "mse",
+                   "int8 activation ranges: MSE-optimal clipping of the calibration histogram, or plain min/max",
+                   ("mse", "minmax")),
+    )
+}
+
+
+def validate_options(options: dict) -> dict:
+    """Every option with its default filled in; unknown names and bad values raise ConfigError."""
+    unknown = [k for k in options if k not in OPTIONS]
+    if unknown:
+        raise ConfigError(f"unknown option {unknown[0]!r}; choose from {', '.join(OPTIONS)}")
+    return {name: spec.parse(options[name]) if name in options else spec.default for name, spec in OPTIONS.items()}
+
+
+def parse_option_pairs(pairs: list[str] | tuple[str, ...]) -> dict:
+    """``["key=value", ...]`` from the CLI into a dict (values still text)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--option {pair!r} is not KEY=VALUE; e.g. --option tflite_ranges=minmax")
+        out[key.strip()] = value.strip()
+    return out
+
+
 def get_target(name: str) -> TargetSpec:
     if name not in TARGETS:
         raise ConfigError(f"unknown target {name!r}; choose one of {', '.join(TARGETS)}")

@@ -93,3 +93,37 @@ def test_cli_bad_target_and_missing_weights(tmp_path, samples_dir):
     errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
     assert len(errors) == 1 and "not found" in errors[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_options_are_validated_with_defaults():
+    from edge.targets import OPTIONS, validate_options
+
+    opts = validate_options({"tflite_ranges": "minmax", "coreml_float_ops": "conv_3, linear_0", "coreml_float_head": "no"})
+    assert opts["tflite_ranges"] == "minmax" and opts["coreml_form"] == OPTIONS["coreml_form"].default
+    assert opts["coreml_float_ops"] == ("conv_3", "linear_0") and opts["coreml_float_head"] is False
+    assert validate_options(opts) == opts
+    with pytest.raises(ConfigError, match="unknown option 'tflite_range'"):
+        validate_options({"tflite_range": "mse"})
+    with pytest.raises(ConfigError, match="coreml_weight_threshold='many'.*whole number"):
+        validate_options({"coreml_weight_threshold": "many"})
+    with pytest.raises(ConfigError, match="tflite_ranges='p99'.*mse, minmax"):
+        validate_options({"tflite_ranges": "p99"})
+
+
+def test_option_table_matches_the_converters():
+    pytest.importorskip("coremltools", reason="Core ML extra not installed")
+    from converters import to_coreml
+    from edge.targets import OPTIONS
+
+    assert OPTIONS["coreml_form"].choices == to_coreml.FORMS
+    assert OPTIONS["coreml_weight_threshold"].default == to_coreml.WEIGHT_THRESHOLD
+    assert set(OPTIONS["deployment_target"].choices) == set(to_coreml.DEPLOYMENT_TARGETS)
+
+
+def test_cli_rejects_bad_option_in_one_line(tmp_path):
+    res = CliRunner().invoke(main, ["convert", "--target", "onnx", "--output", str(tmp_path / "o"),
+                                    "--option", "tflite_ranges"])
+    assert res.exit_code != 0
+    assert "KEY=VALUE" in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    res = CliRunner().invoke(main, ["options"])
+    assert res.exit_code == 0 and "tflite_ranges" in res.output

@@ -1,0 +1,56 @@
+"""MSE-optimal activation ranges: lower measured int8 error than min/max, never worse."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from calibration.ranges import HistogramObserver, mse_range
+
+
+def _fake_quant_mse(x: np.ndarray, lo: float, hi: float) -> float:
+    """Measured error of asymmetric int8 quantization of ``x`` with range [lo, hi] (0 representable)."""
+    scale = (hi - lo) / 255
+    zp = np.round(-128 - lo / scale)
+    q = np.clip(np.round(x / scale + zp), -128, 127)
+    return float(np.mean(((q - zp) * scale - x) ** 2))
+
+
+def _observe(x: np.ndarray) -> HistogramObserver:
+    obs = HistogramObserver({"t": (float(x.min()), float(x.max()))})
+    for part in np.array_split(x, 4):
+        obs.update("t", part)
+    return obs
+
+
+@pytest.mark.parametrize(
+    "kind, min_gain_db",
+    [("gaussian", 0.5), ("post_gelu", 0.5), ("outliers", 1.0)],
+)
+def test_mse_range_beats_min_max(kind, min_gain_db):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(400_000)
+    if kind == "post_gelu":
+        x = x * 0.5 * (1 + np.tanh(0.79788456 * (x + 0.044715 * x**3)))
+    if kind == "outliers":  # a few huge activations, as trained transformers have
+        x[rng.choice(len(x), 20, replace=False)] *= 60
+    obs = _observe(x)
+    a, b = obs.mse_ranges()["t"]
+    assert a <= 0.0 <= b
+    base = _fake_quant_mse(x, float(x.min()), float(x.max()))
+    got = _fake_quant_mse(x, a, b)
+    gain_db = 10 * np.log10(base / got)
+    assert gain_db >= min_gain_db, f"{kind}: MSE range [{a:.3g}, {b:.3g}] gains only {gain_db:.2f} dB over min/max"
+
+
+def test_mse_range_keeps_a_two_level_tensor():
+    """A tensor with two values must keep both: clipping either costs more than it saves."""
+    x = np.array([0.0] * 1000 + [5.0] * 1000)
+    a, b = _observe(x).mse_ranges()["t"]
+    assert b >= 5.0 - 5.0 / 2048, (a, b)
+
+
+def test_degenerate_ranges_are_left_alone():
+    obs = HistogramObserver({"const": (1.0, 1.0), "nan": (float("nan"), 1.0), "ok": (-1.0, 1.0)})
+    assert set(obs.hist) == {"ok"}
+    assert mse_range(np.zeros(2048), -1.0, 1.0) == (-1.0, 1.0)
