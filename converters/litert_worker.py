@@ -55,15 +55,47 @@ def cmd_convert(args: dict) -> None:
         f.write(model)
 
 
-def cmd_refine_ranges(args: dict) -> None:
-    """Replace the calibrated min/max of every activation with its MSE-optimal int8 range.
+# XNNPACK runs an int8 ADD only if each input's scale is at least 2^-10 of the
+# output's; a nearly constant input (e.g. the channel mean of an already
+# centered tensor) gets a far smaller scale and drops the ADD to the reference
+# kernel. Inputs are widened to 2^-8 of the output range, with margin.
+ADD_MIN_INPUT_RATIO = 2.0**-8
 
-    Runs the calibrated (still float) model on the calibration images, histograms
-    each recorded tensor over its min/max, and writes a copy whose min/max are
-    ``calibration.ranges.mse_range`` of that histogram; ``mlir_quantize`` then
-    derives scales from them.
+
+def _widen_add_inputs(model, ranges: dict[str, tuple[float, float]]) -> int:
+    """Widen ``ranges`` of ADD inputs in place so XNNPACK delegates every int8 ADD; returns how many."""
+    from tensorflow.lite.tools import flatbuffer_utils as fu
+
+    graph = model.subgraphs[0]
+    add_codes = {i for i, c in enumerate(model.operatorCodes)
+                 if max(c.builtinCode, c.deprecatedBuiltinCode) == fu.schema_fb.BuiltinOperator.ADD}
+    widened = 0
+    for op in graph.operators:
+        if op.opcodeIndex not in add_codes:
+            continue
+        out = graph.tensors[op.outputs[0]].name.decode()
+        if out not in ranges:
+            continue
+        need = (ranges[out][1] - ranges[out][0]) * ADD_MIN_INPUT_RATIO
+        for i in op.inputs:
+            name = graph.tensors[i].name.decode()
+            if name in ranges and ranges[name][1] - ranges[name][0] < need:
+                lo, hi = ranges[name]
+                extra = need - (hi - lo)
+                ranges[name] = (min(lo - extra / 2, 0.0), max(hi + extra / 2, 0.0))
+                widened += 1
+    return widened
+
+
+def cmd_refine_ranges(args: dict) -> None:
+    """Final int8 activation ranges of a calibrated model: MSE-optimal (or min/max), delegate-safe.
+
+    With ``method="mse"`` runs the calibrated (still float) model on the
+    calibration images, histograms each recorded tensor over its min/max and
+    takes ``calibration.ranges.mse_range`` of that histogram. Either way ADD
+    inputs are widened (``_widen_add_inputs``). Writes a copy with the new
+    min/max; ``mlir_quantize`` then derives scales from them.
     """
-    from ai_edge_litert import interpreter as lit
     from tensorflow.lite.tools import flatbuffer_utils as fu
 
     from calibration.ranges import HistogramObserver
@@ -75,34 +107,41 @@ def cmd_refine_ranges(args: dict) -> None:
         for n, t in tensors.items()
         if t.quantization is not None and t.quantization.min is not None and len(t.quantization.min) == 1
     }
-    obs = HistogramObserver(recorded)
-    it = lit.Interpreter(
-        model_path=args["calibrated"],
-        experimental_preserve_all_tensors=True,
-        experimental_op_resolver_type=lit.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
-    )
-    it.allocate_tensors()
-    index = {t["name"]: t["index"] for t in it.get_tensor_details() if t["name"] in obs.hist}
-    inp = it.get_input_details()[0]
-    images = np.load(args["calib"])[: args.get("limit") or None]
-    for x in images:
-        it.set_tensor(inp["index"], x[None].astype(np.float32))
-        it.invoke()
-        for name, idx in index.items():
-            obs.update(name, it.get_tensor(idx))
-    ratios = []
-    for name, (lo, hi) in obs.mse_ranges().items():
-        if name not in index:
-            continue
-        q = tensors[name].quantization
-        old_lo, old_hi = recorded[name]
-        q.min, q.max = np.array([lo], np.float32), np.array([hi], np.float32)
-        ratios.append((hi - lo) / (old_hi - old_lo))
+    ranges = dict(recorded)
+    summary: dict = {"method": args.get("method", "mse")}
+    if summary["method"] == "mse":
+        from ai_edge_litert import interpreter as lit
+
+        obs = HistogramObserver(recorded)
+        it = lit.Interpreter(
+            model_path=args["calibrated"],
+            experimental_preserve_all_tensors=True,
+            experimental_op_resolver_type=lit.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+        )
+        it.allocate_tensors()
+        index = {t["name"]: t["index"] for t in it.get_tensor_details() if t["name"] in obs.hist}
+        inp = it.get_input_details()[0]
+        images = np.load(args["calib"])[: args.get("limit") or None]
+        for x in images:
+            it.set_tensor(inp["index"], x[None].astype(np.float32))
+            it.invoke()
+            for name, idx in index.items():
+                obs.update(name, it.get_tensor(idx))
+        mse = {n: r for n, r in obs.mse_ranges().items() if n in index}
+        ranges.update(mse)
+        ratios = [(hi - lo) / (recorded[n][1] - recorded[n][0]) for n, (lo, hi) in mse.items()]
+        summary.update({
+            "images": int(len(images)), "tensors": len(ratios),
+            "median_range_ratio": round(float(np.median(ratios)), 3) if ratios else 1.0,
+        })
+    summary["widened_add_inputs"] = _widen_add_inputs(model, ranges)
+    for name, (lo, hi) in ranges.items():
+        if (lo, hi) != recorded[name]:
+            q = tensors[name].quantization
+            q.min, q.max = np.array([lo], np.float32), np.array([hi], np.float32)
     fu.write_model(model, args["out"])
     with open(args["summary"], "w") as f:
-        json.dump({"method": "mse", "images": int(len(images)), "tensors": len(ratios),
-                   "median_range_ratio": round(float(np.median(ratios)), 3) if ratios else 1.0,
-                   "min_range_ratio": round(float(np.min(ratios)), 3) if ratios else 1.0}, f)
+        json.dump(summary, f)
 
 
 def layernorm_stat_nodes(model_content: bytes) -> list[str]:

@@ -17,7 +17,10 @@ Graph choices (each measured, see BENCHMARKS.md):
 
 int8 calibration records each activation's min/max over the calibration images,
 then narrows it to the MSE-optimal int8 range of the activation's histogram
-(``calibration.ranges``; option ``tflite_ranges=minmax`` turns that off).
+(``calibration.ranges``; option ``tflite_ranges=minmax`` turns that off). ADD
+inputs are then widened to at least 2^-8 of the ADD's output range: XNNPACK
+refuses int8 ADDs with a far smaller input scale (a nearly constant channel mean
+had one, and 26 ADDs of xxs fell out of the delegate).
 
 onnx2tf runs in a private working folder that holds the sample-image .npy it
 would otherwise download, with the venv's ``onnxsim`` on PATH. Every
@@ -180,7 +183,7 @@ class _Builder:
         self.calib_npy = build / "calib.npy"
         self._calibrated: Path | None = None
         self.ranges = validate_options(ctx.options)["tflite_ranges"]
-        self.ranges_summary: dict = {"method": "minmax"}
+        self.ranges_summary: dict = {}
         if len(ctx.split.calib):
             np.save(self.calib_npy, ctx.split.calib.nhwc())
 
@@ -210,17 +213,16 @@ class _Builder:
             if not self.calib_npy.exists():
                 raise ConversionError("int8 needs calibration images: use --calib-size > 0")
             out = self.build / "calibrated.tflite"
+            saved = self.saved(INT8_NORM)
             log.info("tflite: calibrating on %d images", len(self.ctx.split.calib))
-            worker("convert", {"saved_model": str(self.saved(INT8_NORM)), "mode": "calibrate", "out": str(out),
+            worker("convert", {"saved_model": str(saved), "mode": "calibrate", "out": str(out),
                                "calib": str(self.calib_npy)}, self.build)
-            if self.ranges == "mse":
-                refined, summary = self.build / "calibrated_mse.tflite", self.build / "ranges.json"
-                log.info("tflite: MSE-optimal activation ranges")
-                worker("refine_ranges", {"calibrated": str(out), "calib": str(self.calib_npy),
-                                         "out": str(refined), "summary": str(summary)}, self.build)
-                self.ranges_summary = json.loads(summary.read_text())
-                out = refined
-            self._calibrated = out
+            refined, summary = self.build / "calibrated_ranges.tflite", self.build / "ranges.json"
+            log.info("tflite: %s activation ranges", "MSE-optimal" if self.ranges == "mse" else "min/max")
+            worker("refine_ranges", {"calibrated": str(out), "calib": str(self.calib_npy), "method": self.ranges,
+                                     "out": str(refined), "summary": str(summary)}, self.build)
+            self.ranges_summary = json.loads(summary.read_text())
+            self._calibrated = refined
         return self._calibrated
 
     def quantize(self, out: Path, int8_io: bool = False, denylist: dict | None = None) -> Path:

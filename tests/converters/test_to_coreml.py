@@ -194,3 +194,19 @@ def test_xxs_all_precisions(tmp_path, samples_dir, form):
     assert checks["pal6"]["sqnr_db"] > checks["pal4"]["sqnr_db"]
     rank5 = [a.details["ane_check"]["rank5_ops"] for a in res.manifest.artifacts]
     assert max(rank5) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["efficientmod_xs", "efficientmod_s", "efficientmod_s_conv"])
+def test_larger_variants_all_precisions(tmp_path, samples_dir, variant):
+    """Every Core ML precision of the other three variants (ANE form), checked by the interpreter."""
+    res = convert(ConvertRequest(targets=["coreml"], model=variant, output=tmp_path, calib_dir=str(samples_dir),
+                                 calib_size=16, eval_size=16, precisions=ALL))
+    assert not res.failed, res.failed
+    checks = {a.precision: a.checks for a in res.manifest.artifacts if "classifier" not in a.path}
+    assert checks["fp32"]["max_abs_diff"] <= 1e-4, checks["fp32"]
+    assert checks["fp16"]["sqnr_db"] >= 40.0, checks["fp16"]
+    for p in ("w8", "w8a8"):
+        assert checks[p]["sqnr_db"] >= 25.0, (p, checks[p])
+    assert checks["pal6"]["sqnr_db"] > checks["pal4"]["sqnr_db"], checks
+    assert max(a.details["ane_check"]["rank5_ops"] for a in res.manifest.artifacts) == 0

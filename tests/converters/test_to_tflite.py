@@ -56,6 +56,15 @@ def test_int8_io_variant_is_integer(tflite_out):
     assert fl.checks["sqnr_db"] >= 24.0, f"int8 logits too far from PyTorch: {fl.checks}"
 
 
+def test_int8_ops_outside_xnnpack_are_only_the_known_float_types(tflite_out):
+    """Every int8 ADD/MUL/CONV stays in the delegate (MSE ranges once pushed ADDs out)."""
+    from converters.to_tflite import RUNTIME_FLOAT_OPS
+
+    info = inspect_tflite(tflite_out / f"{TINY}_int8.tflite")
+    stray = {op: n for op, n in info["not_delegated"].items() if op not in RUNTIME_FLOAT_OPS}
+    assert stray == {}, f"int8 ops outside XNNPACK: {stray}"
+
+
 def test_mse_ranges_beat_min_max(tflite_out, tmp_path, samples_dir):
     """The default MSE-clipped activation ranges give higher logit SQNR than plain min/max."""
     fl = _by(Manifest.load(tflite_out / "manifest.json"), "_int8.tflite")
@@ -65,7 +74,7 @@ def test_mse_ranges_beat_min_max(tflite_out, tmp_path, samples_dir):
                                  calib_size=16, eval_size=12, precisions=["int8"],
                                  options={"tflite_ranges": "minmax"}))
     mm = _by(res.manifest, "_int8.tflite")
-    assert mm.details["activation_ranges"] == {"method": "minmax"}
+    assert mm.details["activation_ranges"]["method"] == "minmax"
     assert fl.checks["sqnr_db"] > mm.checks["sqnr_db"], (fl.checks["sqnr_db"], mm.checks["sqnr_db"])
 
 
