@@ -256,11 +256,11 @@ class LayerNorm2d(nn.Module):
 
     ``impl="reduce"`` computes the statistics with channel means; ``impl="conv"``
     computes them with 1x1 convolutions, which keeps an int8 graph inside the
-    XNNPACK delegate: the negated channel mean as a C->C conv whose weights are
-    all -1/C, added to the input (not the centering matrix I - 1/C as one conv:
-    per-channel int8 weights round its -1/C entries against the ~1 diagonal, to
-    0 for C >= 256, so the mean was never subtracted), then a 1/C-weighted sum of
-    squares whose bias is eps. ``centered=True`` skips the mean: the caller
+    XNNPACK delegate: the negated channel mean as a C->1 conv whose weights are
+    all -1/C, broadcast-added to the input (not the centering matrix I - 1/C as
+    one conv: per-channel int8 weights round its -1/C entries against the ~1
+    diagonal, to 0 for C >= 256, so the mean was never subtracted), then a
+    1/C-weighted sum of squares whose bias is eps. ``centered=True`` skips the mean: the caller
     folded the centering into the conv that produces the input. With
     ``affine=False`` scale and shift are left out: the caller folded them into
     the convolution(s) that consume the output.
@@ -280,7 +280,7 @@ class LayerNorm2d(nn.Module):
             self.bias = nn.Parameter(src.bias.detach().clone().reshape(1, c, 1, 1))
         if impl == "conv":
             if not centered:
-                self.neg_mean = nn.Conv2d(c, c, 1, bias=False)
+                self.neg_mean = nn.Conv2d(c, 1, 1, bias=False)
                 self.neg_mean.weight.data.fill_(-1.0 / c)
             self.variance = nn.Conv2d(c, 1, 1, bias=True)
             self.variance.weight.data.fill_(1.0 / c)
