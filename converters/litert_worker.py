@@ -127,7 +127,11 @@ def cmd_refine_ranges(args: dict) -> None:
             it.invoke()
             for name, idx in index.items():
                 obs.update(name, it.get_tensor(idx))
-        mse = {n: r for n, r in obs.mse_ranges().items() if n in index}
+        # the model's input and output keep min/max: clipping the largest logits
+        # would tie exactly the classes top-1 is decided between
+        graph = model.subgraphs[0]
+        io = {graph.tensors[i].name.decode() for i in list(graph.inputs) + list(graph.outputs)}
+        mse = {n: r for n, r in obs.mse_ranges().items() if n in index and n not in io}
         ranges.update(mse)
         ratios = [(hi - lo) / (recorded[n][1] - recorded[n][0]) for n, (lo, hi) in mse.items()]
         summary.update({
