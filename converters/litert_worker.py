@@ -45,12 +45,55 @@ def _converter(args: dict):
     return conv
 
 
+def float_depthwise_weights(model) -> int:
+    """Give every int8-weight (hybrid) DEPTHWISE_CONV_2D its weights back as float32, in place.
+
+    XNNPACK has no hybrid depthwise kernel: in a dynamic-range file those ops ran
+    on the reference kernels, outside the delegate. Dequantized weights keep the
+    file's int8 weight values (depthwise weights are a few kB) and let XNNPACK
+    run the op in float. Returns how many ops were changed.
+    """
+    from tensorflow.lite.tools import flatbuffer_utils as fu
+
+    graph = model.subgraphs[0]
+    codes = {i for i, c in enumerate(model.operatorCodes)
+             if max(c.builtinCode, c.deprecatedBuiltinCode) == fu.schema_fb.BuiltinOperator.DEPTHWISE_CONV_2D}
+    changed = 0
+    for op in graph.operators:
+        if op.opcodeIndex not in codes or graph.tensors[op.inputs[0]].type != fu.schema_fb.TensorType.FLOAT32:
+            continue
+        w = graph.tensors[op.inputs[1]]
+        if w.type != fu.schema_fb.TensorType.INT8 or w.quantization is None or w.quantization.scale is None:
+            continue
+        q = w.quantization
+        shape = tuple(int(d) for d in w.shape)
+        values = np.frombuffer(np.asarray(model.buffers[w.buffer].data, np.uint8).tobytes(), np.int8).reshape(shape)
+        scale = np.asarray(q.scale, np.float32)
+        zero = np.asarray(q.zeroPoint if q.zeroPoint is not None else np.zeros_like(scale), np.float32)
+        bshape = [1] * len(shape)
+        if scale.size > 1:
+            bshape[q.quantizedDimension] = scale.size
+        real = ((values.astype(np.float32) - zero.reshape(bshape)) * scale.reshape(bshape)).astype(np.float32)
+        model.buffers[w.buffer].data = np.frombuffer(real.tobytes(), np.uint8)
+        w.type = fu.schema_fb.TensorType.FLOAT32
+        w.quantization = None
+        changed += 1
+    return changed
+
+
 def cmd_convert(args: dict) -> None:
     """saved_model -> dynamic-range .tflite, or a calibrated (float) model for int8.
 
-    fp32 and fp16 files come from onnx2tf itself.
+    fp32 and fp16 files come from onnx2tf itself. Dynamic-range files get their
+    depthwise weights back in float (``float_depthwise_weights``).
     """
     model = _converter(args).convert()
+    if args["mode"] == "dynamic" and args.get("float_depthwise", True):
+        from tensorflow.lite.tools import flatbuffer_utils as fu
+
+        parsed = fu.convert_bytearray_to_object(bytearray(model))
+        float_depthwise_weights(parsed)
+        model = bytes(fu.convert_object_to_bytearray(parsed))
     with open(args["out"], "wb") as f:
         f.write(model)
 

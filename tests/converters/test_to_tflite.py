@@ -90,6 +90,54 @@ def test_graph_is_phone_friendly(tflite_out):
     assert info["not_delegated"] == {}, f"fp32 ops outside XNNPACK: {info['not_delegated']}"
 
 
+def test_dynamic_file_runs_entirely_in_xnnpack(tflite_out):
+    m = Manifest.load(tflite_out / "manifest.json")
+    dyn, fp32 = _by(m, "_dynamic.tflite"), _by(m, "_fp32.tflite")
+    info = inspect_tflite(tflite_out / dyn.path)
+    assert info["not_delegated"] == {}, f"dynamic-range ops outside XNNPACK: {info['not_delegated']}"
+    assert dyn.bytes <= 0.5 * fp32.bytes, f"dynamic file lost its int8 weights: {dyn.bytes} vs fp32 {fp32.bytes}"
+    assert dyn.checks["sqnr_db"] >= 25.0, f"dynamic logits too far from PyTorch: {dyn.checks}"
+
+
+def test_dynamic_depthwise_weights_go_back_to_float(tmp_path):
+    """A hybrid (int8-weight) depthwise conv falls out of XNNPACK; the dynamic pass makes it float.
+
+    The tiny variant's depthwise weights are below the converter's 1024-element
+    quantization threshold, so this builds a graph whose weights are not.
+    """
+    tf = pytest.importorskip("tensorflow")
+    from converters.to_tflite import worker
+
+    rng = np.random.default_rng(0)
+
+    class DwThenPw(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.dw = tf.constant(rng.normal(size=(5, 5, 64, 1)).astype(np.float32) / 5)
+            self.pw = tf.constant(rng.normal(size=(1, 1, 64, 64)).astype(np.float32) / 8)
+
+        @tf.function(input_signature=[tf.TensorSpec([1, 16, 16, 64], tf.float32)])
+        def __call__(self, x):
+            y = tf.nn.depthwise_conv2d(x, self.dw, [1, 1, 1, 1], "SAME")
+            return tf.nn.conv2d(y, self.pw, 1, "SAME")
+
+    module = DwThenPw()
+    tf.saved_model.save(module, str(tmp_path / "sm"))
+    x = rng.normal(size=(2, 16, 16, 64)).astype(np.float32)
+    ref = np.concatenate([module(x[i : i + 1]).numpy() for i in range(2)])
+    files = {}
+    for keep in (False, True):
+        files[keep] = tmp_path / f"dyn-{keep}.tflite"
+        worker("convert", {"saved_model": str(tmp_path / "sm"), "mode": "dynamic", "out": str(files[keep]),
+                           "float_depthwise": keep}, tmp_path)
+    before, after = inspect_tflite(files[False], tmp_path), inspect_tflite(files[True], tmp_path)
+    assert before["not_delegated"].get("DEPTHWISE_CONV_2D") == 1, f"expected a hybrid depthwise conv: {before}"
+    assert after["not_delegated"] == {}, f"ops outside XNNPACK after the pass: {after['not_delegated']}"
+    got = litert_logits(files[True], x, tmp_path)
+    sqnr = 10 * np.log10(np.sum(ref**2) / np.sum((ref - got.reshape(ref.shape)) ** 2))
+    assert sqnr >= 30.0, f"dynamic depthwise+pointwise output SQNR {sqnr:.1f} dB < 30 dB"
+
+
 def test_sidecar_and_labels(tflite_out):
     m = Manifest.load(tflite_out / "manifest.json")
     a = _by(m, "_int8_io.tflite")
