@@ -273,6 +273,21 @@ def _layer_norm(a: dict) -> np.ndarray:
     return y.astype(np.float32)
 
 
+@kernel("batch_norm")
+def _batch_norm(a: dict) -> np.ndarray:
+    """Inference batch norm over axis 1; coremltools fuses a per-channel mul + add into it."""
+    x = _f32(a["x"])
+    shape = [1, x.shape[1]] + [1] * (x.ndim - 2)
+    eps = np.float32(_val(a.get("epsilon", 1e-5)))
+    scale = 1.0 / np.sqrt(_f32(a["variance"]).reshape(shape) + eps)
+    if a.get("gamma") is not None:
+        scale = scale * _f32(a["gamma"]).reshape(shape)
+    y = (x - _f32(a["mean"]).reshape(shape)) * scale
+    if a.get("beta") is not None:
+        y = y + _f32(a["beta"]).reshape(shape)
+    return y.astype(np.float32)
+
+
 def _reduce(fn: Callable) -> Kernel:
     def run(a: dict) -> np.ndarray:
         x = np.asarray(a["x"])

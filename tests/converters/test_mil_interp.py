@@ -120,6 +120,23 @@ def test_layer_norm_gelu_softmax_match_torch():
     assert _maxdiff(s2, torch.softmax(t, -1)) < 1e-6
 
 
+def test_batch_norm_matches_torch():
+    """coremltools fuses a per-channel mul + add (LayerNorm affine of a real checkpoint) into batch_norm."""
+    x = _randn(2, 6, 5, 5)
+    mean, var, g, b = _randn(6), np.abs(_randn(6)) + 0.1, _randn(6), _randn(6)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=x.shape)], opset_version=IOS17)
+    def prog(x_in):
+        return (mb.batch_norm(x=x_in, mean=mean, variance=var, gamma=g, beta=b, epsilon=1e-3),
+                mb.batch_norm(x=x_in, mean=mean, variance=var))
+
+    full, bare = Interpreter(prog).run({"x_in": x}).values()
+    t, tm, tv = torch.from_numpy(x), torch.from_numpy(mean), torch.from_numpy(var)
+    ref = F.batch_norm(t, tm, tv, torch.from_numpy(g), torch.from_numpy(b), training=False, eps=1e-3)
+    assert _maxdiff(full, ref) < 1e-5
+    assert _maxdiff(bare, F.batch_norm(t, tm, tv, training=False, eps=1e-5)) < 1e-5
+
+
 def test_elementwise_and_reductions_match_torch():
     x, y = _randn(2, 3, 4, 4), np.abs(_randn(1, 3, 1, 1)) + 0.5
 
