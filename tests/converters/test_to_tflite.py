@@ -138,6 +138,22 @@ def test_dynamic_depthwise_weights_go_back_to_float(tmp_path):
     assert sqnr >= 30.0, f"dynamic depthwise+pointwise output SQNR {sqnr:.1f} dB < 30 dB"
 
 
+def test_int8_on_weights_whose_blocks_matter(tmp_path, samples_dir):
+    """Upstream-init blocks barely reach the logits (LayerScale 1e-4), so the fixture's int8 SQNR
+    mostly measures the stems; on a proxy checkpoint every block's int8 error counts."""
+    import torch
+
+    from benchmarks.proxy_checkpoint import proxy_state_dict
+
+    ckpt = tmp_path / "proxy.pth"
+    torch.save(proxy_state_dict(TINY), ckpt)
+    res = convert(ConvertRequest(targets=["tflite"], model=TINY, weights=str(ckpt), output=tmp_path / "out",
+                                 calib_dir=str(samples_dir), calib_size=16, eval_size=12, precisions=["int8"]))
+    assert not res.manifest.failures, res.manifest.failures
+    a = _by(res.manifest, "_int8.tflite")
+    assert a.checks["sqnr_db"] >= 23.0, f"int8 on proxy weights: {a.checks}"
+
+
 def test_sidecar_and_labels(tflite_out):
     m = Manifest.load(tflite_out / "manifest.json")
     a = _by(m, "_int8_io.tflite")
