@@ -21,11 +21,16 @@ then EFFMOD_WEIGHTS=OUT.pth benchmarks/tflite.sh efficientmod_xxs OUT_DIR
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from edge.efficientmod import create_model
+from edge.errors import EffmodError
 
 
 @torch.no_grad()
@@ -54,8 +59,22 @@ def main() -> None:
     ap.add_argument("--gamma", type=float, default=0.3)
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
-    torch.save(proxy_state_dict(args.model, args.gamma, args.seed), args.out)
-    print(f"wrote {args.out}: {args.model}, variance-preserving random weights, LayerScale {args.gamma}")
+    out = Path(args.out)
+    try:
+        state = proxy_state_dict(args.model, args.gamma, args.seed)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    except EffmodError as exc:
+        sys.exit(f"error: {exc}")
+    except OSError as exc:
+        sys.exit(f"error: cannot write {out}: {exc.strerror}; choose a writable output path")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    print(f"wrote {out}: {args.model}, variance-preserving random weights, LayerScale {args.gamma}")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,11 @@ def _converter(args: dict):
     return conv
 
 
+def _opcode_indices(model, builtin: int) -> set[int]:
+    """Indices into ``model.operatorCodes`` of one builtin op (old and new opcode fields)."""
+    return {i for i, c in enumerate(model.operatorCodes) if max(c.builtinCode, c.deprecatedBuiltinCode) == builtin}
+
+
 def float_depthwise_weights(model) -> int:
     """Give every int8-weight (hybrid) DEPTHWISE_CONV_2D its weights back as float32, in place.
 
@@ -56,8 +61,7 @@ def float_depthwise_weights(model) -> int:
     from tensorflow.lite.tools import flatbuffer_utils as fu
 
     graph = model.subgraphs[0]
-    codes = {i for i, c in enumerate(model.operatorCodes)
-             if max(c.builtinCode, c.deprecatedBuiltinCode) == fu.schema_fb.BuiltinOperator.DEPTHWISE_CONV_2D}
+    codes = _opcode_indices(model, fu.schema_fb.BuiltinOperator.DEPTHWISE_CONV_2D)
     changed = 0
     for op in graph.operators:
         if op.opcodeIndex not in codes or graph.tensors[op.inputs[0]].type != fu.schema_fb.TensorType.FLOAT32:
@@ -110,8 +114,7 @@ def _widen_add_inputs(model, ranges: dict[str, tuple[float, float]]) -> int:
     from tensorflow.lite.tools import flatbuffer_utils as fu
 
     graph = model.subgraphs[0]
-    add_codes = {i for i, c in enumerate(model.operatorCodes)
-                 if max(c.builtinCode, c.deprecatedBuiltinCode) == fu.schema_fb.BuiltinOperator.ADD}
+    add_codes = _opcode_indices(model, fu.schema_fb.BuiltinOperator.ADD)
     widened = 0
     for op in graph.operators:
         if op.opcodeIndex not in add_codes:

@@ -20,3 +20,15 @@ def samples_dir() -> Path:
         if c.is_dir():
             return c
     pytest.skip(f"no ImageNet sample folder: set EFFMOD_CALIB_DIR (looked in {', '.join(map(str, candidates))})")
+
+
+@pytest.fixture(scope="session")
+def proxy_tiny_checkpoint(tmp_path_factory) -> Path:
+    """The tiny variant as a proxy checkpoint (benchmarks/proxy_checkpoint.py): every block reaches the logits."""
+    import torch
+
+    from benchmarks.proxy_checkpoint import proxy_state_dict
+
+    path = tmp_path_factory.mktemp("proxy") / "efficientmod_test_tiny_proxy.pth"
+    torch.save(proxy_state_dict("efficientmod_test_tiny"), path)
+    return path

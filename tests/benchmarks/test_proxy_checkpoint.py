@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.proxy_checkpoint import proxy_state_dict
 from edge.weights import load_model
 
 TINY = "efficientmod_test_tiny"
@@ -23,10 +22,8 @@ def _block_share(model: torch.nn.Module) -> float:
     return float((full - cut).norm() / full.norm())
 
 
-def test_proxy_blocks_move_the_logits_upstream_init_does_not(tmp_path):
-    path = tmp_path / "proxy.pth"
-    torch.save(proxy_state_dict(TINY), path)
-    proxy = load_model(TINY, path).model.eval()
+def test_proxy_blocks_move_the_logits_upstream_init_does_not(proxy_tiny_checkpoint):
+    proxy = load_model(TINY, proxy_tiny_checkpoint).model.eval()
     untrained = load_model(TINY, None).model.eval()
     proxy_share, untrained_share = _block_share(proxy), _block_share(untrained)
     assert proxy_share > 0.1, f"proxy checkpoint: modulation blocks change the logits by only {proxy_share:.1%}"

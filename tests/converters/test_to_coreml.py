@@ -176,14 +176,10 @@ def test_coreml_runtime_agrees_with_interpreter(ane_out, samples_dir):
     assert float(np.abs(got - run_package(ane_out / a.path, px)).max()) < 1e-3
 
 
-def test_checkpoint_with_layernorm_affines_converts(tmp_path, samples_dir):
+def test_checkpoint_with_layernorm_affines_converts(tmp_path, samples_dir, proxy_tiny_checkpoint):
     """Upstream init has LayerNorm weight 1 / bias 0; real weights don't, and coremltools then
     fuses their per-channel mul + add into batch_norm, which the interpreter must run."""
-    from benchmarks.proxy_checkpoint import proxy_state_dict
-
-    ckpt = tmp_path / "proxy.pth"
-    torch.save(proxy_state_dict(TINY), ckpt)
-    res = convert(ConvertRequest(targets=["coreml"], model=TINY, weights=str(ckpt), output=tmp_path / "out",
+    res = convert(ConvertRequest(targets=["coreml"], model=TINY, weights=str(proxy_tiny_checkpoint), output=tmp_path,
                                  calib_dir=str(samples_dir), calib_size=8, eval_size=6,
                                  precisions=["fp32", "fp16", "w8a8"], options=dict(OPTS)))
     assert not res.manifest.failures, res.manifest.failures

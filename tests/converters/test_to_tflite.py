@@ -12,6 +12,7 @@ import pytest
 pytest.importorskip("onnx2tf", reason="TFLite extra not installed (pip install -e '.[tflite]')")
 
 from converters.to_tflite import _run, inspect_tflite, litert_logits  # noqa: E402
+from edge.checks import sqnr_db  # noqa: E402
 from edge.errors import ConversionError  # noqa: E402
 from edge.manifest import Manifest  # noqa: E402
 from edge.pipeline import ConvertRequest, convert  # noqa: E402
@@ -134,20 +135,14 @@ def test_dynamic_depthwise_weights_go_back_to_float(tmp_path):
     assert before["not_delegated"].get("DEPTHWISE_CONV_2D") == 1, f"expected a hybrid depthwise conv: {before}"
     assert after["not_delegated"] == {}, f"ops outside XNNPACK after the pass: {after['not_delegated']}"
     got = litert_logits(files[True], x, tmp_path)
-    sqnr = 10 * np.log10(np.sum(ref**2) / np.sum((ref - got.reshape(ref.shape)) ** 2))
+    sqnr = sqnr_db(ref, got.reshape(ref.shape))
     assert sqnr >= 30.0, f"dynamic depthwise+pointwise output SQNR {sqnr:.1f} dB < 30 dB"
 
 
-def test_int8_on_weights_whose_blocks_matter(tmp_path, samples_dir):
+def test_int8_on_weights_whose_blocks_matter(tmp_path, samples_dir, proxy_tiny_checkpoint):
     """Upstream-init blocks barely reach the logits (LayerScale 1e-4), so the fixture's int8 SQNR
     mostly measures the stems; on a proxy checkpoint every block's int8 error counts."""
-    import torch
-
-    from benchmarks.proxy_checkpoint import proxy_state_dict
-
-    ckpt = tmp_path / "proxy.pth"
-    torch.save(proxy_state_dict(TINY), ckpt)
-    res = convert(ConvertRequest(targets=["tflite"], model=TINY, weights=str(ckpt), output=tmp_path / "out",
+    res = convert(ConvertRequest(targets=["tflite"], model=TINY, weights=str(proxy_tiny_checkpoint), output=tmp_path,
                                  calib_dir=str(samples_dir), calib_size=16, eval_size=12, precisions=["int8"]))
     assert not res.manifest.failures, res.manifest.failures
     a = _by(res.manifest, "_int8.tflite")
