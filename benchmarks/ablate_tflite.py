@@ -1,0 +1,73 @@
+"""Re-run the TFLite int8-mixed conversion with one graph choice changed, for BENCHMARKS.md ablations.
+
+Ablations (each against a default ``effmod-edge convert --target tflite`` run):
+
+* ``single-depthwise``: the int8 graph keeps the 7x7 depthwise conv as one op
+  instead of the 5x5 + two dilated edge convs;
+* ``float-head``: int8-mixed also keeps the classifier ``FULLY_CONNECTED`` in float.
+
+The change is made by wrapping the converter's own functions for this process
+only; the package itself is untouched. Prints the int8-mixed file's size, op
+histogram and checks against PyTorch.
+
+Usage: python benchmarks/ablate_tflite.py ABLATION --model efficientmod_xxs [--weights CKPT] --output OUT
+(images from --calib-dir or $EFFMOD_CALIB_DIR)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import converters.to_tflite as to_tflite
+from edge.errors import EffmodError
+from edge.pipeline import ConvertRequest, convert
+
+ABLATIONS = ("single-depthwise", "float-head")
+
+
+def apply(ablation: str) -> None:
+    """Patch the converter of this process for ``ablation``."""
+    if ablation == "single-depthwise":
+        deploy = to_tflite.to_deploy
+        to_tflite.to_deploy = lambda *a, **k: deploy(*a, **{**k, "dw_impl": "single"})
+    elif ablation == "float-head":
+        quantize = to_tflite._Builder.quantize
+
+        def with_float_head(self, out, int8_io=False, denylist=None):
+            if denylist:  # only the int8-mixed steps pass a denylist
+                denylist = {**denylist, "ops": [*denylist.get("ops", []), "FULLY_CONNECTED"]}
+            return quantize(self, out, int8_io, denylist)
+
+        to_tflite._Builder.quantize = with_float_head
+    else:
+        raise ValueError(f"unknown ablation {ablation!r}; choose from {', '.join(ABLATIONS)}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("ablation", choices=ABLATIONS)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--weights")
+    ap.add_argument("--calib-dir")
+    ap.add_argument("--output", required=True)
+    args = ap.parse_args()
+    apply(args.ablation)
+    try:
+        res = convert(ConvertRequest(targets=["tflite"], output=Path(args.output), model=args.model,
+                                     weights=args.weights, calib_dir=args.calib_dir, precisions=["int8-mixed"]))
+    except EffmodError as exc:
+        sys.exit(f"error: {exc}")
+    for a in res.manifest.artifacts:
+        c = a.checks
+        print(json.dumps({"ablation": args.ablation, "file": a.path, "bytes": a.bytes, "ops": a.details["ops"],
+                          "float_ops": a.details["float_ops"], "top1_agreement": c["top1_agreement"],
+                          "sqnr_db": round(float(c["sqnr_db"]), 2), "max_abs_diff": c["max_abs_diff"]}))
+    for f in res.manifest.failures:
+        print(f"FAILED {f.precision}: {f.error}")
+
+
+if __name__ == "__main__":
+    main()
