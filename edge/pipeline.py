@@ -80,10 +80,14 @@ class ConvertResult:
 
 
 def prepare_output(output: Path) -> Path:
-    """Create ``output`` if needed and return a private staging folder inside it."""
+    """Create ``output`` if needed and return a private staging folder inside it.
+
+    The staging path is absolute: converters hand paths under it to subprocesses
+    that run in other working directories (onnx2tf, the LiteRT worker).
+    """
     try:
         output.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=".effmod-staging-", dir=output))
+        return Path(tempfile.mkdtemp(prefix=".effmod-staging-", dir=output.resolve()))
     except OSError as exc:
         raise EffmodError(
             f"output folder {output} is not writable ({exc.strerror or exc}); choose another --output"
