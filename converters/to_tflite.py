@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -82,14 +83,20 @@ def _describe_exit(rc: int) -> str:
     return f"exit code {rc}"
 
 
+# TensorFlow's glog info/warning lines and absl's preamble: never the reason a step failed
+_LOG_NOISE = re.compile(r"^([IW]\d{4} |WARNING: All log messages before absl)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _run(cmd: list[str], cwd: Path, what: str, timeout: float = WORKER_TIMEOUT_S) -> None:
     try:
         proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise ConversionError(f"{what} timed out after {timeout:.0f}s") from None
     if proc.returncode != 0:
-        tail = [l for l in (proc.stderr or proc.stdout).strip().splitlines() if l.strip()][-1:] or [""]
-        raise ConversionError(f"{what} failed ({_describe_exit(proc.returncode)}): {tail[0][:300]}")
+        text = _ANSI.sub("", f"{proc.stdout}\n{proc.stderr}")
+        lines = [l for l in text.splitlines() if l.strip() and not _LOG_NOISE.match(l)]
+        raise ConversionError(f"{what} failed ({_describe_exit(proc.returncode)}): {(lines or [''])[-1][:300]}")
 
 
 def worker(command: str, args: dict, build_dir: Path, timeout: float = WORKER_TIMEOUT_S) -> None:

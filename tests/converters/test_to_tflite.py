@@ -149,6 +149,17 @@ def test_int8_on_weights_whose_blocks_matter(tmp_path, samples_dir, proxy_tiny_c
     assert a.checks["sqnr_db"] >= 23.0, f"int8 on proxy weights: {a.checks}"
 
 
+def test_relative_output_path(tmp_path, samples_dir, monkeypatch):
+    """README's `--output out`: onnx2tf runs in the build folder, so paths handed to it must not be relative."""
+    monkeypatch.chdir(tmp_path)
+    res = convert(ConvertRequest(targets=["tflite"], model=TINY, output=Path("out"), calib_dir=str(samples_dir),
+                                 calib_size=4, eval_size=4, precisions=["fp32"]))
+    assert not res.manifest.failures, res.manifest.failures
+    a = _by(res.manifest, "_fp32.tflite")
+    assert a.checks["max_abs_diff"] <= 1e-4, a.checks
+    assert (tmp_path / "out" / a.path).is_file()
+
+
 def test_sidecar_and_labels(tflite_out):
     m = Manifest.load(tflite_out / "manifest.json")
     a = _by(m, "_int8_io.tflite")
@@ -180,6 +191,15 @@ def test_corrupt_model_fails_in_subprocess(tmp_path):
     bad.write_bytes(b"TFL3" + bytes(range(256)) * 4)
     with pytest.raises(ConversionError, match="LiteRT run failed"):
         litert_logits(bad, np.zeros((1, 224, 224, 3), np.float32), tmp_path)
+
+
+def test_subprocess_error_names_the_cause_not_log_noise(tmp_path):
+    """TensorFlow logs (glog I/W lines, colour codes) must not hide the failing step's own message."""
+    script = ("import sys; print('\\x1b[31mERROR:\\x1b[0m input file does not exist'); "
+              "print('I0000 00:00:1 cudart_stub.cc:31] Could not find cuda drivers', file=sys.stderr); sys.exit(1)")
+    with pytest.raises(ConversionError) as err:
+        _run([sys.executable, "-c", script], tmp_path, "onnx2tf")
+    assert str(err.value) == "onnx2tf failed (exit code 1): ERROR: input file does not exist"
 
 
 def test_aborting_runtime_is_reported_not_fatal(tmp_path):
