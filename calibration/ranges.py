@@ -35,6 +35,10 @@ class HistogramObserver:
     def mse_ranges(self, levels: int = 255) -> dict[str, tuple[float, float]]:
         return {n: mse_range(h, *self.ranges[n], levels=levels) for n, h in self.hist.items()}
 
+    def mse_bounds(self, levels: int = 254) -> dict[str, float]:
+        """Per tensor the symmetric bound t of [-t, t] with the least int8 error."""
+        return {n: mse_symmetric_bound(h, *self.ranges[n], levels=levels) for n, h in self.hist.items()}
+
 
 def _usable(lo: float, hi: float) -> bool:
     return bool(np.isfinite(lo) and np.isfinite(hi) and hi - lo > 1e-5 * max(abs(lo), abs(hi), 1e-12))
@@ -74,3 +78,34 @@ def mse_range(hist: np.ndarray, lo: float, hi: float, levels: int = 255) -> tupl
     err = np.where(width > 0, err, np.inf)
     i, j = np.unravel_index(int(np.argmin(err)), err.shape)
     return float(a[i]), float(b[j])
+
+
+def mse_symmetric_bound(hist: np.ndarray, lo: float, hi: float, levels: int = 254) -> float:
+    """The bound t of a symmetric range [-t, t] with the least expected int8 error.
+
+    For symmetric quantization (zero point 0, codes -127..127: ``levels`` = 254
+    steps of t / 127). Same cost model as :func:`mse_range` on the magnitudes
+    |x|: values beyond t cost (|x| - t)², values inside Δ²/12 with Δ = 2t / levels.
+    Returns max(|lo|, |hi|) (min/max) for an empty histogram or unusable range.
+    """
+    h = np.asarray(hist, np.float64)
+    full = max(abs(lo), abs(hi))
+    total = h.sum()
+    if total == 0 or not _usable(lo, hi):
+        return float(full)
+    edges = np.linspace(lo, hi, len(h) + 1)
+    mag = np.abs((edges[:-1] + edges[1:]) / 2)
+    order = np.argsort(mag)
+    mag, h = mag[order], h[order]
+    cdf = np.cumsum(h) / total
+    cand = np.unique(np.searchsorted(cdf, 1.0 - _TAIL_QUANTILES, side="left"))
+    cand = np.clip(cand, 0, len(h) - 1)
+    t = mag[cand] + (hi - lo) / (2 * len(h))  # upper magnitude of the bin: covers every value in it
+    c0 = np.concatenate([[0.0], np.cumsum(h)])
+    c1 = np.concatenate([[0.0], np.cumsum(h * mag)])
+    c2 = np.concatenate([[0.0], np.cumsum(h * mag**2)])
+    k = cand + 1  # bins [0, k) lie inside [-t, t]
+    out_cnt, out_s1, out_s2 = c0[-1] - c0[k], c1[-1] - c1[k], c2[-1] - c2[k]
+    clip_err = out_s2 - 2 * t * out_s1 + t * t * out_cnt
+    err = clip_err + c0[k] * (2 * t / levels) ** 2 / 12.0
+    return float(t[int(np.argmin(err))])

@@ -26,6 +26,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from calibration.ranges import HistogramObserver
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -742,6 +744,25 @@ def activation_stats(
             update(name, value)
         interp.run(feed, observer)
     return dict(stats)
+
+
+def activation_histograms(
+    program: Any, feeds: Iterable[dict[str, np.ndarray]], ranges: dict[str, tuple[float, float]], fp16: bool | None = None
+) -> HistogramObserver:
+    """Histograms (over the given fixed ranges) of the named op outputs, for MSE-optimal int8 ranges."""
+    obs = HistogramObserver(ranges)
+    interp = Interpreter(program, fp16=fp16)
+
+    def observer(op: Any, outs: list[Any]) -> None:
+        for var, o in zip(op.outputs, outs):
+            if var.name in obs.ranges:
+                obs.update(var.name, o)
+
+    for feed in feeds:
+        for name, value in feed.items():
+            obs.update(name, value)
+        interp.run(feed, observer)
+    return obs
 
 
 WEIGHT_OPS = ("const", "constexpr_affine_dequantize", "constexpr_lut_to_dense", "constexpr_blockwise_shift_scale",

@@ -22,7 +22,7 @@ packages start from the fp16 program, as shipped to devices.
 Options (``ctx.options``): ``deployment_target`` (iOS16, iOS17 default, iOS18),
 ``coreml_form`` (ane default, plain), ``coreml_weight_threshold`` (weights with
 fewer elements stay float; 2048), ``coreml_float_ops`` (op names kept float),
-``coreml_float_head`` (True).
+``coreml_float_head`` (True), ``coreml_ranges`` (w8a8 activation ranges: mse default, minmax).
 
 Every reported logit is computed by the interpreter from the *saved* package.
 """
@@ -338,13 +338,32 @@ def _summarize_check(check: dict, limit: int = 20) -> dict:
     return out
 
 
-def calibration_stats(package: Path, pixels_nhwc: np.ndarray) -> dict[str, dict[str, float]]:
-    """Per-tensor activation ranges of a saved float package over calibration images."""
-    from converters.mil_interp import activation_stats, image_feed, load_package
+def quantized_inputs(program: Any, op_types: tuple[str, ...] = QUANTIZED_OP_TYPES) -> set[str]:
+    """Names of the non-const tensors feeding ``x`` of ``op_types`` ops: those w8a8 may quantize."""
+    return {op.inputs["x"].name for op in program.functions["main"].operations
+            if op.op_type in op_types and (op.inputs["x"].op is None or op.inputs["x"].op.op_type != "const")}
+
+
+def calibration_stats(package: Path, pixels_nhwc: np.ndarray, method: str = "mse") -> dict[str, dict[str, float]]:
+    """Per-tensor activation ranges of a saved float package over calibration images.
+
+    ``method="minmax"``: each tensor's min/max. ``"mse"``: a second pass histograms
+    the tensors w8a8 quantizes and narrows each to its MSE-optimal symmetric
+    bound (:func:`calibration.ranges.mse_symmetric_bound`).
+    """
+    from converters.mil_interp import activation_histograms, activation_stats, image_feed, load_package
 
     pkg = load_package(package)
-    feeds = ({pkg.input_name: image_feed(pkg, img)} for img in pixels_nhwc)
-    stats = activation_stats(pkg.program, feeds)
+
+    def feeds():
+        return ({pkg.input_name: image_feed(pkg, img)} for img in pixels_nhwc)
+
+    stats = activation_stats(pkg.program, feeds())
+    if method == "mse":
+        names = quantized_inputs(pkg.program) & set(stats)
+        obs = activation_histograms(pkg.program, feeds(), {n: (stats[n]["rmin"], stats[n]["rmax"]) for n in names})
+        for n, t in obs.mse_bounds().items():
+            stats[n] = {"rmin": -t, "rmax": t}
     _share_concat_ranges(pkg.program, stats)
     for s in stats.values():
         if max(abs(s["rmin"]), abs(s["rmax"])) < MIN_RANGE:
@@ -403,10 +422,12 @@ def _one_precision(
         describe(base, ctx, "fp16", b.form, b.target, False)
         _save(base, tmp)
         tc = time.perf_counter()
-        stats = calibration_stats(tmp, ctx.split.calib.pixels)
+        method = validate_options(ctx.options)["coreml_ranges"]
+        stats = calibration_stats(tmp, ctx.split.calib.pixels, method)
         shutil.rmtree(tmp, ignore_errors=True)
         calib = {"images": len(ctx.split.calib), "tensors": len(stats), "mode": "linear_symmetric int8, per-tensor",
-                 "ranges_from": "NumPy MIL interpreter on the fp16 package (min/max)",
+                 "ranges_from": "NumPy MIL interpreter on the fp16 package ("
+                 + ("MSE-optimal symmetric bound of each histogram)" if method == "mse" else "min/max)"),
                  "seconds": round(time.perf_counter() - tc, 2)}
     model, kept_float = _compressed(b, precision, False, stats, threshold, float_ops, float_head)
     describe(model, ctx, precision, b.form, b.target, False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from calibration.ranges import HistogramObserver, mse_range
+from calibration.ranges import HistogramObserver, mse_range, mse_symmetric_bound
 
 
 def _fake_quant_mse(x: np.ndarray, lo: float, hi: float) -> float:
@@ -54,3 +54,28 @@ def test_degenerate_ranges_are_left_alone():
     obs = HistogramObserver({"const": (1.0, 1.0), "nan": (float("nan"), 1.0), "ok": (-1.0, 1.0)})
     assert set(obs.hist) == {"ok"}
     assert mse_range(np.zeros(2048), -1.0, 1.0) == (-1.0, 1.0)
+
+
+def _fake_quant_sym_mse(x: np.ndarray, t: float) -> float:
+    """Measured error of symmetric int8 quantization (codes -127..127) with bound ``t``."""
+    scale = t / 127
+    return float(np.mean((np.clip(np.round(x / scale), -127, 127) * scale - x) ** 2))
+
+
+@pytest.mark.parametrize("kind, min_gain_db", [("gaussian", 1.5), ("outliers", 2.5), ("one_sided", 1.2)])
+def test_mse_symmetric_bound_beats_max_abs(kind, min_gain_db):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(400_000)
+    if kind == "outliers":
+        x[rng.choice(len(x), 20, replace=False)] *= 60
+    if kind == "one_sided":  # e.g. a post-GELU conv input: the negative half of the grid is wasted either way
+        x = np.abs(x)
+    t = _observe(x).mse_bounds()["t"]
+    full = float(np.abs(x).max())
+    assert 0 < t <= full * (1 + 1e-3)
+    gain_db = 10 * np.log10(_fake_quant_sym_mse(x, full) / _fake_quant_sym_mse(x, t))
+    assert gain_db >= min_gain_db, f"{kind}: bound {t:.3g} (max |x| {full:.3g}) gains only {gain_db:.2f} dB"
+
+
+def test_mse_symmetric_bound_of_empty_histogram_is_max_abs():
+    assert mse_symmetric_bound(np.zeros(2048), -3.0, 1.0) == 3.0

@@ -150,6 +150,26 @@ def test_interpreter_rereads_saved_package(ane_out, samples_dir):
     assert float(np.abs(logits - ref).max()) <= 1e-4
 
 
+def test_mse_calibration_narrows_quantized_ranges(ane_out, samples_dir):
+    """The symmetric bounds w8a8 uses (max |range|) are tighter with MSE than with min/max."""
+    from calibration.folder import scan_folder
+    from calibration.splits import make_split
+    from converters.to_coreml import calibration_stats, quantized_inputs
+
+    package = ane_out / f"{TINY}_fp16.mlpackage"
+    px = make_split(scan_folder(samples_dir), 8, 1, 0).calib.pixels
+    minmax, mse = calibration_stats(package, px, "minmax"), calibration_stats(package, px, "mse")
+    quantized = quantized_inputs(load_package(package).program) & set(minmax)
+    assert len(quantized) >= 20
+    tighter = 0
+    for n in quantized:
+        bound = max(abs(minmax[n]["rmin"]), abs(minmax[n]["rmax"]))
+        got = max(abs(mse[n]["rmin"]), abs(mse[n]["rmax"]))
+        assert got <= bound * (1 + 1e-3), f"{n}: MSE bound {got} above max |x| {bound}"
+        tighter += got < 0.98 * bound
+    assert tighter >= len(quantized) // 2, f"only {tighter} of {len(quantized)} ranges narrowed"
+
+
 def test_ios16_target(tmp_path, samples_dir):
     res = convert(ConvertRequest(targets=["coreml"], model=TINY, output=tmp_path, calib_dir=str(samples_dir),
                                  calib_size=4, eval_size=3, precisions=["fp16", "w8a8"],
@@ -187,6 +207,8 @@ def test_checkpoint_with_layernorm_affines_converts(tmp_path, samples_dir, proxy
     assert checks["fp32"]["max_abs_diff"] <= 1e-4, checks["fp32"]
     assert checks["fp16"]["sqnr_db"] >= 40.0, checks["fp16"]
     assert checks["w8a8"]["sqnr_db"] >= 20.0, checks["w8a8"]
+    (w8a8,) = [a for a in res.manifest.artifacts if a.precision == "w8a8"]
+    assert "MSE-optimal" in w8a8.details["activation_calibration"]["ranges_from"]
 
 
 @pytest.mark.slow
