@@ -11,7 +11,8 @@ form of :mod:`edge.ane` (option ``coreml_form="plain"`` takes
 :class:`edge.efficientmod.EfficientModDeploy` as it is).
 
 Precisions: fp32 / fp16 compute precision; ``w8`` int8 per-channel weights;
-``pal6`` / ``pal4`` per-tensor k-means weight palettes; ``w8a8`` int8 weights
+``pal6`` / ``pal4`` per-tensor k-means weight palettes, with the layers whose
+palette costs the most accuracy per element kept int8; ``w8a8`` int8 weights
 plus int8 activations at every conv input, whose ranges come from running the
 fp16 package through :mod:`converters.mil_interp` on the calibration images
 (coremltools' own calibration calls ``MLModel.predict``, macOS only); the
@@ -22,7 +23,9 @@ packages start from the fp16 program, as shipped to devices.
 Options (``ctx.options``): ``deployment_target`` (iOS16, iOS17 default, iOS18),
 ``coreml_form`` (ane default, plain), ``coreml_weight_threshold`` (weights with
 fewer elements stay float; 2048), ``coreml_float_ops`` (op names kept float),
-``coreml_float_head`` (True), ``coreml_ranges`` (w8a8 activation ranges: mse default, minmax).
+``coreml_float_head`` (True), ``coreml_ranges`` (w8a8 activation ranges: mse default, minmax),
+``coreml_palette_budget`` (fraction of palettized weights the layer search of
+:mod:`converters.coreml_palette` may keep int8; 0.15, 0 turns it off).
 
 Every reported logit is computed by the interpreter from the *saved* package.
 """
@@ -56,6 +59,7 @@ COMPRESSED = ("w8", "w8a8", "pal6", "pal4")
 CLASSIFIER_PRECISIONS = ("fp16", "w8", "pal6", "pal4")
 WEIGHT_THRESHOLD = 2048  # coremltools' default: smaller weight tensors stay float
 CLASSIFIER_CHECK_IMAGES = 4
+PALETTE_SEARCH_IMAGES = 16  # calibration images for the per-layer palette noise (PyTorch)
 # Smallest activation range quantized: the int8 scale (range / 127) must be a normal fp16
 # number, or it underflows to 0 in an fp16 program. Tensors this small (e.g. LayerScale-damped
 # branch outputs of a randomly initialised model) lose only values below 3e-5.
@@ -155,30 +159,41 @@ def build_mlmodel(
 
 
 def compress_weights(
-    mlmodel: Any, precision: str, target: str, threshold: int = WEIGHT_THRESHOLD, float_ops: tuple[str, ...] = ()
+    mlmodel: Any,
+    precision: str,
+    target: str,
+    threshold: int = WEIGHT_THRESHOLD,
+    float_ops: tuple[str, ...] = (),
+    int8_weights: tuple[str, ...] = (),
 ) -> Any:
     """int8 per-channel (``w8``/``w8a8``) or k-means palette (``pal6``/``pal4``) weights.
 
-    Weights consumed by the ops named in ``float_ops`` stay fp16.
+    Weights consumed by the ops named in ``float_ops`` stay fp16; for palettes,
+    the weight consts named in ``int8_weights`` get int8 per-channel weights.
     """
     import coremltools.optimize.coreml as cto
 
     skip = {name: None for name in float_ops}
-
+    linear = cto.OpLinearQuantizerConfig(
+        mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=threshold
+    )
     if precision in ("w8", "w8a8"):
-        op = cto.OpLinearQuantizerConfig(
-            mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=threshold
-        )
         with _quiet():
-            return cto.linear_quantize_weights(mlmodel, cto.OptimizationConfig(global_config=op, op_name_configs=skip))
+            return cto.linear_quantize_weights(mlmodel, cto.OptimizationConfig(global_config=linear,
+                                                                               op_name_configs=skip))
     nbits = {"pal6": 6, "pal4": 4}[precision]
     if target == "iOS18" and nbits == 4:
         op = cto.OpPalettizerConfig(mode="kmeans", nbits=nbits, granularity="per_grouped_channel",
                                     group_size=16, weight_threshold=threshold)
     else:
         op = cto.OpPalettizerConfig(mode="kmeans", nbits=nbits, granularity="per_tensor", weight_threshold=threshold)
+    skip.update({name: None for name in int8_weights})
     with _quiet():
-        return cto.palettize_weights(mlmodel, cto.OptimizationConfig(global_config=op, op_name_configs=skip))
+        model = cto.palettize_weights(mlmodel, cto.OptimizationConfig(global_config=op, op_name_configs=skip))
+        if int8_weights:
+            model = cto.linear_quantize_weights(
+                model, cto.OptimizationConfig(op_name_configs={name: linear for name in int8_weights}))
+    return model
 
 
 def _share_concat_ranges(program: Any, stats: dict[str, dict[str, float]]) -> None:
@@ -372,12 +387,14 @@ def calibration_stats(package: Path, pixels_nhwc: np.ndarray, method: str = "mse
 
 
 class _Builder:
-    """Builds (and caches) the float ML Programs one conversion needs."""
+    """Builds (and caches) the float ML Programs and palette searches one conversion needs."""
 
     def __init__(self, ctx: ConvertContext, form: str, target: str):
         self.ctx, self.form, self.target = ctx, form, target
         self.net = network(ctx, form)
         self._cache: dict[tuple[str, bool], Any] = {}
+        self.searches: dict[str, Any] = {}
+        self.palette_budget = float(validate_options(ctx.options)["coreml_palette_budget"])
 
     def float_model(self, compute_precision: str, classifier: bool) -> Any:
         key = (compute_precision, classifier)
@@ -385,20 +402,46 @@ class _Builder:
             self._cache[key] = build_mlmodel(self.net, self.ctx.input_size, compute_precision, self.target, classifier)
         return self._cache[key]
 
+    def palette_keep(self, precision: str, base: Any, palettized: Any) -> list[str]:
+        """Parameter names the palette search keeps int8 for ``precision`` (searched once)."""
+        from converters.coreml_palette import search
+
+        if precision not in self.searches:
+            calib = self.ctx.split.calib
+            if len(calib) == 0:
+                raise ConfigError("the palette search needs calibration images: use --calib-size > 0 "
+                                  "or --option coreml_palette_budget=0")
+            images = calib.nchw()[:PALETTE_SEARCH_IMAGES]
+            t = time.perf_counter()
+            self.searches[precision] = search(self.net, base._mil_program, palettized._mil_program, images,
+                                              self.palette_budget)
+            log.info("coreml %s: palette search kept %d layers int8 (%.1f s)", precision,
+                     len(self.searches[precision].keep), time.perf_counter() - t)
+        return self.searches[precision].keep
+
 
 def _compressed(b: _Builder, precision: str, classifier: bool, stats: dict | None, threshold: int,
                 float_ops: tuple[str, ...], float_head: bool) -> tuple[Any, list[str]]:
     """The package model for ``precision`` and the ops deliberately kept float."""
+    from converters.coreml_palette import weight_consts
+
     cp = "fp32" if precision == "fp32" else "fp16"
-    model = b.float_model(cp, classifier)
-    head = head_op_name(model._mil_program) if float_head else None
+    base = b.float_model(cp, classifier)
+    head = head_op_name(base._mil_program) if float_head else None
     kept = list(float_ops) + ([head] if head else [])
+    model = base
     if precision == "w8a8":
         model = quantize_activations(model, stats or {}, tuple(kept))
     if precision in ("w8", "w8a8"):
         model = compress_weights(model, precision, b.target, threshold)
     elif precision in ("pal6", "pal4"):
         model = compress_weights(model, precision, b.target, threshold, float_ops=tuple(kept))
+        if b.palette_budget > 0:
+            keep = set(b.palette_keep(precision, base, model))
+            int8_weights = weight_consts(base._mil_program, b.net, keep)
+            if int8_weights:
+                model = compress_weights(base, precision, b.target, threshold, float_ops=tuple(kept),
+                                         int8_weights=int8_weights)
     return model, (kept if precision in ("w8a8", "pal6", "pal4") else [])
 
 
@@ -462,6 +505,8 @@ def _one_precision(
             + ("; int8 activations only at conv/linear inputs (residual adds, matmul/einsum, softmax, "
                "layer_norm, gelu, modulation mul stay fp16)" if precision == "w8a8" else " (weights fp16)"),
         }
+    if precision in b.searches:
+        details["palette_search"] = b.searches[precision].report()
     if calib:
         details["activation_calibration"] = calib
         details["activation_quantize_ops"] = details["ops_by_precision"].get("quantize", {}).get("int8", 0)

@@ -120,7 +120,7 @@ class OptionSpec:
 
     name: str
     target: str
-    kind: str  # "choice", "int", "bool", "list", "str"
+    kind: str  # "choice", "int", "fraction", "bool", "list", "str"
     default: object
     description: str
     choices: tuple[str, ...] = ()
@@ -140,6 +140,14 @@ class OptionSpec:
             if n < 0:
                 raise bad
             return n
+        if self.kind == "fraction":
+            try:
+                f = float(value)  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                raise bad from None
+            if not 0.0 <= f <= 1.0:
+                raise bad
+            return f
         if self.kind == "bool":
             if isinstance(value, bool):
                 return value
@@ -157,7 +165,7 @@ class OptionSpec:
     def hint(self) -> str:
         if self.kind == "choice":
             return f"choose from {', '.join(self.choices)}"
-        return {"int": "a whole number >= 0", "bool": "true or false", "list": "comma-separated names"}.get(
+        return {"int": "a whole number >= 0", "fraction": "a number from 0 to 1", "bool": "true or false", "list": "comma-separated names"}.get(
             self.kind, "text"
         )
 
@@ -176,6 +184,8 @@ OPTIONS: dict[str, OptionSpec] = {
         OptionSpec("license", "coreml", "str",
                    "Apache-2.0 (effmod-edge conversion code); weights under the license of their source",
                    "license string written into the package metadata"),
+        OptionSpec("coreml_palette_budget", "coreml", "fraction", 0.15,
+                   "pal6/pal4: largest fraction of palettized weights the layer search may keep int8 (0: off)"),
         OptionSpec("coreml_ranges", "coreml", "choice", "mse",
                    "w8a8 activation ranges: MSE-optimal symmetric bound of the calibration histogram, or min/max",
                    ("mse", "minmax")),

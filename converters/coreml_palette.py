@@ -1,0 +1,153 @@
+"""Layer-wise palette search: which conv weights of a palettized package stay int8.
+
+Per-tensor k-means palettes cost different layers very different amounts of
+accuracy: on the proxy xxs checkpoint the 15 worst of 68 palettized convs
+(16 % of the palettized weights) carry about two thirds of the pal6 logit
+noise. The search measures, in PyTorch on the deploy network with the
+calibration images, the logit noise each conv adds when only its weight is
+replaced by the palettized one coremltools actually wrote, then keeps the
+layers with the most noise per weight element at int8 (per-channel) until
+a budget (a fraction of the palettized elements) is spent.
+
+MIL ops are tied to PyTorch parameters by their weights: a conv's fp16
+weight const equals exactly one parameter cast to fp16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from edge.checks import sqnr_db
+
+WEIGHT_OPS = ("conv", "linear")
+
+
+def op_weights(program: Any, producer: str) -> dict[str, np.ndarray]:
+    """Dense weight of every conv/linear op whose weight comes from a ``producer`` op.
+
+    ``producer`` is ``const`` (float program) or ``constexpr_lut_to_dense`` (palettized).
+    """
+    from converters.mil_interp import KERNELS
+
+    out: dict[str, np.ndarray] = {}
+    for op in program.functions["main"].operations:
+        src = op.inputs.get("weight").op if op.op_type in WEIGHT_OPS and op.inputs.get("weight") is not None else None
+        if src is None or src.op_type != producer:
+            continue
+        if producer == "const":
+            out[op.name] = np.asarray(src.outputs[0].val)
+        else:
+            out[op.name] = np.asarray(KERNELS[producer]({k: v.val for k, v in src.inputs.items()}))
+    return out
+
+
+def match_parameters(net: nn.Module, weights: dict[str, np.ndarray]) -> dict[str, str]:
+    """``{op name: parameter name}`` for the ops whose fp16 weight equals a parameter of ``net``."""
+    index = {(tuple(p.shape), p.detach().to(torch.float16).numpy().tobytes()): n for n, p in net.named_parameters()}
+    out = {}
+    for op, w in weights.items():
+        name = index.get((tuple(w.shape), np.asarray(w, np.float16).tobytes()))
+        if name is not None:
+            out[op] = name
+    return out
+
+
+def weight_consts(program: Any, net: nn.Module, params: set[str]) -> tuple[str, ...]:
+    """Names of the weight const ops in ``program`` that hold the ``params`` of ``net``.
+
+    Compression configs are keyed by these const names, not by the consuming
+    conv: coremltools shares identical consts (e.g. zero biases) between convs,
+    and per-conv configs then conflict.
+    """
+    match = match_parameters(net, op_weights(program, "const"))
+    ops = {op.name: op for op in program.functions["main"].operations}
+    return tuple(sorted({ops[op].inputs["weight"].op.name for op, name in match.items() if name in params}))
+
+
+@dataclass
+class PaletteSearch:
+    """What the search measured and chose; ``keep`` are parameter names."""
+
+    budget: float
+    images: int
+    keep: list[str] = field(default_factory=list)
+    noise_share: dict[str, float] = field(default_factory=dict)
+    elements: dict[str, int] = field(default_factory=dict)
+    unmatched_ops: int = 0
+    predicted_sqnr_db: dict[str, float] = field(default_factory=dict)
+
+    def report(self) -> dict[str, Any]:
+        total = sum(self.elements.values()) or 1
+        kept = sum(self.elements[n] for n in self.keep)
+        return {
+            "method": "per-layer logit noise of the palettized weight (PyTorch, calibration images); "
+                      "most noise per element kept int8 per-channel, within the budget",
+            "images": self.images,
+            "budget_fraction": self.budget,
+            "kept_int8": [{"parameter": n, "elements": self.elements[n], "noise_share": round(self.noise_share[n], 4)}
+                          for n in self.keep],
+            "kept_fraction": round(kept / total, 4),
+            "kept_noise_share": round(sum(self.noise_share[n] for n in self.keep), 4),
+            "unmatched_ops": self.unmatched_ops,
+            "calib_sqnr_db": {k: round(v, 2) for k, v in self.predicted_sqnr_db.items()},
+        }
+
+
+def _int8_per_channel(w: torch.Tensor) -> torch.Tensor:
+    """Symmetric per-output-channel int8 round trip (coremltools' ``linear_symmetric``)."""
+    flat = w.reshape(w.shape[0], -1)
+    scale = flat.abs().amax(1, keepdim=True) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (torch.round(flat / scale).clamp(-127, 127) * scale).reshape(w.shape)
+
+
+def search(
+    net: nn.Module,
+    float_program: Any,
+    palettized_program: Any,
+    images_nchw: np.ndarray,
+    budget: float,
+) -> PaletteSearch:
+    """Measure every palettized conv's logit noise on ``images_nchw``; choose what stays int8.
+
+    ``net`` takes normalized NCHW images (the module the package was converted
+    from). Its parameters are restored before returning.
+    """
+    pal = op_weights(palettized_program, "constexpr_lut_to_dense")
+    match = match_parameters(net, op_weights(float_program, "const"))
+    params = dict(net.named_parameters())
+    res = PaletteSearch(budget=budget, images=len(images_nchw), unmatched_ops=len(set(pal) - set(match)))
+    x = torch.from_numpy(np.ascontiguousarray(images_nchw, np.float32))
+    targets = {match[op]: torch.from_numpy(pal[op].astype(np.float32)) for op in pal if op in match}
+    saved = {n: params[n].detach().clone() for n in targets}
+    net.eval()
+    try:
+        with torch.no_grad():
+            ref = net(x).numpy()
+            for n, w in targets.items():
+                params[n].copy_(w)
+                res.noise_share[n] = float(((net(x).numpy() - ref) ** 2).sum())
+                params[n].copy_(saved[n])
+                res.elements[n] = int(w.numel())
+            total = sum(res.noise_share.values()) or 1.0
+            res.noise_share = {n: v / total for n, v in res.noise_share.items()}
+            order = sorted(targets, key=lambda n: res.noise_share[n] / res.elements[n], reverse=True)
+            room = budget * sum(res.elements.values())
+            for n in order:
+                if res.elements[n] <= room:
+                    res.keep.append(n)
+                    room -= res.elements[n]
+            for label, kept in (("all_palettized", set()), ("with_kept_int8", set(res.keep))):
+                for n, w in targets.items():
+                    params[n].copy_(_int8_per_channel(saved[n]) if n in kept else w)
+                res.predicted_sqnr_db[label] = float(sqnr_db(ref, net(x).numpy()))
+    finally:
+        with torch.no_grad():
+            for n, w in saved.items():
+                params[n].copy_(w)
+    return res
