@@ -36,7 +36,8 @@ def op_weights(program: Any, producer: str) -> dict[str, np.ndarray]:
 
     out: dict[str, np.ndarray] = {}
     for op in program.functions["main"].operations:
-        src = op.inputs.get("weight").op if op.op_type in WEIGHT_OPS and op.inputs.get("weight") is not None else None
+        weight = op.inputs.get("weight") if op.op_type in WEIGHT_OPS else None
+        src = weight.op if weight is not None else None
         if src is None or src.op_type != producer:
             continue
         if producer == "const":
