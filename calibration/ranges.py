@@ -104,7 +104,7 @@ def mse_symmetric_bound(hist: np.ndarray, lo: float, hi: float, levels: int = 25
     c0 = np.concatenate([[0.0], np.cumsum(h)])
     c1 = np.concatenate([[0.0], np.cumsum(h * mag)])
     c2 = np.concatenate([[0.0], np.cumsum(h * mag**2)])
-    k = cand + 1  # bins [0, k) lie inside [-t, t]
+    k = np.searchsorted(mag, t, side="right")  # bins [0, k) (centre within t, ties included) lie inside
     out_cnt, out_s1, out_s2 = c0[-1] - c0[k], c1[-1] - c1[k], c2[-1] - c2[k]
     clip_err = out_s2 - 2 * t * out_s1 + t * t * out_cnt
     err = clip_err + c0[k] * (2 * t / levels) ** 2 / 12.0

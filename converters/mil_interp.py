@@ -747,7 +747,10 @@ def activation_stats(
 
 
 def activation_histograms(
-    program: Any, feeds: Iterable[dict[str, np.ndarray]], ranges: dict[str, tuple[float, float]], fp16: bool | None = None
+    program: Any,
+    feeds: Iterable[dict[str, np.ndarray]],
+    ranges: dict[str, tuple[float, float]],
+    fp16: bool | None = None,
 ) -> HistogramObserver:
     """Histograms (over the given fixed ranges) of the named op outputs, for MSE-optimal int8 ranges."""
     obs = HistogramObserver(ranges)

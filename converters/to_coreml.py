@@ -39,7 +39,7 @@ import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -52,6 +52,9 @@ from edge.context import ArtifactResult, ConvertContext, PrecisionFailure, log
 from edge.errors import ConfigError
 from edge.manifest import TensorSpec
 from edge.targets import validate_options
+
+if TYPE_CHECKING:
+    from converters.coreml_palette import PaletteSearch
 
 FORMS = ("ane", "plain")
 DEPLOYMENT_TARGETS = ("iOS16", "iOS17", "iOS18")
@@ -196,8 +199,8 @@ def compress_weights(
     return model
 
 
-def _share_concat_ranges(program: Any, stats: dict[str, dict[str, float]]) -> None:
-    """Give every tensor around a concat one common range (one scale in, one out)."""
+def _concat_groups(program: Any) -> list[set[str]]:
+    """Sets of tensor names joined by concats (inputs and output, chained concats merged)."""
     groups: list[set[str]] = []
     for op in program.functions["main"].operations:
         if op.op_type != "concat":
@@ -207,7 +210,12 @@ def _share_concat_ranges(program: Any, stats: dict[str, dict[str, float]]) -> No
             names |= g
             groups.remove(g)
         groups.append(names)
-    for g in groups:
+    return groups
+
+
+def _share_concat_ranges(program: Any, stats: dict[str, dict[str, float]]) -> None:
+    """Give every tensor around a concat one common range (one scale in, one out)."""
+    for g in _concat_groups(program):
         known = [stats[n] for n in g if n in stats]
         if not known:
             continue
@@ -364,7 +372,8 @@ def calibration_stats(package: Path, pixels_nhwc: np.ndarray, method: str = "mse
 
     ``method="minmax"``: each tensor's min/max. ``"mse"``: a second pass histograms
     the tensors w8a8 quantizes and narrows each to its MSE-optimal symmetric
-    bound (:func:`calibration.ranges.mse_symmetric_bound`).
+    bound (:func:`calibration.ranges.mse_symmetric_bound`). Tensors joined by a
+    concat share one range either way.
     """
     from converters.mil_interp import activation_histograms, activation_stats, image_feed, load_package
 
@@ -374,12 +383,17 @@ def calibration_stats(package: Path, pixels_nhwc: np.ndarray, method: str = "mse
         return ({pkg.input_name: image_feed(pkg, img)} for img in pixels_nhwc)
 
     stats = activation_stats(pkg.program, feeds())
+    _share_concat_ranges(pkg.program, stats)
     if method == "mse":
         names = quantized_inputs(pkg.program) & set(stats)
-        obs = activation_histograms(pkg.program, feeds(), {n: (stats[n]["rmin"], stats[n]["rmax"]) for n in names})
-        for n, t in obs.mse_bounds().items():
+        ranges = {n: (stats[n]["rmin"], stats[n]["rmax"]) for n in names}
+        bounds = activation_histograms(pkg.program, feeds(), ranges).mse_bounds()
+        for g in _concat_groups(pkg.program):  # a concat group keeps one bound: its quantized members' widest
+            narrowed = [bounds[n] for n in g if n in bounds]
+            for n in g & set(stats) if narrowed else ():
+                bounds[n] = max(narrowed)
+        for n, t in bounds.items():
             stats[n] = {"rmin": -t, "rmax": t}
-    _share_concat_ranges(pkg.program, stats)
     for s in stats.values():
         if max(abs(s["rmin"]), abs(s["rmax"])) < MIN_RANGE:
             s["rmin"], s["rmax"] = min(s["rmin"], -MIN_RANGE), max(s["rmax"], MIN_RANGE)
@@ -393,8 +407,10 @@ class _Builder:
         self.ctx, self.form, self.target = ctx, form, target
         self.net = network(ctx, form)
         self._cache: dict[tuple[str, bool], Any] = {}
-        self.searches: dict[str, Any] = {}
-        self.palette_budget = float(validate_options(ctx.options)["coreml_palette_budget"])
+        opts = validate_options(ctx.options)
+        self.searches: dict[str, PaletteSearch | None] = {}
+        self.palette_budget = float(opts["coreml_palette_budget"])
+        self.threshold = int(opts["coreml_weight_threshold"])
 
     def float_model(self, compute_precision: str, classifier: bool) -> Any:
         key = (compute_precision, classifier)
@@ -402,22 +418,33 @@ class _Builder:
             self._cache[key] = build_mlmodel(self.net, self.ctx.input_size, compute_precision, self.target, classifier)
         return self._cache[key]
 
-    def palette_keep(self, precision: str, base: Any, palettized: Any) -> list[str]:
-        """Parameter names the palette search keeps int8 for ``precision`` (searched once)."""
+    def palette_search(self, precision: str, base: Any, float_ops: tuple[str, ...]) -> PaletteSearch | None:
+        """The layer search for ``precision`` (run once, on the logits program); None when off."""
+        from calibration.splits import Batch
         from converters.coreml_palette import search
 
+        if self.palette_budget <= 0:
+            return None
         if precision not in self.searches:
             calib = self.ctx.split.calib
             if len(calib) == 0:
-                raise ConfigError("the palette search needs calibration images: use --calib-size > 0 "
-                                  "or --option coreml_palette_budget=0")
-            images = calib.nchw()[:PALETTE_SEARCH_IMAGES]
+                log.warning("coreml %s: no calibration images, so no palette layer search: every conv "
+                            "palettized (use --calib-size > 0 to keep the noisiest ones int8)", precision)
+                self.searches[precision] = None
+                return None
+            n = PALETTE_SEARCH_IMAGES
+            images = Batch(calib.pixels[:n], calib.labels[:n], calib.names[:n]).nchw()
+            palettized = compress_weights(base, precision, self.target, self.threshold, float_ops=float_ops)
             t = time.perf_counter()
-            self.searches[precision] = search(self.net, base._mil_program, palettized._mil_program, images,
-                                              self.palette_budget)
-            log.info("coreml %s: palette search kept %d layers int8 (%.1f s)", precision,
-                     len(self.searches[precision].keep), time.perf_counter() - t)
-        return self.searches[precision].keep
+            res = search(self.net, base._mil_program, palettized._mil_program, images, self.palette_budget)
+            log.info("coreml %s: palette search kept %d layers int8 (%.1f s)", precision, len(res.keep),
+                     time.perf_counter() - t)
+            if res.unmatched_ops or not res.keep:
+                log.warning("coreml %s: palette search kept %d layers; %d palettized convs could not be tied to "
+                            "a PyTorch parameter and were not measured", precision, len(res.keep),
+                            res.unmatched_ops)
+            self.searches[precision] = res
+        return self.searches[precision]
 
 
 def _compressed(b: _Builder, precision: str, classifier: bool, stats: dict | None, threshold: int,
@@ -435,13 +462,12 @@ def _compressed(b: _Builder, precision: str, classifier: bool, stats: dict | Non
     if precision in ("w8", "w8a8"):
         model = compress_weights(model, precision, b.target, threshold)
     elif precision in ("pal6", "pal4"):
-        model = compress_weights(model, precision, b.target, threshold, float_ops=tuple(kept))
-        if b.palette_budget > 0:
-            keep = set(b.palette_keep(precision, base, model))
-            int8_weights = weight_consts(base._mil_program, b.net, keep)
-            if int8_weights:
-                model = compress_weights(base, precision, b.target, threshold, float_ops=tuple(kept),
-                                         int8_weights=int8_weights)
+        logits_base = b.float_model(cp, False)  # searched on the logits program, reused for the classifier
+        logits_head = head_op_name(logits_base._mil_program) if float_head else None
+        found = b.palette_search(precision, logits_base, tuple(float_ops) + ((logits_head,) if logits_head else ()))
+        int8_weights = weight_consts(base._mil_program, b.net, set(found.keep)) if found else ()
+        model = compress_weights(model, precision, b.target, threshold, float_ops=tuple(kept),
+                                 int8_weights=int8_weights)
     return model, (kept if precision in ("w8a8", "pal6", "pal4") else [])
 
 
@@ -505,7 +531,7 @@ def _one_precision(
             + ("; int8 activations only at conv/linear inputs (residual adds, matmul/einsum, softmax, "
                "layer_norm, gelu, modulation mul stay fp16)" if precision == "w8a8" else " (weights fp16)"),
         }
-    if precision in b.searches:
+    if b.searches.get(precision) is not None:
         details["palette_search"] = b.searches[precision].report()
     if calib:
         details["activation_calibration"] = calib

@@ -141,11 +141,13 @@ class OptionSpec:
                 raise bad
             return n
         if self.kind == "fraction":
+            if isinstance(value, bool):
+                raise bad
             try:
                 f = float(value)  # type: ignore[arg-type]
             except (TypeError, ValueError):
                 raise bad from None
-            if not 0.0 <= f <= 1.0:
+            if not 0.0 <= f <= 1.0:  # also rejects nan
                 raise bad
             return f
         if self.kind == "bool":

@@ -53,7 +53,22 @@ def test_search_keeps_the_noisiest_layers_within_budget(programs):
     assert rep["kept_noise_share"] > 1.5 * rep["kept_fraction"], rep
     gain = rep["calib_sqnr_db"]["with_kept_int8"] - rep["calib_sqnr_db"]["all_palettized"]
     assert gain >= 1.0, rep
-    assert search(net, base._mil_program, pal._mil_program, x, budget=0.0).keep == []
+
+    calls = {"n": 0}
+
+    def fail_on_third_forward(*_):  # by then a palettized weight is in place
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("interrupted")
+
+    hook = net.register_forward_hook(fail_on_third_forward)
+    try:
+        with pytest.raises(RuntimeError, match="interrupted"):
+            search(net, base._mil_program, pal._mil_program, x, budget=0.2)
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        assert np.array_equal(before, net(torch.from_numpy(x)).numpy()), "weights restored after a failure"
 
 
 def test_kept_layers_sharing_a_const_with_palettized_ones():

@@ -180,6 +180,13 @@ def test_mse_calibration_narrows_quantized_ranges(ane_out, samples_dir):
         assert got <= bound * (1 + 1e-3), f"{n}: MSE bound {got} above max |x| {bound}"
         tighter += got < 0.98 * bound
     assert tighter >= len(quantized) // 2, f"only {tighter} of {len(quantized)} ranges narrowed"
+    # attention outputs reach their projection conv through a concat, whose group shares one range
+    ops = load_package(package).program.functions["main"].operations
+    concat_fed = {op.outputs[0].name for op in ops if op.op_type == "concat"} & quantized
+    assert concat_fed
+    for n in concat_fed:
+        bound = max(abs(minmax[n]["rmin"]), abs(minmax[n]["rmax"]))
+        assert max(abs(mse[n]["rmin"]), abs(mse[n]["rmax"])) < 0.995 * bound, f"{n}: concat-fed range not narrowed"
 
 
 def test_ios16_target(tmp_path, samples_dir):

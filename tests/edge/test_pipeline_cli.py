@@ -108,6 +108,10 @@ def test_options_are_validated_with_defaults():
         validate_options({"coreml_weight_threshold": "many"})
     with pytest.raises(ConfigError, match="tflite_ranges='p99'.*mse, minmax"):
         validate_options({"tflite_ranges": "p99"})
+    assert validate_options({"coreml_palette_budget": "0.3"})["coreml_palette_budget"] == 0.3
+    for bad in ("1.5", "-0.1", "abc", "nan", True):
+        with pytest.raises(ConfigError, match="coreml_palette_budget=.*number from 0 to 1"):
+            validate_options({"coreml_palette_budget": bad})
 
 
 def test_option_table_matches_the_converters():
