@@ -715,6 +715,22 @@ def classify_package(path: str | Path | Package, pixels_uint8_nhwc: np.ndarray) 
     ]
 
 
+def observe_tensors(
+    program: Any, feeds: Iterable[dict[str, np.ndarray]], update: Callable[[str, Any], None], fp16: bool | None = None
+) -> None:
+    """Run ``program`` on each feed, calling ``update(name, value)`` for every input and op output."""
+    interp = Interpreter(program, fp16=fp16)
+
+    def observer(op: Any, outs: list[Any]) -> None:
+        for var, o in zip(op.outputs, outs):
+            update(var.name, o)
+
+    for feed in feeds:
+        for name, value in feed.items():
+            update(name, value)
+        interp.run(feed, observer)
+
+
 def activation_stats(
     program: Any, feeds: Iterable[dict[str, np.ndarray]], fp16: bool | None = None
 ) -> dict[str, dict[str, float]]:
@@ -733,16 +749,7 @@ def activation_stats(
         s["rmin"] = min(lo, s.get("rmin", lo))
         s["rmax"] = max(hi, s.get("rmax", hi))
 
-    interp = Interpreter(program, fp16=fp16)
-
-    def observer(op: Any, outs: list[Any]) -> None:
-        for var, o in zip(op.outputs, outs):
-            update(var.name, o)
-
-    for feed in feeds:
-        for name, value in feed.items():
-            update(name, value)
-        interp.run(feed, observer)
+    observe_tensors(program, feeds, update, fp16)
     return dict(stats)
 
 
@@ -752,19 +759,9 @@ def activation_histograms(
     ranges: dict[str, tuple[float, float]],
     fp16: bool | None = None,
 ) -> HistogramObserver:
-    """Histograms (over the given fixed ranges) of the named op outputs, for MSE-optimal int8 ranges."""
+    """Histograms (over the given fixed ranges) of the named tensors, for MSE-optimal int8 ranges."""
     obs = HistogramObserver(ranges)
-    interp = Interpreter(program, fp16=fp16)
-
-    def observer(op: Any, outs: list[Any]) -> None:
-        for var, o in zip(op.outputs, outs):
-            if var.name in obs.ranges:
-                obs.update(var.name, o)
-
-    for feed in feeds:
-        for name, value in feed.items():
-            obs.update(name, value)
-        interp.run(feed, observer)
+    observe_tensors(program, feeds, obs.update, fp16)  # update() ignores tensors without a range
     return obs
 
 

@@ -390,8 +390,9 @@ def calibration_stats(package: Path, pixels_nhwc: np.ndarray, method: str = "mse
         bounds = activation_histograms(pkg.program, feeds(), ranges).mse_bounds()
         for g in _concat_groups(pkg.program):  # a concat group keeps one bound: its quantized members' widest
             narrowed = [bounds[n] for n in g if n in bounds]
-            for n in g & set(stats) if narrowed else ():
-                bounds[n] = max(narrowed)
+            if narrowed:
+                for n in g & set(stats):
+                    bounds[n] = max(narrowed)
         for n, t in bounds.items():
             stats[n] = {"rmin": -t, "rmax": t}
     for s in stats.values():
@@ -407,10 +408,8 @@ class _Builder:
         self.ctx, self.form, self.target = ctx, form, target
         self.net = network(ctx, form)
         self._cache: dict[tuple[str, bool], Any] = {}
-        opts = validate_options(ctx.options)
         self.searches: dict[str, PaletteSearch | None] = {}
-        self.palette_budget = float(opts["coreml_palette_budget"])
-        self.threshold = int(opts["coreml_weight_threshold"])
+        self.palette_budget = float(validate_options(ctx.options)["coreml_palette_budget"])
 
     def float_model(self, compute_precision: str, classifier: bool) -> Any:
         key = (compute_precision, classifier)
@@ -418,7 +417,9 @@ class _Builder:
             self._cache[key] = build_mlmodel(self.net, self.ctx.input_size, compute_precision, self.target, classifier)
         return self._cache[key]
 
-    def palette_search(self, precision: str, base: Any, float_ops: tuple[str, ...]) -> PaletteSearch | None:
+    def palette_search(
+        self, precision: str, base: Any, float_ops: tuple[str, ...], threshold: int
+    ) -> PaletteSearch | None:
         """The layer search for ``precision`` (run once, on the logits program); None when off."""
         from calibration.splits import Batch
         from converters.coreml_palette import search
@@ -434,7 +435,7 @@ class _Builder:
                 return None
             n = PALETTE_SEARCH_IMAGES
             images = Batch(calib.pixels[:n], calib.labels[:n], calib.names[:n]).nchw()
-            palettized = compress_weights(base, precision, self.target, self.threshold, float_ops=float_ops)
+            palettized = compress_weights(base, precision, self.target, threshold, float_ops=float_ops)
             t = time.perf_counter()
             res = search(self.net, base._mil_program, palettized._mil_program, images, self.palette_budget)
             log.info("coreml %s: palette search kept %d layers int8 (%.1f s)", precision, len(res.keep),
@@ -464,7 +465,8 @@ def _compressed(b: _Builder, precision: str, classifier: bool, stats: dict | Non
     elif precision in ("pal6", "pal4"):
         logits_base = b.float_model(cp, False)  # searched on the logits program, reused for the classifier
         logits_head = head_op_name(logits_base._mil_program) if float_head else None
-        found = b.palette_search(precision, logits_base, tuple(float_ops) + ((logits_head,) if logits_head else ()))
+        found = b.palette_search(precision, logits_base, tuple(float_ops) + ((logits_head,) if logits_head else ()),
+                                 threshold)
         int8_weights = weight_consts(base._mil_program, b.net, set(found.keep)) if found else ()
         model = compress_weights(model, precision, b.target, threshold, float_ops=tuple(kept),
                                  int8_weights=int8_weights)
