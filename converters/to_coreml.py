@@ -25,7 +25,13 @@ Options (``ctx.options``): ``deployment_target`` (iOS16, iOS17 default, iOS18),
 fewer elements stay float; 2048), ``coreml_float_ops`` (op names kept float),
 ``coreml_float_head`` (True), ``coreml_ranges`` (w8a8 activation ranges: mse default, minmax),
 ``coreml_palette_budget`` (fraction of palettized weights the layer search of
-:mod:`converters.coreml_palette` may keep int8; 0.15, 0 turns it off).
+:mod:`converters.coreml_palette` may keep int8; 0.15, 0 turns it off),
+``coreml_weight_rounding`` (w8a8 weights: ``gptq`` default, ``nearest``).
+
+w8a8 is converted from a copy of the network whose weights are GPTQ-rounded onto
+coremltools' int8 grid on the calibration images (:mod:`calibration.gptq`):
+coremltools then stores exactly those weights. ``w8`` stays data-free
+(nearest rounding), as its name promises.
 
 Every reported logit is computed by the interpreter from the *saved* package.
 """
@@ -407,15 +413,34 @@ class _Builder:
     def __init__(self, ctx: ConvertContext, form: str, target: str):
         self.ctx, self.form, self.target = ctx, form, target
         self.net = network(ctx, form)
-        self._cache: dict[tuple[str, bool], Any] = {}
+        self._cache: dict[tuple[str, bool, bool], Any] = {}
         self.searches: dict[str, PaletteSearch | None] = {}
-        self.palette_budget = float(validate_options(ctx.options)["coreml_palette_budget"])
+        opts = validate_options(ctx.options)
+        self.palette_budget = float(opts["coreml_palette_budget"])
+        self.rounding = opts["coreml_weight_rounding"]
+        self._rounded: nn.Module | None = None
+        self.rounding_summary: dict = {"method": "nearest (coremltools' own rounding)"}
 
-    def float_model(self, compute_precision: str, classifier: bool) -> Any:
-        key = (compute_precision, classifier)
+    def float_model(self, compute_precision: str, classifier: bool, rounded: bool = False) -> Any:
+        """The float ML Program; ``rounded`` takes the GPTQ-rounded network (see :meth:`rounded_net`)."""
+        key = (compute_precision, classifier, rounded)
         if key not in self._cache:
-            self._cache[key] = build_mlmodel(self.net, self.ctx.input_size, compute_precision, self.target, classifier)
+            net = self.rounded_net() if rounded else self.net
+            self._cache[key] = build_mlmodel(net, self.ctx.input_size, compute_precision, self.target, classifier)
         return self._cache[key]
+
+    def rounded_net(self) -> nn.Module:
+        """The network with its int8-compressed weights GPTQ-rounded on the calibration images (once)."""
+        from calibration.gptq import GPTQ_IMAGES, gptq_round
+
+        if self._rounded is None:
+            images = self.ctx.split.calib.nchw()[:GPTQ_IMAGES]
+            log.info("coreml: GPTQ weight rounding on %d calibration images", len(images))
+            threshold = validate_options(self.ctx.options)["coreml_weight_threshold"]
+            # coremltools compresses weights with more than `threshold` elements
+            self._rounded, report = gptq_round(self.net, images, min_elements=threshold + 1)
+            self.rounding_summary = report.as_dict()
+        return self._rounded
 
     def palette_search(
         self, precision: str, base: Any, float_ops: tuple[str, ...], threshold: int
@@ -448,13 +473,18 @@ class _Builder:
         return self.searches[precision]
 
 
+def _rounded(b: _Builder, precision: str) -> bool:
+    """Whether ``precision`` is converted from the GPTQ-rounded network."""
+    return precision == "w8a8" and b.rounding == "gptq"
+
+
 def _compressed(b: _Builder, precision: str, classifier: bool, stats: dict | None, threshold: int,
                 float_ops: tuple[str, ...], float_head: bool) -> tuple[Any, list[str]]:
     """The package model for ``precision`` and the ops deliberately kept float."""
     from converters.coreml_palette import weight_consts
 
     cp = "fp32" if precision == "fp32" else "fp16"
-    base = b.float_model(cp, classifier)
+    base = b.float_model(cp, classifier, rounded=_rounded(b, precision))
     head = head_op_name(base._mil_program) if float_head else None
     kept = list(float_ops) + ([head] if head else [])
     model = base
@@ -489,7 +519,7 @@ def _one_precision(
         if len(ctx.split.calib) == 0:
             raise ConfigError("w8a8 needs calibration images: use --calib-size > 0")
         tmp = ctx.work_dir / f".{ctx.stem}_w8a8_calib_base.mlpackage"
-        base = b.float_model("fp16", False)
+        base = b.float_model("fp16", False, rounded=_rounded(b, precision))
         describe(base, ctx, "fp16", b.form, b.target, False)
         _save(base, tmp)
         tc = time.perf_counter()
@@ -526,6 +556,9 @@ def _one_precision(
     }
     if precision in COMPRESSED:
         details["weight_threshold"] = threshold
+    if precision in ("w8", "w8a8"):
+        details["weight_rounding"] = b.rounding_summary if _rounded(b, precision) else {
+            "method": "nearest (coremltools' own rounding)"}
     if kept_float:
         details["kept_float"] = {
             "ops": kept_float,

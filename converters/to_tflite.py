@@ -25,6 +25,11 @@ inputs are then widened to at least 2^-8 of the ADD's output range: XNNPACK
 refuses int8 ADDs with a far smaller input scale (a nearly constant channel mean
 had one, and 26 ADDs of xxs fell out of the delegate).
 
+The int8 files' weights are GPTQ-rounded onto the per-channel int8 grid before
+export (``calibration.gptq``; option ``tflite_weight_rounding=nearest`` leaves
+the rounding to the converter): the converter then stores exactly those
+weights, whose rounding errors largely cancel on the calibration images.
+
 onnx2tf runs in a private working folder that holds the sample-image .npy it
 would otherwise download, with the venv's ``onnxsim`` on PATH. Every
 TensorFlow/LiteRT step runs in a subprocess (``converters.litert_worker``).
@@ -44,13 +49,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch.nn as nn
 from PIL import Image
 
 from calibration.preprocess import MEAN, STD
 from converters.to_onnx import export_onnx
 from edge.checks import compare_logits
 from edge.context import ArtifactResult, ConvertContext, PrecisionFailure, log, torch_logits
-from edge.efficientmod import to_deploy
+from edge.efficientmod import EfficientModDeploy, to_deploy
 from edge.errors import ConversionError
 from edge.manifest import TensorSpec
 from edge.targets import validate_options
@@ -138,10 +144,17 @@ def _sample_npy(ctx: ConvertContext, path: Path) -> None:
     np.save(path, (np.stack(imgs).astype(np.float32) / 255.0))
 
 
-def build_saved_model(ctx: ConvertContext, build_dir: Path, norm_impl: str = "conv") -> Path:
-    """Deploy form -> ONNX (opset 20) -> onnx2tf saved_model with float32/float16 .tflite."""
+def tflite_deploy(ctx: ConvertContext, norm_impl: str) -> EfficientModDeploy:
+    """The deploy form the TFLite files are made from (split depthwise, ``norm_impl`` LayerNorm)."""
+    return to_deploy(ctx.loaded.model, ctx.input_size, norm_impl=norm_impl, dw_impl="split")
+
+
+def build_saved_model(ctx: ConvertContext, build_dir: Path, norm_impl: str = "conv",
+                      deploy: nn.Module | None = None) -> Path:
+    """Deploy form (or ``deploy``) -> ONNX (opset 20) -> onnx2tf saved_model with float32/float16 .tflite."""
     build_dir.mkdir(parents=True, exist_ok=True)
-    deploy = to_deploy(ctx.loaded.model, ctx.input_size, norm_impl=norm_impl, dw_impl="split")
+    if deploy is None:
+        deploy = tflite_deploy(ctx, norm_impl)
     onnx_path = export_onnx(deploy, build_dir / "model.onnx", ctx.input_size, opset=ONNX_OPSET)
     _sample_npy(ctx, build_dir / SAMPLE_NPY)
     if shutil.which("onnxsim", path=_env()["PATH"]) is None:
@@ -192,8 +205,11 @@ class _Builder:
         self.eval_nhwc = ctx.split.eval.nhwc()
         self.calib_npy = build / "calib.npy"
         self._calibrated: Path | None = None
-        self.ranges = validate_options(ctx.options)["tflite_ranges"]
+        opts = validate_options(ctx.options)
+        self.ranges = opts["tflite_ranges"]
+        self.rounding = opts["tflite_weight_rounding"]
         self.ranges_summary: dict = {}
+        self.rounding_summary: dict = {"method": "nearest (the converter's own rounding)"}
         if len(ctx.split.calib):
             np.save(self.calib_npy, ctx.split.calib.nhwc())
 
@@ -205,8 +221,24 @@ class _Builder:
         statistics stay in XNNPACK's int8 kernels).
         """
         if norm_impl not in self._saved:
-            self._saved[norm_impl] = build_saved_model(self.ctx, self.build / norm_impl, norm_impl)
+            deploy = None
+            if norm_impl == INT8_NORM and self.rounding == "gptq":
+                deploy = self._gptq_deploy()
+            self._saved[norm_impl] = build_saved_model(self.ctx, self.build / norm_impl, norm_impl, deploy)
         return self._saved[norm_impl]
+
+    def _gptq_deploy(self) -> nn.Module:
+        """The int8 deploy form with GPTQ-rounded weights (``calibration.gptq``)."""
+        from calibration.gptq import GPTQ_IMAGES, gptq_round
+
+        calib = self.ctx.split.calib
+        if len(calib) == 0:
+            raise ConversionError("int8 needs calibration images: use --calib-size > 0")
+        images = calib.nchw()[:GPTQ_IMAGES]
+        log.info("tflite: GPTQ weight rounding on %d calibration images", len(images))
+        rounded, report = gptq_round(tflite_deploy(self.ctx, INT8_NORM), images)
+        self.rounding_summary = report.as_dict()
+        return rounded
 
     def convert(self, mode: str, out: Path) -> Path:
         """dynamic-range int8 straight from the float saved model."""
@@ -297,6 +329,7 @@ def _mixed(b: _Builder, stem: str) -> ArtifactResult:
         "kept_float_nodes": [{"tensor": r["tensor"], "op": r["op"], "drop_db": r["drop_db"]} for r in ranked[:k]],
         "target_met_on_calibration": ok,
         "activation_ranges": b.ranges_summary,
+        "weight_rounding": b.rounding_summary,
         "search": tried,
         "sensitivity": sensitivity,
     }
@@ -329,7 +362,7 @@ def convert(ctx: ConvertContext, precisions: list[str]) -> list[ArtifactResult |
     def int8() -> list[ArtifactResult]:
         f = b.quantize(ctx.work_dir / f"{stem}_int8.tflite")
         i = b.quantize(ctx.work_dir / f"{stem}_int8_io.tflite", int8_io=True)
-        ranges = {"activation_ranges": b.ranges_summary}
+        ranges = {"activation_ranges": b.ranges_summary, "weight_rounding": b.rounding_summary}
         return [b.result("int8", f, ranges), b.result("int8", i, ranges)]
 
     steps = {

@@ -215,19 +215,60 @@ def test_coreml_runtime_agrees_with_interpreter(ane_out, samples_dir):
     assert float(np.abs(got - run_package(ane_out / a.path, px)).max()) < 1e-3
 
 
-def test_checkpoint_with_layernorm_affines_converts(tmp_path, samples_dir, proxy_tiny_checkpoint):
-    """Upstream init has LayerNorm weight 1 / bias 0; real weights don't, and coremltools then
-    fuses their per-channel mul + add into batch_norm, which the interpreter must run."""
-    res = convert(ConvertRequest(targets=["coreml"], model=TINY, weights=str(proxy_tiny_checkpoint), output=tmp_path,
+@pytest.fixture(scope="module")
+def proxy_out(tmp_path_factory, samples_dir, proxy_tiny_checkpoint) -> tuple[Path, Manifest]:
+    out = tmp_path_factory.mktemp("coreml_proxy")
+    res = convert(ConvertRequest(targets=["coreml"], model=TINY, weights=str(proxy_tiny_checkpoint), output=out,
                                  calib_dir=str(samples_dir), calib_size=8, eval_size=6,
                                  precisions=["fp32", "fp16", "w8a8"], options=dict(OPTS)))
-    assert not res.manifest.failures, res.manifest.failures
-    checks = {a.precision: a.checks for a in res.manifest.artifacts if "classifier" not in a.path}
+    return out, res.manifest
+
+
+def test_checkpoint_with_layernorm_affines_converts(proxy_out):
+    """Upstream init has LayerNorm weight 1 / bias 0; real weights don't, and coremltools then
+    fuses their per-channel mul + add into batch_norm, which the interpreter must run."""
+    _, manifest = proxy_out
+    assert not manifest.failures, manifest.failures
+    checks = {a.precision: a.checks for a in manifest.artifacts if "classifier" not in a.path}
     assert checks["fp32"]["max_abs_diff"] <= 1e-4, checks["fp32"]
     assert checks["fp16"]["sqnr_db"] >= 40.0, checks["fp16"]
     assert checks["w8a8"]["sqnr_db"] >= 20.0, checks["w8a8"]
-    (w8a8,) = [a for a in res.manifest.artifacts if a.precision == "w8a8"]
+    w8a8 = _artifact(manifest, "w8a8")
     assert "MSE-optimal" in w8a8.details["activation_calibration"]["ranges_from"]
+
+
+def test_w8a8_stores_the_gptq_weights(proxy_out, samples_dir, proxy_tiny_checkpoint):
+    """coremltools re-derives each row's scale and rounds: the package must hold the GPTQ levels unchanged."""
+    from calibration.folder import scan_folder
+    from calibration.gptq import GPTQ_IMAGES, gptq_round
+    from calibration.splits import make_split
+    from converters.coreml_palette import op_weights
+    from edge.weights import load_model
+
+    out, manifest = proxy_out
+    w8a8 = _artifact(manifest, "w8a8")
+    rounding = w8a8.details["weight_rounding"]
+    assert rounding["method"].startswith("GPTQ") and rounding["layers"] > 0, rounding
+    split = make_split(scan_folder(samples_dir), 8, 6, 0)
+    net = to_ane(load_model(TINY, proxy_tiny_checkpoint).model, 224)
+    rounded, _ = gptq_round(net, split.calib.nchw()[:GPTQ_IMAGES], min_elements=OPTS["coreml_weight_threshold"] + 1)
+    wanted = {n: p.detach().double().numpy() for n, p in rounded.named_parameters() if n.endswith("weight")}
+    original = {n: p.detach().double().numpy() for n, p in net.named_parameters()}
+    program = load_package(out / w8a8.path).program
+    stored = op_weights(program, "constexpr_affine_dequantize")
+    assert len(stored) == rounding["layers"], f"{len(stored)} int8 weights in the package, GPTQ rounded {rounding['layers']}"
+    moved = 0
+    for op, w in stored.items():
+        w = w.astype(np.float64)
+        level = np.abs(w.reshape(len(w), -1)).max(1) / 127
+        level = level.reshape(-1, *[1] * (w.ndim - 1))
+        same_shape = [n for n, p in wanted.items() if p.shape == w.shape]
+        err = {n: float(np.abs((w - wanted[n]) / level).max()) for n in same_shape}
+        best = min(err, key=err.get)
+        # fp16 scales: a level moves by at most ~127 * 2^-10 of itself
+        assert err[best] < 0.15, f"{op}: package weights are {err[best]:.2f} levels from the GPTQ weights of {best}"
+        moved += float(np.abs((wanted[best] - original[best]) / level).max()) > 0.5
+    assert moved > 0, "GPTQ moved no weight by more than half a level: the test would not see nearest rounding"
 
 
 @pytest.mark.slow

@@ -139,14 +139,74 @@ def test_dynamic_depthwise_weights_go_back_to_float(tmp_path):
     assert sqnr >= 30.0, f"dynamic depthwise+pointwise output SQNR {sqnr:.1f} dB < 30 dB"
 
 
+_DUMP_INT8_WEIGHTS = """
+import sys, numpy as np
+from ai_edge_litert.interpreter import Interpreter
+it = Interpreter(model_path=sys.argv[1])
+out = {}
+for d in it.get_tensor_details():
+    q = d["quantization_parameters"]
+    if d["dtype"] != np.int8 or len(q["scales"]) < 2:
+        continue
+    v = it.get_tensor(d["index"]).astype(np.float64)
+    axis = q["quantized_dimension"]
+    scale = q["scales"].reshape([-1 if i == axis else 1 for i in range(v.ndim)])
+    out[f"{d['index']}_{axis}"] = v * scale
+np.savez(sys.argv[2], **out)
+"""
+
+
+def _int8_weights_torch_layout(model: Path, tmp_path: Path) -> list[np.ndarray]:
+    """Dequantized per-channel int8 weights of a .tflite (in a subprocess), in PyTorch's layout."""
+    import subprocess
+
+    dump = tmp_path / "weights.npz"
+    subprocess.run([sys.executable, "-c", _DUMP_INT8_WEIGHTS, str(model), str(dump)], check=True,
+                   capture_output=True, timeout=300)
+    out = []
+    with np.load(dump) as z:
+        for key in z.files:
+            w, axis = z[key], int(key.rsplit("_", 1)[1])
+            if w.ndim == 4:  # depthwise (1, kh, kw, C) -> (C, 1, kh, kw); conv OHWI -> OIHW
+                w = w.transpose(3, 0, 1, 2) if axis == 3 else w.transpose(0, 3, 1, 2)
+            out.append(w)
+    return out
+
+
 def test_int8_on_weights_whose_blocks_matter(tmp_path, samples_dir, proxy_tiny_checkpoint):
     """Upstream-init blocks barely reach the logits (LayerScale 1e-4), so the fixture's int8 SQNR
-    mostly measures the stems; on a proxy checkpoint every block's int8 error counts."""
+    mostly measures the stems; on a proxy checkpoint every block's int8 error counts. The int8 file
+    must also hold exactly the GPTQ-rounded weights: the converter re-derives each row's scale and
+    rounds, and must land on the same levels."""
+    from calibration.folder import scan_folder
+    from calibration.gptq import GPTQ_IMAGES, gptq_round
+    from calibration.splits import make_split
+    from converters.to_tflite import INT8_NORM
+    from edge.efficientmod import to_deploy
+    from edge.weights import load_model
+
     res = convert(ConvertRequest(targets=["tflite"], model=TINY, weights=str(proxy_tiny_checkpoint), output=tmp_path,
                                  calib_dir=str(samples_dir), calib_size=16, eval_size=12, precisions=["int8"]))
     assert not res.manifest.failures, res.manifest.failures
     a = _by(res.manifest, "_int8.tflite")
     assert a.checks["sqnr_db"] >= 23.0, f"int8 on proxy weights: {a.checks}"
+    assert a.details["weight_rounding"]["method"].startswith("GPTQ"), a.details["weight_rounding"]
+
+    split = make_split(scan_folder(samples_dir), 16, 12, 0)
+    net = to_deploy(load_model(TINY, proxy_tiny_checkpoint).model, 224, norm_impl=INT8_NORM, dw_impl="split")
+    rounded, _ = gptq_round(net, split.calib.nchw()[:GPTQ_IMAGES])
+    wanted = {n: p.detach().double().numpy() for n, p in rounded.named_parameters() if n.endswith("weight")}
+    original = dict(net.named_parameters())
+    stored = _int8_weights_torch_layout(tmp_path / a.path, tmp_path)
+    assert len(stored) == sum(w.ndim in (2, 4) and w.shape[0] > 1 for w in wanted.values())
+    moved = 0
+    for w in stored:
+        level = np.abs(w.reshape(len(w), -1)).max(1).reshape(-1, *[1] * (w.ndim - 1)) / 127
+        err = {n: float(np.abs((w - p) / level).max()) for n, p in wanted.items() if p.shape == w.shape}
+        best = min(err, key=err.get)
+        assert err[best] < 0.01, f"int8 weights {w.shape} are {err[best]:.3f} levels from the GPTQ weights of {best}"
+        moved += float(np.abs((wanted[best] - original[best].detach().double().numpy()) / level).max()) > 0.5
+    assert moved > 0, "GPTQ moved no weight by more than half a level: the test would not see nearest rounding"
 
 
 def test_relative_output_path(tmp_path, samples_dir, monkeypatch):

@@ -1,0 +1,121 @@
+"""GPTQ weight rounding: on the converters' int8 grid, lower output error than nearest rounding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from calibration.gptq import gptq_round, nearest_grid, quantizable_layers
+from edge.checks import sqnr_db
+
+
+def _correlated_images(n: int, size: int = 16, channels: int = 3, seed: int = 0) -> np.ndarray:
+    """Smooth images whose channels are mixtures of shared sources: neighbouring inputs correlate."""
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randn(n, 2, size // 4, size // 4, generator=g)
+    src = nn.functional.interpolate(src, size=(size, size), mode="bilinear", align_corners=False)
+    mix = torch.randn(channels, 2, generator=g)
+    x = torch.einsum("cs,nshw->nchw", mix, src) + 0.1 * torch.randn(n, channels, size, size, generator=g)
+    return x.numpy().astype(np.float32)
+
+
+def _on_grid(layer: nn.Module) -> float:
+    """Largest distance (in levels) of any weight from its row's int8 grid, with the scale the converter derives."""
+    w = layer.weight.detach().reshape(layer.weight.shape[0], -1).double()
+    scale = w.abs().amax(1, keepdim=True) / 127
+    return float(((w / scale) - (w / scale).round()).abs().max())
+
+
+def _output_sqnr(net: nn.Module, ref_net: nn.Module, x: np.ndarray) -> float:
+    with torch.no_grad():
+        ref = ref_net(torch.from_numpy(x)).numpy()
+        got = net(torch.from_numpy(x)).numpy()
+    return sqnr_db(ref, got)
+
+
+def _nearest_copy(net: nn.Module) -> nn.Module:
+    import copy
+
+    out = copy.deepcopy(net)
+    with torch.no_grad():
+        for _, layer in quantizable_layers(out)[0]:
+            layer.weight.copy_(nearest_grid(layer.weight))
+    return out
+
+
+@pytest.mark.parametrize(
+    "make, min_gain_db",
+    [
+        (lambda: nn.Conv2d(3, 16, 3, padding=1), 2.0),
+        (lambda: nn.Conv2d(3, 12, 5, padding=4, dilation=2, groups=3), 1.0),
+        (lambda: nn.Sequential(nn.Conv2d(3, 24, 1), nn.Conv2d(24, 24, 5, padding=2, groups=24)), 1.0),
+    ],
+    ids=["dense3x3", "grouped-dilated", "pointwise+depthwise"],
+)
+def test_gptq_beats_nearest_on_held_out_inputs(make, min_gain_db):
+    torch.manual_seed(0)
+    net = make().eval()
+    calib, held_out = _correlated_images(64, seed=1), _correlated_images(32, seed=2)
+    rounded, report = gptq_round(net, calib)
+    for name, layer in quantizable_layers(rounded)[0]:
+        assert _on_grid(layer) < 1e-3, f"{name}: GPTQ weights are off the int8 grid by {_on_grid(layer):.3g} levels"
+        orig = dict(net.named_modules())[name].weight.detach().reshape(layer.weight.shape[0], -1)
+        got = layer.weight.detach().reshape(layer.weight.shape[0], -1)
+        # each row keeps its largest weight, so a converter derives the same per-channel scale
+        torch.testing.assert_close(got.abs().amax(1), orig.abs().amax(1), rtol=1e-6, atol=0)
+    gptq = _output_sqnr(rounded, net, held_out)
+    near = _output_sqnr(_nearest_copy(net), net, held_out)
+    assert gptq >= near + min_gain_db, f"GPTQ {gptq:.2f} dB vs nearest {near:.2f} dB on held-out inputs"
+    assert report.layers == len(quantizable_layers(net)[0])
+    assert report.as_dict()["layer_output_error_gain_db"]["median"] > 0
+
+
+def test_linear_layer_and_original_untouched():
+    g = torch.Generator().manual_seed(3)
+    lin = nn.Linear(32, 8)
+    basis = torch.randn(4, 32, generator=g)
+    x = (torch.randn(256, 4, generator=g) @ basis + 0.05 * torch.randn(256, 32, generator=g)).numpy()
+    before = lin.weight.detach().clone()
+    rounded, _ = gptq_round(lin, x[:192])
+    assert torch.equal(lin.weight, before), "gptq_round must not modify the network it was given"
+    assert _on_grid(rounded) < 1e-3
+    gptq, near = _output_sqnr(rounded, lin, x[192:]), _output_sqnr(_nearest_copy(lin), lin, x[192:])
+    assert gptq >= near + 3.0, f"Linear: GPTQ {gptq:.2f} dB vs nearest {near:.2f} dB"
+
+
+def test_small_layers_skipped_and_dead_inputs_handled():
+    net = nn.Sequential(nn.Conv2d(3, 2, 1), nn.Conv2d(2, 64, 3, padding=1)).eval()
+    with torch.no_grad():
+        net[0].weight[1].zero_()  # channel 1 of the second conv's input is always its bias: constant
+        net[0].bias[1] = 0.0  # ... and zero: a dead input column
+    rounded, report = gptq_round(net, _correlated_images(8), min_elements=100)
+    assert report.layers == 1 and report.skipped_small == 1
+    assert torch.equal(rounded[0].weight, net[0].weight), "a layer below the size threshold must stay float"
+    assert torch.isfinite(rounded[1].weight).all() and _on_grid(rounded[1]) < 1e-3
+
+
+def test_deterministic_and_needs_images():
+    net = nn.Conv2d(3, 8, 3, padding=1)
+    x = _correlated_images(8)
+    a, _ = gptq_round(net, x)
+    b, _ = gptq_round(net, x)
+    assert torch.equal(a.weight, b.weight)
+    with pytest.raises(ValueError, match="calibration images"):
+        gptq_round(net, x[:0])
+
+
+def test_tiny_model_logits(proxy_tiny_checkpoint):
+    """On the tiny variant's deploy form with proxy weights, GPTQ's logits beat nearest rounding's."""
+    from edge.efficientmod import to_deploy
+    from edge.weights import load_model
+
+    model = load_model("efficientmod_test_tiny", proxy_tiny_checkpoint).model
+    net = to_deploy(model, 64, norm_impl="conv", dw_impl="split")
+    rng = np.random.default_rng(0)
+    # smooth random "images" (normalized), 64 to calibrate, 32 held out
+    imgs = _correlated_images(96, size=64, seed=4) + 0.2 * rng.standard_normal((96, 3, 64, 64)).astype(np.float32)
+    rounded, report = gptq_round(net, imgs[:64])
+    gptq, near = _output_sqnr(rounded, net, imgs[64:]), _output_sqnr(_nearest_copy(net), net, imgs[64:])
+    assert gptq >= near + 2.0, f"tiny logits: GPTQ {gptq:.2f} dB vs nearest {near:.2f} dB"
