@@ -4,7 +4,9 @@ Ablations (each against a default ``effmod-edge convert --target tflite`` run):
 
 * ``single-depthwise``: the int8 graph keeps the 7x7 depthwise conv as one op
   instead of the 5x5 + two dilated edge convs;
-* ``float-head``: int8-mixed also keeps the classifier ``FULLY_CONNECTED`` in float.
+* ``float-head``: int8-mixed also keeps the classifier ``FULLY_CONNECTED`` in float;
+* ``float-adds``: int8-mixed also keeps every ``ADD`` (the residual stream, the
+  LayerNorm centering, the split depthwise sums) in float.
 
 The change is made by wrapping the converter's own functions for this process
 only; the package itself is untouched. Prints the int8-mixed file's size, op
@@ -25,7 +27,8 @@ import converters.to_tflite as to_tflite
 from edge.errors import EffmodError
 from edge.pipeline import ConvertRequest, convert
 
-ABLATIONS = ("single-depthwise", "float-head")
+ABLATIONS = ("single-depthwise", "float-head", "float-adds")
+EXTRA_FLOAT_OPS = {"float-head": "FULLY_CONNECTED", "float-adds": "ADD"}
 
 
 def apply(ablation: str) -> None:
@@ -33,15 +36,15 @@ def apply(ablation: str) -> None:
     if ablation == "single-depthwise":
         deploy = to_tflite.to_deploy
         to_tflite.to_deploy = lambda *a, **k: deploy(*a, **{**k, "dw_impl": "single"})
-    elif ablation == "float-head":
+    elif ablation in EXTRA_FLOAT_OPS:
         quantize = to_tflite._Builder.quantize
 
-        def with_float_head(self, out, int8_io=False, denylist=None):
+        def with_float_op(self, out, int8_io=False, denylist=None):
             if denylist:  # only the int8-mixed steps pass a denylist
-                denylist = {**denylist, "ops": [*denylist.get("ops", []), "FULLY_CONNECTED"]}
+                denylist = {**denylist, "ops": [*denylist.get("ops", []), EXTRA_FLOAT_OPS[ablation]]}
             return quantize(self, out, int8_io, denylist)
 
-        to_tflite._Builder.quantize = with_float_head
+        to_tflite._Builder.quantize = with_float_op
     else:
         raise ValueError(f"unknown ablation {ablation!r}; choose from {', '.join(ABLATIONS)}")
 

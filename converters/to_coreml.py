@@ -26,7 +26,9 @@ fewer elements stay float; 2048), ``coreml_float_ops`` (op names kept float),
 ``coreml_float_head`` (True), ``coreml_ranges`` (w8a8 activation ranges: mse default, minmax),
 ``coreml_palette_budget`` (fraction of palettized weights the layer search of
 :mod:`converters.coreml_palette` may keep int8; 0.15, 0 turns it off),
-``coreml_weight_rounding`` (w8a8 weights: ``gptq`` default, ``nearest``).
+``coreml_weight_rounding`` (w8a8 weights: ``gptq`` default, ``nearest``),
+``coreml_w8a8_float_budget`` (fraction of w8a8's quantized conv inputs the search
+of :mod:`converters.coreml_act_search` may leave fp16; 0 turns it off).
 
 w8a8 is converted from a copy of the network whose weights are GPTQ-rounded onto
 coremltools' int8 grid on the calibration images (:mod:`calibration.gptq`):
@@ -60,6 +62,7 @@ from edge.manifest import TensorSpec
 from edge.targets import validate_options
 
 if TYPE_CHECKING:
+    from converters.coreml_act_search import ActivationSearch
     from converters.coreml_palette import PaletteSearch
 
 FORMS = ("ane", "plain")
@@ -418,6 +421,8 @@ class _Builder:
         opts = validate_options(ctx.options)
         self.palette_budget = float(opts["coreml_palette_budget"])
         self.rounding = opts["coreml_weight_rounding"]
+        self.w8a8_float_budget = float(opts["coreml_w8a8_float_budget"])
+        self.act_search: ActivationSearch | None = None
         self._rounded: nn.Module | None = None
         self.rounding_summary: dict = {"method": "nearest (coremltools' own rounding)"}
 
@@ -441,6 +446,34 @@ class _Builder:
             self._rounded, report = gptq_round(self.net, images, min_elements=threshold + 1)
             self.rounding_summary = report.as_dict()
         return self._rounded
+
+    def activation_search(self, stats: dict[str, dict[str, float]], float_ops: tuple[str, ...],
+                          float_head: bool) -> ActivationSearch | None:
+        """Which w8a8 conv inputs stay fp16 (:mod:`converters.coreml_act_search`); None when the budget is 0."""
+        from calibration.splits import Batch
+        from converters.coreml_act_search import search
+
+        if self.w8a8_float_budget <= 0:
+            return None
+        rounded = _rounded(self, "w8a8")
+        base = self.float_model("fp16", False, rounded=rounded)
+        calib = self.ctx.split.calib
+        n = PALETTE_SEARCH_IMAGES
+        images = Batch(calib.pixels[:n], calib.labels[:n], calib.names[:n]).nchw()
+        t = time.perf_counter()
+        net = self.rounded_net() if rounded else self.net
+        program = base._mil_program
+        head = head_op_name(program) if float_head else None
+        res = search(net, program, stats, quantized_inputs(program) & set(stats), images, self.w8a8_float_budget,
+                     exclude=set(float_ops) | ({head} if head else set()))
+        log.info("coreml w8a8: activation search kept %d of %d conv inputs fp16, calib SQNR %.1f -> %.1f dB (%.1f s)",
+                 len(res.keep), res.candidates, res.predicted_sqnr_db["all_int8"],
+                 res.predicted_sqnr_db["with_kept_fp16"], time.perf_counter() - t)
+        if res.unmatched_ops:
+            log.warning("coreml w8a8: %d quantized convs could not be tied to a PyTorch module and were not measured",
+                        res.unmatched_ops)
+        self.act_search = res
+        return res
 
     def palette_search(
         self, precision: str, base: Any, float_ops: tuple[str, ...], threshold: int
@@ -489,6 +522,8 @@ def _compressed(b: _Builder, precision: str, classifier: bool, stats: dict | Non
     kept = list(float_ops) + ([head] if head else [])
     model = base
     if precision == "w8a8":
+        if b.act_search is not None:
+            kept += [op for op in b.act_search.keep if op not in kept]
         model = quantize_activations(model, stats or {}, tuple(kept))
     if precision in ("w8", "w8a8"):
         model = compress_weights(model, precision, b.target, threshold)
@@ -526,6 +561,7 @@ def _one_precision(
         method = validate_options(ctx.options)["coreml_ranges"]
         stats = calibration_stats(tmp, ctx.split.calib.pixels, method)
         shutil.rmtree(tmp, ignore_errors=True)
+        b.activation_search(stats, float_ops, float_head)
         calib = {"images": len(ctx.split.calib), "tensors": len(stats), "mode": "linear_symmetric int8, per-tensor",
                  "ranges_from": "NumPy MIL interpreter on the fp16 package ("
                  + ("MSE-optimal symmetric bound of each histogram)" if method == "mse" else "min/max)"),
@@ -563,11 +599,14 @@ def _one_precision(
         details["kept_float"] = {
             "ops": kept_float,
             "why": "classifier head: its error lands directly on the logits"
-            + ("; int8 activations only at conv/linear inputs (residual adds, matmul/einsum, softmax, "
-               "layer_norm, gelu, modulation mul stay fp16)" if precision == "w8a8" else " (weights fp16)"),
+            + ("; conv inputs chosen by the activation search (details.activation_search); int8 activations "
+               "only at conv/linear inputs (residual adds, matmul/einsum, softmax, layer_norm, gelu, modulation "
+               "mul stay fp16)" if precision == "w8a8" else " (weights fp16)"),
         }
     if b.searches.get(precision) is not None:
         details["palette_search"] = b.searches[precision].report()
+    if precision == "w8a8" and b.act_search is not None:
+        details["activation_search"] = b.act_search.report()
     if calib:
         details["activation_calibration"] = calib
         details["activation_quantize_ops"] = details["ops_by_precision"].get("quantize", {}).get("int8", 0)

@@ -25,8 +25,8 @@ inputs are then widened to at least 2^-8 of the ADD's output range: XNNPACK
 refuses int8 ADDs with a far smaller input scale (a nearly constant channel mean
 had one, and 26 ADDs of xxs fell out of the delegate).
 
-The int8 files' weights are GPTQ-rounded onto the per-channel int8 grid before
-export (``calibration.gptq``; option ``tflite_weight_rounding=nearest`` leaves
+The int8, int8-mixed and dynamic files' weights are GPTQ-rounded onto the
+per-channel int8 grid before export (``calibration.gptq``; option ``tflite_weight_rounding=nearest`` leaves
 the rounding to the converter): the converter then stores exactly those
 weights, whose rounding errors largely cancel on the calibration images.
 
@@ -69,6 +69,8 @@ MIXED_STEPS = ((False, 0), (True, 0), (True, 4), (True, 16), (True, 64))
 MIN_GAIN_DB = 1.0
 WORKER_TIMEOUT_S = 900
 FLOAT_NORM, INT8_NORM = "reduce", "conv"  # LayerNorm form of the float and of the int8 files
+DYNAMIC_MIN_ELEMENTS = 1024  # the dynamic-range converter leaves smaller weight tensors float
+NEAREST = {"method": "nearest (the converter's own rounding)"}
 
 
 def _env() -> dict:
@@ -209,41 +211,59 @@ class _Builder:
         self.ranges = opts["tflite_ranges"]
         self.rounding = opts["tflite_weight_rounding"]
         self.ranges_summary: dict = {}
-        self.rounding_summary: dict = {"method": "nearest (the converter's own rounding)"}
+        self.rounding_summary: dict[str, dict] = {}
         if len(ctx.split.calib):
             np.save(self.calib_npy, ctx.split.calib.nhwc())
 
-    def saved(self, norm_impl: str) -> Path:
+    def saved(self, norm_impl: str, rounded: bool = False) -> Path:
         """The onnx2tf saved model of one LayerNorm form, built on first use.
 
         Float files use ``reduce`` (MEAN ops: measured faster in float, e.g. s
         19.6 vs 21.4 ms at 2 threads); int8 files use ``conv`` (1x1-conv
-        statistics stay in XNNPACK's int8 kernels).
+        statistics stay in XNNPACK's int8 kernels). ``rounded`` builds it from
+        the GPTQ-rounded deploy form (see :meth:`_gptq_deploy`).
         """
-        if norm_impl not in self._saved:
-            deploy = None
-            if norm_impl == INT8_NORM and self.rounding == "gptq":
-                deploy = self._gptq_deploy()
-            self._saved[norm_impl] = build_saved_model(self.ctx, self.build / norm_impl, norm_impl, deploy)
-        return self._saved[norm_impl]
+        key = (norm_impl, rounded)
+        if key not in self._saved:
+            deploy = self._gptq_deploy(norm_impl) if rounded else None
+            folder = self.build / (norm_impl + ("-gptq" if rounded else ""))
+            self._saved[key] = build_saved_model(self.ctx, folder, norm_impl, deploy)
+        return self._saved[key]
 
-    def _gptq_deploy(self) -> nn.Module:
-        """The int8 deploy form with GPTQ-rounded weights (``calibration.gptq``)."""
+    def int8_saved(self) -> Path:
+        """The saved model the full-integer files are quantized from."""
+        return self.saved(INT8_NORM, rounded=self.rounding == "gptq")
+
+    def _gptq_deploy(self, norm_impl: str) -> nn.Module:
+        """The deploy form with GPTQ-rounded weights (``calibration.gptq``).
+
+        The full-integer converter quantizes every conv/linear weight; the
+        dynamic-range one only those of >= ``DYNAMIC_MIN_ELEMENTS`` elements.
+        """
         from calibration.gptq import GPTQ_IMAGES, gptq_round
 
         calib = self.ctx.split.calib
         if len(calib) == 0:
-            raise ConversionError("int8 needs calibration images: use --calib-size > 0")
+            raise ConversionError("GPTQ weight rounding needs calibration images: use --calib-size > 0")
         images = calib.nchw()[:GPTQ_IMAGES]
-        log.info("tflite: GPTQ weight rounding on %d calibration images", len(images))
-        rounded, report = gptq_round(tflite_deploy(self.ctx, INT8_NORM), images)
-        self.rounding_summary = report.as_dict()
+        log.info("tflite: GPTQ weight rounding (%s LayerNorm form) on %d calibration images", norm_impl, len(images))
+        min_elements = 0 if norm_impl == INT8_NORM else DYNAMIC_MIN_ELEMENTS
+        rounded, report = gptq_round(tflite_deploy(self.ctx, norm_impl), images, min_elements=min_elements)
+        self.rounding_summary[norm_impl] = report.as_dict()
         return rounded
 
-    def convert(self, mode: str, out: Path) -> Path:
-        """dynamic-range int8 straight from the float saved model."""
-        worker("convert", {"saved_model": str(self.saved(FLOAT_NORM)), "mode": mode, "out": str(out)}, self.build)
-        return out
+    def dynamic(self, out: Path) -> tuple[Path, dict]:
+        """Dynamic-range int8 (int8 weights, float activations) and how its weights were rounded."""
+        rounded = self.rounding == "gptq" and len(self.ctx.split.calib) > 0
+        if self.rounding == "gptq" and not rounded:
+            log.warning("tflite dynamic: no calibration images, so nearest weight rounding instead of GPTQ "
+                        "(use --calib-size > 0)")
+        saved = self.saved(FLOAT_NORM, rounded=rounded)
+        worker("convert", {"saved_model": str(saved), "mode": "dynamic", "out": str(out)}, self.build)
+        return out, {"weight_rounding": self.rounding_summary[FLOAT_NORM] if rounded else NEAREST}
+
+    def int8_rounding(self) -> dict:
+        return self.rounding_summary.get(INT8_NORM, NEAREST)
 
     def calibrated(self) -> Path:
         """The float model with activation ranges from the calibration images (once).
@@ -255,7 +275,7 @@ class _Builder:
             if not self.calib_npy.exists():
                 raise ConversionError("int8 needs calibration images: use --calib-size > 0")
             out = self.build / "calibrated.tflite"
-            saved = self.saved(INT8_NORM)
+            saved = self.int8_saved()
             log.info("tflite: calibrating on %d images", len(self.ctx.split.calib))
             worker("convert", {"saved_model": str(saved), "mode": "calibrate", "out": str(out),
                                "calib": str(self.calib_npy)}, self.build)
@@ -290,7 +310,7 @@ def _mixed(b: _Builder, stem: str) -> ArtifactResult:
     ctx = b.ctx
     full = b.quantize(b.build / "full_int8.tflite")
     sens_path = b.build / "sensitivity.json"
-    worker("sensitivity", {"float_model": str(b.saved(INT8_NORM) / "model_float32.tflite"), "quant_model": str(full),
+    worker("sensitivity", {"float_model": str(b.int8_saved() / "model_float32.tflite"), "quant_model": str(full),
                            "calib": str(b.calib_npy), "out": str(sens_path),
                            "debug_limit": min(8, len(ctx.split.calib))}, b.build)
     sensitivity = json.loads(sens_path.read_text())
@@ -329,7 +349,7 @@ def _mixed(b: _Builder, stem: str) -> ArtifactResult:
         "kept_float_nodes": [{"tensor": r["tensor"], "op": r["op"], "drop_db": r["drop_db"]} for r in ranked[:k]],
         "target_met_on_calibration": ok,
         "activation_ranges": b.ranges_summary,
-        "weight_rounding": b.rounding_summary,
+        "weight_rounding": b.int8_rounding(),
         "search": tried,
         "sensitivity": sensitivity,
     }
@@ -362,13 +382,13 @@ def convert(ctx: ConvertContext, precisions: list[str]) -> list[ArtifactResult |
     def int8() -> list[ArtifactResult]:
         f = b.quantize(ctx.work_dir / f"{stem}_int8.tflite")
         i = b.quantize(ctx.work_dir / f"{stem}_int8_io.tflite", int8_io=True)
-        ranges = {"activation_ranges": b.ranges_summary, "weight_rounding": b.rounding_summary}
+        ranges = {"activation_ranges": b.ranges_summary, "weight_rounding": b.int8_rounding()}
         return [b.result("int8", f, ranges), b.result("int8", i, ranges)]
 
     steps = {
         "fp32": lambda: copy("model_float32.tflite", "fp32"),
         "fp16": lambda: copy("model_float16.tflite", "fp16"),
-        "dynamic": lambda: b.result("dynamic", b.convert("dynamic", ctx.work_dir / f"{stem}_dynamic.tflite")),
+        "dynamic": lambda: b.result("dynamic", *b.dynamic(ctx.work_dir / f"{stem}_dynamic.tflite")),
         "int8": int8,
         "int8-mixed": lambda: _mixed(b, stem),
     }

@@ -98,6 +98,7 @@ def test_dynamic_file_runs_entirely_in_xnnpack(tflite_out):
     assert info["not_delegated"] == {}, f"dynamic-range ops outside XNNPACK: {info['not_delegated']}"
     assert dyn.bytes <= 0.5 * fp32.bytes, f"dynamic file lost its int8 weights: {dyn.bytes} vs fp32 {fp32.bytes}"
     assert dyn.checks["sqnr_db"] >= 25.0, f"dynamic logits too far from PyTorch: {dyn.checks}"
+    assert dyn.details["weight_rounding"]["method"].startswith("GPTQ"), dyn.details["weight_rounding"]
 
 
 def test_dynamic_depthwise_weights_go_back_to_float(tmp_path):
@@ -173,40 +174,54 @@ def _int8_weights_torch_layout(model: Path, tmp_path: Path) -> list[np.ndarray]:
     return out
 
 
-def test_int8_on_weights_whose_blocks_matter(tmp_path, samples_dir, proxy_tiny_checkpoint):
-    """Upstream-init blocks barely reach the logits (LayerScale 1e-4), so the fixture's int8 SQNR
-    mostly measures the stems; on a proxy checkpoint every block's int8 error counts. The int8 file
-    must also hold exactly the GPTQ-rounded weights: the converter re-derives each row's scale and
-    rounds, and must land on the same levels."""
-    from calibration.folder import scan_folder
-    from calibration.gptq import GPTQ_IMAGES, gptq_round
-    from calibration.splits import make_split
-    from converters.to_tflite import INT8_NORM
-    from edge.efficientmod import to_deploy
-    from edge.weights import load_model
-
-    res = convert(ConvertRequest(targets=["tflite"], model=TINY, weights=str(proxy_tiny_checkpoint), output=tmp_path,
-                                 calib_dir=str(samples_dir), calib_size=16, eval_size=12, precisions=["int8"]))
-    assert not res.manifest.failures, res.manifest.failures
-    a = _by(res.manifest, "_int8.tflite")
-    assert a.checks["sqnr_db"] >= 23.0, f"int8 on proxy weights: {a.checks}"
-    assert a.details["weight_rounding"]["method"].startswith("GPTQ"), a.details["weight_rounding"]
-
-    split = make_split(scan_folder(samples_dir), 16, 12, 0)
-    net = to_deploy(load_model(TINY, proxy_tiny_checkpoint).model, 224, norm_impl=INT8_NORM, dw_impl="split")
-    rounded, _ = gptq_round(net, split.calib.nchw()[:GPTQ_IMAGES])
+def _assert_holds_gptq_weights(model: Path, net, rounded, tmp_path: Path) -> int:
+    """Every per-channel int8 weight in ``model`` equals a GPTQ-rounded weight; returns how many there are."""
     wanted = {n: p.detach().double().numpy() for n, p in rounded.named_parameters() if n.endswith("weight")}
-    original = dict(net.named_parameters())
-    stored = _int8_weights_torch_layout(tmp_path / a.path, tmp_path)
-    assert len(stored) == sum(w.ndim in (2, 4) and w.shape[0] > 1 for w in wanted.values())
+    original = {n: p.detach().double().numpy() for n, p in net.named_parameters()}
+    stored = _int8_weights_torch_layout(model, tmp_path)
     moved = 0
     for w in stored:
         level = np.abs(w.reshape(len(w), -1)).max(1).reshape(-1, *[1] * (w.ndim - 1)) / 127
         err = {n: float(np.abs((w - p) / level).max()) for n, p in wanted.items() if p.shape == w.shape}
         best = min(err, key=err.get)
-        assert err[best] < 0.01, f"int8 weights {w.shape} are {err[best]:.3f} levels from the GPTQ weights of {best}"
-        moved += float(np.abs((wanted[best] - original[best].detach().double().numpy()) / level).max()) > 0.5
-    assert moved > 0, "GPTQ moved no weight by more than half a level: the test would not see nearest rounding"
+        assert err[best] < 0.01, f"{model.name}: int8 weights {w.shape} are {err[best]:.3f} levels from {best}'s GPTQ weights"
+        moved += float(np.abs((wanted[best] - original[best]) / level).max()) > 0.5
+    assert moved > 0, f"{model.name}: GPTQ moved no weight by over half a level, so nearest rounding would pass too"
+    return len(stored)
+
+
+def test_int8_on_weights_whose_blocks_matter(tmp_path, samples_dir, proxy_tiny_checkpoint):
+    """Upstream-init blocks barely reach the logits (LayerScale 1e-4), so the fixture's int8 SQNR
+    mostly measures the stems; on a proxy checkpoint every block's int8 error counts. The int8 and
+    dynamic files must also hold exactly the GPTQ-rounded weights: the converter re-derives each row's
+    scale and rounds, and must land on the same levels."""
+    from calibration.folder import scan_folder
+    from calibration.gptq import GPTQ_IMAGES, gptq_round
+    from calibration.splits import make_split
+    from converters.to_tflite import DYNAMIC_MIN_ELEMENTS, FLOAT_NORM, INT8_NORM
+    from edge.efficientmod import to_deploy
+    from edge.weights import load_model
+
+    res = convert(ConvertRequest(targets=["tflite"], model=TINY, weights=str(proxy_tiny_checkpoint), output=tmp_path,
+                                 calib_dir=str(samples_dir), calib_size=16, eval_size=12,
+                                 precisions=["dynamic", "int8"]))
+    assert not res.manifest.failures, res.manifest.failures
+    int8, dyn = _by(res.manifest, "_int8.tflite"), _by(res.manifest, "_dynamic.tflite")
+    assert int8.checks["sqnr_db"] >= 23.0, f"int8 on proxy weights: {int8.checks}"
+    assert dyn.checks["sqnr_db"] >= 30.0, f"dynamic on proxy weights: {dyn.checks}"
+    for a in (int8, dyn):
+        assert a.details["weight_rounding"]["method"].startswith("GPTQ"), a.details["weight_rounding"]
+
+    images = make_split(scan_folder(samples_dir), 16, 12, 0).calib.nchw()[:GPTQ_IMAGES]
+    model = load_model(TINY, proxy_tiny_checkpoint).model
+    net = to_deploy(model, 224, norm_impl=INT8_NORM, dw_impl="split")
+    rounded, report = gptq_round(net, images)
+    n = _assert_holds_gptq_weights(tmp_path / int8.path, net, rounded, tmp_path)
+    assert n == sum(p.dim() in (2, 4) and p.shape[0] > 1 for name, p in rounded.named_parameters()
+                    if name.endswith("weight")), f"{n} per-channel int8 weights in the int8 file"
+    net = to_deploy(model, 224, norm_impl=FLOAT_NORM, dw_impl="split")
+    rounded, _ = gptq_round(net, images, min_elements=DYNAMIC_MIN_ELEMENTS)
+    assert _assert_holds_gptq_weights(tmp_path / dyn.path, net, rounded, tmp_path) > 0
 
 
 def test_relative_output_path(tmp_path, samples_dir, monkeypatch):
@@ -270,14 +285,10 @@ def test_aborting_runtime_is_reported_not_fatal(tmp_path):
 def test_failing_precision_spares_the_others(tmp_path, samples_dir, monkeypatch):
     import converters.to_tflite as tfl
 
-    real = tfl._Builder.convert
+    def broken(self, out):
+        raise ConversionError("simulated abort of the dynamic-range converter")
 
-    def broken(self, mode, out):
-        if mode == "dynamic":
-            raise ConversionError("simulated abort of the dynamic-range converter")
-        return real(self, mode, out)
-
-    monkeypatch.setattr(tfl._Builder, "convert", broken)
+    monkeypatch.setattr(tfl._Builder, "dynamic", broken)
     result = convert(ConvertRequest(targets=["tflite"], model=TINY, output=tmp_path, calib_dir=str(samples_dir),
                                     calib_size=4, eval_size=4, precisions=["fp32", "dynamic"]))
     assert [f.precision for f in result.manifest.failures] == ["dynamic"]
