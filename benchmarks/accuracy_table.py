@@ -30,7 +30,7 @@ def table(manifest: Manifest) -> str:
                     f"{len(d['kept_float_nodes'])} most error-adding ops; target met on calibration: "
                     f"{d['target_met_on_calibration']}")
         for s in d["search"]:
-            rows.append(f"- LN stats float={s['layernorm_stats_float']}, +{s['kept_nodes']} ops: "
+            rows.append(f"- LN stats float={s['layernorm_stats_float']}, ADDs float={s.get('adds_float', False)}, +{s['kept_nodes']} ops: "
                         f"calib agreement {s['calib_agreement']:.1%}, SQNR {s['calib_sqnr_db']:.1f} dB, "
                         f"{s['bytes'] / 1e6:.2f} MB")
     d = manifest.data or {}

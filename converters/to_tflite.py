@@ -25,6 +25,13 @@ inputs are then widened to at least 2^-8 of the ADD's output range: XNNPACK
 refuses int8 ADDs with a far smaller input scale (a nearly constant channel mean
 had one, and 26 ADDs of xxs fell out of the delegate).
 
+``int8-mixed`` keeps the op types XNNPACK has no int8 kernel for in float, then
+searches: LayerNorm statistics in float, every ADD in float (the residual
+stream in per-tensor int8 carried most of the error on proxy weights), then the
+ops the per-op sensitivity ranks worst, stopping at the first step that meets
+the agreement target on calibration images and keeping a step only if it
+meets it or gains at least ``MIN_GAIN_DB``.
+
 The int8, int8-mixed and dynamic files' weights are GPTQ-rounded onto the
 per-channel int8 grid before export (``calibration.gptq``; option ``tflite_weight_rounding=nearest`` leaves
 the rounding to the converter): the converter then stores exactly those
@@ -64,8 +71,9 @@ from edge.targets import validate_options
 ONNX_OPSET = 20
 SAMPLE_NPY = "calibration_image_sample_data_20x128x128x3_float32.npy"
 RUNTIME_FLOAT_OPS = ("GELU", "RSQRT", "SOFTMAX", "BATCH_MATMUL")
-# (LayerNorm statistics in float?, number of most error-adding ops kept float)
-MIXED_STEPS = ((False, 0), (True, 0), (True, 4), (True, 16), (True, 64))
+# (LayerNorm statistics in float?, every ADD in float?, number of most error-adding ops kept float)
+MIXED_STEPS = ((False, False, 0), (True, False, 0), (True, True, 0), (True, True, 4), (True, True, 16),
+               (True, True, 64))
 MIN_GAIN_DB = 1.0
 WORKER_TIMEOUT_S = 900
 FLOAT_NORM, INT8_NORM = "reduce", "conv"  # LayerNorm form of the float and of the int8 files
@@ -320,34 +328,42 @@ def _mixed(b: _Builder, stem: str) -> ArtifactResult:
     ref = torch_logits(ctx.loaded.model, np.ascontiguousarray(calib_imgs.transpose(0, 3, 1, 2)))
     tried = []
     best = None
-    for ln_stats, k in MIXED_STEPS:
+    for ln_stats, float_adds, k in MIXED_STEPS:
         if k > len(ranked):
             break
         nodes = [r["tensor"] for r in ranked[:k]]
-        deny = {"ops": list(RUNTIME_FLOAT_OPS), "nodes": nodes, "layernorm_stats": ln_stats}
-        path = b.quantize(b.build / f"mixed_{int(ln_stats)}_{k}.tflite", denylist=deny)
+        ops = list(RUNTIME_FLOAT_OPS) + (["ADD"] if float_adds else [])
+        deny = {"ops": ops, "nodes": nodes, "layernorm_stats": ln_stats}
+        path = b.quantize(b.build / f"mixed_{int(ln_stats)}{int(float_adds)}_{k}.tflite", denylist=deny)
         m = compare_logits(ref, litert_logits(path, calib_imgs, b.build))
         ok = m["top1_agreement"] >= 0.99 and m["sqnr_db"] >= 25.0
-        tried.append({"layernorm_stats_float": ln_stats, "kept_nodes": k, "calib_agreement": m["top1_agreement"],
-                      "calib_sqnr_db": m["sqnr_db"], "bytes": path.stat().st_size})
-        log.info("tflite int8-mixed: LayerNorm stats %s, %d sensitive ops in float -> calib agreement %.1f%%, "
-                 "SQNR %.1f dB", "float" if ln_stats else "int8", k, 100 * m["top1_agreement"], m["sqnr_db"])
+        tried.append({"layernorm_stats_float": ln_stats, "adds_float": float_adds, "kept_nodes": k,
+                      "calib_agreement": m["top1_agreement"], "calib_sqnr_db": m["sqnr_db"],
+                      "bytes": path.stat().st_size})
+        log.info("tflite int8-mixed: LayerNorm stats %s, ADDs %s, %d sensitive ops in float -> calib agreement "
+                 "%.1f%%, SQNR %.1f dB", "float" if ln_stats else "int8", "float" if float_adds else "int8", k,
+                 100 * m["top1_agreement"], m["sqnr_db"])
         # each step adds float ops (slower, bigger): take it only if it meets the
         # target or buys at least MIN_GAIN_DB over the best step so far
-        if best is None or ok or m["sqnr_db"] >= best[4] + MIN_GAIN_DB:
-            best = (ln_stats, k, path, ok, m["sqnr_db"])
+        if best is None or ok or m["sqnr_db"] >= best["sqnr"] + MIN_GAIN_DB:
+            best = {"ln": ln_stats, "adds": float_adds, "k": k, "path": path, "ok": ok, "sqnr": m["sqnr_db"],
+                    "ops": ops}
         if ok:
             break
-    ln_stats, k, path, ok, _ = best
     final = ctx.work_dir / f"{stem}_int8_mixed.tflite"
-    shutil.copyfile(path, final)
+    shutil.copyfile(best["path"], final)
     details = {
-        "kept_float_op_types": list(RUNTIME_FLOAT_OPS),
-        "kept_float_op_types_reason": "no int8 kernel inside XNNPACK (measured): int8 versions fall back to "
-                                      "reference kernels and split the delegate",
-        "layernorm_stats_float": ln_stats,
-        "kept_float_nodes": [{"tensor": r["tensor"], "op": r["op"], "drop_db": r["drop_db"]} for r in ranked[:k]],
-        "target_met_on_calibration": ok,
+        "kept_float_op_types": best["ops"],
+        "kept_float_op_types_reason": "GELU, RSQRT, SOFTMAX, BATCH_MATMUL: no int8 kernel inside XNNPACK "
+                                      "(measured): int8 versions fall back to reference kernels and split the "
+                                      "delegate"
+                                      + ("; ADD: chosen by the search (per-tensor int8 on the residual stream "
+                                         "costs accuracy, see search)" if best["adds"] else ""),
+        "layernorm_stats_float": best["ln"],
+        "adds_float": best["adds"],
+        "kept_float_nodes": [{"tensor": r["tensor"], "op": r["op"], "drop_db": r["drop_db"]}
+                             for r in ranked[: best["k"]]],
+        "target_met_on_calibration": best["ok"],
         "activation_ranges": b.ranges_summary,
         "weight_rounding": b.int8_rounding(),
         "search": tried,

@@ -200,7 +200,7 @@ def render(out_dir: str | os.PathLike, fail_under: list[FailUnder] | None = None
                f"Kept in float: op types {', '.join(d.get('kept_float_op_types', []))}; LayerNorm statistics "
                f"{'float' if d.get('layernorm_stats_float') else 'int8'}; {len(d.get('kept_float_nodes', []))} most "
                f"error-adding ops. Target met on calibration: {d.get('target_met_on_calibration')}."]
-        md += [f"- step: LN stats float={s.get('layernorm_stats_float')}, +{s['kept_nodes']} ops -> agreement "
+        md += [f"- step: LN stats float={s.get('layernorm_stats_float')}, ADDs float={s.get('adds_float', False)}, +{s['kept_nodes']} ops -> agreement "
                f"{s['calib_agreement']:.1%}, SQNR {s['calib_sqnr_db']:.1f} dB, {s['bytes'] / 1e6:.2f} MB" for s in d["search"]]
     for f in manifest.failures:
         md.append(f"\nFailed: {f.target}/{f.precision} after {f.seconds:.0f}s: {f.error}")
@@ -220,7 +220,7 @@ def render(out_dir: str | os.PathLike, fail_under: list[FailUnder] | None = None
     for r in mixed:
         sections.append(f"<h2>Per-op int8 sensitivity: {esc(r['path'])}</h2>{_svg_sensitivity(r['details']['sensitivity'])}")
         sections.append("<ul>" + "".join(
-            f"<li>LN stats float={s.get('layernorm_stats_float')}, +{s['kept_nodes']} ops: agreement "
+            f"<li>LN stats float={s.get('layernorm_stats_float')}, ADDs float={s.get('adds_float', False)}, +{s['kept_nodes']} ops: agreement "
             f"{s['calib_agreement']:.1%}, SQNR {s['calib_sqnr_db']:.1f} dB, {s['bytes'] / 1e6:.2f} MB</li>"
             for s in r["details"]["search"]) + "</ul>")
     if misses:
