@@ -188,7 +188,7 @@ OPTIONS: dict[str, OptionSpec] = {
                    "license string written into the package metadata"),
         OptionSpec("coreml_palette_budget", "coreml", "fraction", 0.15,
                    "pal6/pal4: largest fraction of palettized weights the layer search may keep int8 (0: off)"),
-        OptionSpec("coreml_w8a8_float_budget", "coreml", "fraction", 0.1,
+        OptionSpec("coreml_w8a8_float_budget", "coreml", "fraction", 0.2,
                    "w8a8: largest fraction of quantized conv inputs the activation search may leave fp16 (0: off)"),
         OptionSpec("coreml_ranges", "coreml", "choice", "mse",
                    "w8a8 activation ranges: MSE-optimal symmetric bound of the calibration histogram, or min/max",
