@@ -71,6 +71,7 @@ COMPRESSED = ("w8", "w8a8", "pal6", "pal4")
 CLASSIFIER_PRECISIONS = ("fp16", "w8", "pal6", "pal4")
 WEIGHT_THRESHOLD = 2048  # coremltools' default: smaller weight tensors stay float
 CLASSIFIER_CHECK_IMAGES = 4
+NEAREST = {"method": "nearest (coremltools' own rounding)"}
 PALETTE_SEARCH_IMAGES = 16  # calibration images for the per-layer palette noise (PyTorch)
 # Smallest activation range quantized: the int8 scale (range / 127) must be a normal fp16
 # number, or it underflows to 0 in an fp16 program. Tensors this small (e.g. LayerScale-damped
@@ -424,7 +425,7 @@ class _Builder:
         self.w8a8_float_budget = float(opts["coreml_w8a8_float_budget"])
         self.act_search: ActivationSearch | None = None
         self._rounded: nn.Module | None = None
-        self.rounding_summary: dict = {"method": "nearest (coremltools' own rounding)"}
+        self.rounding_summary: dict = NEAREST
 
     def float_model(self, compute_precision: str, classifier: bool, rounded: bool = False) -> Any:
         """The float ML Program; ``rounded`` takes the GPTQ-rounded network (see :meth:`rounded_net`)."""
@@ -447,19 +448,23 @@ class _Builder:
             self.rounding_summary = report.as_dict()
         return self._rounded
 
+    def search_images(self) -> np.ndarray:
+        """The first calibration images, normalized NCHW, that the PyTorch-side searches measure on."""
+        from calibration.splits import Batch
+
+        calib, n = self.ctx.split.calib, PALETTE_SEARCH_IMAGES
+        return Batch(calib.pixels[:n], calib.labels[:n], calib.names[:n]).nchw()
+
     def activation_search(self, stats: dict[str, dict[str, float]], float_ops: tuple[str, ...],
                           float_head: bool) -> ActivationSearch | None:
         """Which w8a8 conv inputs stay fp16 (:mod:`converters.coreml_act_search`); None when the budget is 0."""
-        from calibration.splits import Batch
         from converters.coreml_act_search import search
 
         if self.w8a8_float_budget <= 0:
             return None
         rounded = _rounded(self, "w8a8")
         base = self.float_model("fp16", False, rounded=rounded)
-        calib = self.ctx.split.calib
-        n = PALETTE_SEARCH_IMAGES
-        images = Batch(calib.pixels[:n], calib.labels[:n], calib.names[:n]).nchw()
+        images = self.search_images()
         t = time.perf_counter()
         net = self.rounded_net() if rounded else self.net
         program = base._mil_program
@@ -479,20 +484,17 @@ class _Builder:
         self, precision: str, base: Any, float_ops: tuple[str, ...], threshold: int
     ) -> PaletteSearch | None:
         """The layer search for ``precision`` (run once, on the logits program); None when off."""
-        from calibration.splits import Batch
         from converters.coreml_palette import search
 
         if self.palette_budget <= 0:
             return None
         if precision not in self.searches:
-            calib = self.ctx.split.calib
-            if len(calib) == 0:
+            if len(self.ctx.split.calib) == 0:
                 log.warning("coreml %s: no calibration images, so no palette layer search: every conv "
                             "palettized (use --calib-size > 0 to keep the noisiest ones int8)", precision)
                 self.searches[precision] = None
                 return None
-            n = PALETTE_SEARCH_IMAGES
-            images = Batch(calib.pixels[:n], calib.labels[:n], calib.names[:n]).nchw()
+            images = self.search_images()
             palettized = compress_weights(base, precision, self.target, threshold, float_ops=float_ops)
             t = time.perf_counter()
             res = search(self.net, base._mil_program, palettized._mil_program, images, self.palette_budget)
@@ -593,8 +595,7 @@ def _one_precision(
     if precision in COMPRESSED:
         details["weight_threshold"] = threshold
     if precision in ("w8", "w8a8"):
-        details["weight_rounding"] = b.rounding_summary if _rounded(b, precision) else {
-            "method": "nearest (coremltools' own rounding)"}
+        details["weight_rounding"] = b.rounding_summary if _rounded(b, precision) else NEAREST
     if kept_float:
         details["kept_float"] = {
             "ops": kept_float,
