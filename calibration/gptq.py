@@ -16,6 +16,12 @@ lie on that grid, each row's largest weight pinned at +-127 levels so that the
 converter derives the same scale and rounds every weight to itself: the int8
 file then holds exactly these weights. Grouped and depthwise convs get one
 ``H`` per group; dilation, padding and stride come from ``F.unfold``.
+
+The same column-by-column rounding works for any grid. :class:`LayerRounder`
+also rounds onto a per-tensor palette (Core ML's iOS 17 ``constexpr_lut_to_dense``:
+one look-up table of ``2**nbits`` values per weight tensor), whose values are a
+1-D k-means of the weights (:func:`palette_lut`): each weight then lands on one
+of those values, so coremltools' ``unique`` palettization stores them exactly.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -44,11 +51,14 @@ class RoundingReport:
     skipped_small: int
     seconds: float
     layer_gain_db: list[float] = field(default_factory=list)
+    grid: str = "int8"
 
     def as_dict(self) -> dict:
         gains = np.asarray(self.layer_gain_db) if self.layer_gain_db else np.zeros(1)
+        method = ("GPTQ (per-channel symmetric int8 grid, max|w| pinned)" if self.grid == "int8" else
+                  f"GPTQ ({self.grid}: per-tensor k-means palette of {1 << int(self.grid[3:])} values)")
         return {
-            "method": "GPTQ (per-channel symmetric int8 grid, max|w| pinned)",
+            "method": method,
             "calibration_images": self.images,
             "layers": self.layers,
             "layers_below_size_threshold": self.skipped_small,
@@ -89,27 +99,66 @@ def _columns(layer: Layer, x: torch.Tensor) -> torch.Tensor:
     return cols.view(n, g, k // g, positions).permute(1, 0, 3, 2).reshape(g, n * positions, k // g)
 
 
-def _gptq_rows(w: torch.Tensor, h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
-    """Weight rows (groups, out, k) rounded by GPTQ against each group's input Gram matrix ``h`` (groups, k, k)."""
-    w = w.double().clone()
+def _inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of the damped ``H^-1`` (groups, k, k), float64."""
     h = h.double().clone()
-    g, rows, k = w.shape
     diag = torch.diagonal(h, dim1=1, dim2=2)  # a view: edits land in h
     diag[diag <= 0] = 1.0  # inputs that were always zero: rounding them costs nothing
     diag += damp * diag.mean(dim=1, keepdim=True)
-    scale = _scales(w.reshape(g * rows, k)).view(g, rows)
-    pinned = w.abs().argmax(dim=2)
-    pin_value = torch.sign(torch.gather(w, 2, pinned[..., None])[..., 0]) * LEVELS
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+
+def _gptq(w: torch.Tensor, u: torch.Tensor, quantize: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Rows (groups, out, k) rounded column by column, each column's error spread over the later ones.
+
+    ``quantize(j, column)`` puts column ``j`` (groups, out) on the grid; ``u`` is
+    :func:`_inverse_factor` of the inputs' Gram matrix.
+    """
+    w = w.double().clone()
     q = torch.empty_like(w)
-    for j in range(k):
-        level = (w[:, :, j] / scale).round().clamp(-LEVELS, LEVELS)
-        at_max = pinned == j
-        level[at_max] = pin_value[at_max]  # keeps max|q| = 127, so the converter's scale is ours
-        q[:, :, j] = level * scale
+    for j in range(w.shape[2]):
+        q[:, :, j] = quantize(j, w[:, :, j])
         err = (w[:, :, j] - q[:, :, j]) / u[:, j, j, None]
         w[:, :, j + 1 :] -= err[:, :, None] * u[:, None, j, j + 1 :]
     return q
+
+
+def _int8_rows(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Rows (groups, out, k) rounded onto the per-channel int8 grid, row maxima pinned; ``u`` from :func:`_inverse_factor`."""
+    g, rows, k = w.shape
+    scale = _scales(w.reshape(g * rows, k)).view(g, rows)
+    pinned = w.abs().argmax(dim=2)
+    pin_value = torch.sign(torch.gather(w, 2, pinned[..., None])[..., 0]) * LEVELS
+
+    def to_grid(j: int, col: torch.Tensor) -> torch.Tensor:
+        level = (col / scale).round().clamp(-LEVELS, LEVELS)
+        at_max = pinned == j
+        level[at_max] = pin_value[at_max]  # keeps max|q| = 127, so the converter's scale is ours
+        return level * scale
+
+    return _gptq(w, u, to_grid)
+
+
+def palette_lut(weight: torch.Tensor, nbits: int, iters: int = 50) -> torch.Tensor:
+    """The sorted ``2**nbits``-value palette of ``weight``: 1-D k-means from quantile seeds (deterministic)."""
+    x = weight.detach().reshape(-1).double()
+    k = 1 << nbits
+    centers = torch.from_numpy(np.quantile(x.numpy(), np.linspace(0.0, 1.0, k)))
+    for _ in range(iters):
+        idx = torch.bucketize(x, (centers[1:] + centers[:-1]) / 2)
+        total = torch.zeros(k, dtype=torch.float64).index_add_(0, idx, x)
+        count = torch.zeros(k, dtype=torch.float64).index_add_(0, idx, torch.ones_like(x))
+        new, _ = torch.sort(torch.where(count > 0, total / count.clamp_min(1), centers))
+        if torch.equal(new, centers):
+            break
+        centers = new
+    return centers
+
+
+def on_palette(values: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """Each of ``values`` replaced by its nearest entry of the sorted palette ``lut``."""
+    lut = lut.to(values.dtype)
+    return lut[torch.bucketize(values.contiguous(), (lut[1:] + lut[:-1]) / 2)]
 
 
 def _output_error(delta: torch.Tensor, h: torch.Tensor) -> float:
@@ -153,7 +202,84 @@ def input_gram(net: nn.Module, layers: list[tuple[str, Layer]], images_nchw: np.
     return grams
 
 
-@torch.no_grad()
+class LayerRounder:
+    """GPTQ rounding of one network's conv/linear weights onto int8 or palette grids.
+
+    The layers' input Gram matrices are measured once on ``images_nchw``
+    (normalized NCHW calibration images), from the float network: every layer
+    is rounded against float inputs. Rounded weights are cached per grid, so
+    searches that compare grids layer by layer pay for each rounding once.
+    """
+
+    def __init__(self, net: nn.Module, images_nchw: np.ndarray, min_elements: int = 0, damp: float = DAMP):
+        if len(images_nchw) == 0:
+            raise ValueError("GPTQ rounding needs calibration images")
+        start = time.perf_counter()
+        self.net, self.images, self.damp = net.eval(), len(images_nchw), damp
+        found, self.skipped_small = quantizable_layers(net, min_elements)
+        self.layers: dict[str, Layer] = dict(found)
+        with torch.no_grad():
+            self._grams = input_gram(net, found, images_nchw)
+        self._factors: dict[str, torch.Tensor] = {}
+        self._rounded: dict[tuple[str, str], torch.Tensor] = {}
+        self._gain_db: dict[tuple[str, str], float] = {}
+        self.seconds = time.perf_counter() - start
+
+    def _rows(self, name: str) -> torch.Tensor:
+        layer = self.layers[name]
+        g = _groups(layer)
+        return layer.weight.detach().reshape(g, layer.weight.shape[0] // g, -1).double()
+
+    def _round(self, name: str, grid: str, gptq: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+               nearest: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        key = (name, grid)
+        if key not in self._rounded:
+            start = time.perf_counter()
+            w, shape = self._rows(name), self.layers[name].weight.shape
+            near = nearest(w)
+            if name not in self._grams:  # never ran on these inputs: nothing to weigh the errors with
+                q = near
+            else:
+                if name not in self._factors:
+                    self._factors[name] = _inverse_factor(self._grams[name], self.damp)
+                q = gptq(w, self._factors[name])
+                h = self._grams[name]
+                err_near, err_gptq = _output_error(w - near, h), _output_error(w - q, h)
+                if err_near > 0:
+                    self._gain_db[key] = 10.0 * float(np.log10(err_near / max(err_gptq, 1e-300)))
+            self._rounded[key] = q.reshape(shape).to(self.layers[name].weight.dtype)
+            self.seconds += time.perf_counter() - start
+        return self._rounded[key]
+
+    @torch.no_grad()
+    def int8(self, name: str) -> torch.Tensor:
+        """Layer ``name``'s weight on the per-channel symmetric int8 grid (row maxima pinned)."""
+        return self._round(name, "int8", _int8_rows,
+                           lambda w: nearest_grid(w.reshape(w.shape[0] * w.shape[1], -1)).reshape(w.shape))
+
+    @torch.no_grad()
+    def palette(self, name: str, nbits: int) -> torch.Tensor:
+        """Layer ``name``'s weight on its own per-tensor ``2**nbits``-value k-means palette."""
+        lut = palette_lut(self.layers[name].weight, nbits)
+        return self._round(name, f"pal{nbits}", lambda w, u: _gptq(w, u, lambda _j, col: on_palette(col, lut)),
+                           lambda w: on_palette(w, lut))
+
+    def network(self, weights: dict[str, torch.Tensor]) -> nn.Module:
+        """A copy of the network with the given layers' weights replaced (by layer name)."""
+        out = copy.deepcopy(self.net).eval()
+        modules = dict(out.named_modules())
+        with torch.no_grad():
+            for name, w in weights.items():
+                modules[name].weight.copy_(w)
+        return out
+
+    def report(self, grid: str, names: list[str] | None = None) -> RoundingReport:
+        """What rounding ``names`` (default: every layer rounded onto ``grid``) did."""
+        names = [n for (n, g) in self._rounded if g == grid] if names is None else names
+        gains = [self._gain_db[(n, grid)] for n in names if (n, grid) in self._gain_db]
+        return RoundingReport(self.images, len(names), self.skipped_small, self.seconds, gains, grid)
+
+
 def gptq_round(net: nn.Module, images_nchw: np.ndarray, min_elements: int = 0,
                damp: float = DAMP) -> tuple[nn.Module, RoundingReport]:
     """A copy of ``net`` with every conv/linear of >= ``min_elements`` weights GPTQ-rounded to int8 levels.
@@ -161,25 +287,6 @@ def gptq_round(net: nn.Module, images_nchw: np.ndarray, min_elements: int = 0,
     ``images_nchw`` are normalized calibration images (N, 3, H, W) float32. The
     weights stay float tensors; they are the values an int8 converter stores.
     """
-    if len(images_nchw) == 0:
-        raise ValueError("GPTQ rounding needs calibration images")
-    start = time.perf_counter()
-    out = copy.deepcopy(net).eval()
-    layers, small = quantizable_layers(out, min_elements)
-    grams = input_gram(out, layers, images_nchw)
-    gains = []
-    for name, layer in layers:
-        if name not in grams:  # never ran on these inputs: nothing to weigh the errors with
-            layer.weight.copy_(nearest_grid(layer.weight))
-            continue
-        g = _groups(layer)
-        w = layer.weight.detach().clone().reshape(g, layer.weight.shape[0] // g, -1)
-        h = grams[name]
-        q = _gptq_rows(w, h, damp)
-        layer.weight.copy_(q.to(w.dtype).reshape(layer.weight.shape))
-        near = nearest_grid(w.reshape(layer.weight.shape[0], -1)).reshape(w.shape)
-        err_near = _output_error(w - near, h)
-        err_gptq = _output_error(w.double() - q, h)
-        if err_near > 0:
-            gains.append(10.0 * float(np.log10(err_near / max(err_gptq, 1e-300))))
-    return out, RoundingReport(len(images_nchw), len(layers), small, time.perf_counter() - start, gains)
+    rounder = LayerRounder(net, images_nchw, min_elements, damp)
+    out = rounder.network({name: rounder.int8(name) for name in rounder.layers})
+    return out, rounder.report("int8")

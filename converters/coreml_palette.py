@@ -5,7 +5,8 @@ accuracy: on the proxy xxs checkpoint the 15 worst of 68 palettized convs
 (16 % of the palettized weights) carry about two thirds of the pal6 logit
 noise. The search measures, in PyTorch on the deploy network with the
 calibration images, the logit noise each conv adds when only its weight is
-replaced by the palettized one coremltools actually wrote, then keeps the
+replaced by its palettized one (GPTQ-rounded by :class:`calibration.gptq.LayerRounder`,
+or the one coremltools' k-means wrote, :func:`coreml_targets`), then keeps the
 layers with the most noise per weight element at int8 (per-channel) until
 a budget (a fraction of the palettized elements) is spent.
 
@@ -16,7 +17,7 @@ weight const equals exactly one parameter cast to fp16.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ import torch.nn as nn
 from edge.checks import sqnr_db
 
 WEIGHT_OPS = ("conv", "linear")
+FP16_SUBNORMAL_STEP = 2.0**-24
 
 
 def op_weights(program: Any, producer: str) -> dict[str, np.ndarray]:
@@ -48,11 +50,22 @@ def op_weights(program: Any, producer: str) -> dict[str, np.ndarray]:
 
 
 def match_parameters(net: nn.Module, weights: dict[str, np.ndarray]) -> dict[str, str]:
-    """``{op name: parameter name}`` for the ops whose fp16 weight equals a parameter of ``net``."""
-    index = {(tuple(p.shape), p.detach().to(torch.float16).numpy().tobytes()): n for n, p in net.named_parameters()}
+    """``{op name: parameter name}`` for the ops whose fp16 weight equals a parameter of ``net``.
+
+    Equal means the same fp16 bytes, or, failing that, exactly one parameter of
+    the same shape within one fp16 subnormal step (coremltools and torch round
+    a few float32 values below 2^-14 to different neighbouring subnormals).
+    """
+    half = {n: p.detach().to(torch.float16).numpy() for n, p in net.named_parameters()}
+    index = {(v.shape, v.tobytes()): n for n, v in half.items()}
     out = {}
     for op, w in weights.items():
-        name = index.get((tuple(w.shape), np.asarray(w, np.float16).tobytes()))
+        w16 = np.asarray(w, np.float16)
+        name = index.get((w16.shape, w16.tobytes()))
+        if name is None:
+            near = [n for n, v in half.items() if v.shape == w16.shape
+                    and np.abs(v.astype(np.float32) - w16.astype(np.float32)).max() <= FP16_SUBNORMAL_STEP]
+            name = near[0] if len(near) == 1 else None
         if name is not None:
             out[op] = name
     return out
@@ -107,24 +120,32 @@ def _int8_per_channel(w: torch.Tensor) -> torch.Tensor:
     return (torch.round(flat / scale).clamp(-127, 127) * scale).reshape(w.shape)
 
 
-def search(
-    net: nn.Module,
-    float_program: Any,
-    palettized_program: Any,
-    images_nchw: np.ndarray,
-    budget: float,
-) -> PaletteSearch:
-    """Measure every palettized conv's logit noise on ``images_nchw``; choose what stays int8.
-
-    ``net`` takes normalized NCHW images (the module the package was converted
-    from). Its parameters are restored before returning.
-    """
+def coreml_targets(net: nn.Module, float_program: Any, palettized_program: Any) -> tuple[dict[str, torch.Tensor], int]:
+    """``{parameter name: palettized weight}`` as coremltools wrote them, and how many ops matched no parameter."""
     pal = op_weights(palettized_program, "constexpr_lut_to_dense")
     match = match_parameters(net, op_weights(float_program, "const"))
-    params = dict(net.named_parameters())
-    res = PaletteSearch(budget=budget, images=len(images_nchw), unmatched_ops=len(set(pal) - set(match)))
-    x = torch.from_numpy(np.ascontiguousarray(images_nchw, np.float32))
     targets = {match[op]: torch.from_numpy(pal[op].astype(np.float32)) for op in pal if op in match}
+    return targets, len(set(pal) - set(match))
+
+
+def search(
+    net: nn.Module,
+    targets: dict[str, torch.Tensor],
+    images_nchw: np.ndarray,
+    budget: float,
+    int8: Callable[[str], torch.Tensor] | None = None,
+    unmatched_ops: int = 0,
+) -> PaletteSearch:
+    """Measure each palettized weight's logit noise on ``images_nchw``; choose what stays int8.
+
+    ``net`` takes normalized NCHW images (the module the package was converted
+    from); ``targets`` maps its parameter names to their palettized weights, and
+    ``int8(name)`` gives the int8 weight a kept layer gets (default: nearest
+    per-channel rounding). Its parameters are restored before returning.
+    """
+    params = dict(net.named_parameters())
+    res = PaletteSearch(budget=budget, images=len(images_nchw), unmatched_ops=unmatched_ops)
+    x = torch.from_numpy(np.ascontiguousarray(images_nchw, np.float32))
     saved = {n: params[n].detach().clone() for n in targets}
     net.eval()
     try:
@@ -145,7 +166,10 @@ def search(
                     room -= res.elements[n]
             for label, kept in (("all_palettized", set()), ("with_kept_int8", set(res.keep))):
                 for n, w in targets.items():
-                    params[n].copy_(_int8_per_channel(saved[n]) if n in kept else w)
+                    if n in kept:
+                        params[n].copy_(int8(n) if int8 is not None else _int8_per_channel(saved[n]))
+                    else:
+                        params[n].copy_(w)
                 res.predicted_sqnr_db[label] = float(sqnr_db(ref, net(x).numpy()))
     finally:
         with torch.no_grad():

@@ -46,6 +46,7 @@ import logging
 import shutil
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +63,7 @@ from edge.manifest import TensorSpec
 from edge.targets import validate_options
 
 if TYPE_CHECKING:
+    from calibration.gptq import LayerRounder
     from converters.coreml_act_search import ActivationSearch
     from converters.coreml_palette import PaletteSearch
 
@@ -72,6 +74,8 @@ CLASSIFIER_PRECISIONS = ("fp16", "w8", "pal6", "pal4")
 WEIGHT_THRESHOLD = 2048  # coremltools' default: smaller weight tensors stay float
 CLASSIFIER_CHECK_IMAGES = 4
 NEAREST = {"method": "nearest (coremltools' own rounding)"}
+KMEANS = {"method": "coremltools k-means palettes of the float weights (nearest palette value)"}
+FLOAT = "float"  # the network as loaded, before any rounding
 PALETTE_SEARCH_IMAGES = 16  # calibration images for the per-layer palette noise (PyTorch)
 # Smallest activation range quantized: the int8 scale (range / 127) must be a normal fp16
 # number, or it underflows to 0 in an fp16 program. Tensors this small (e.g. LayerScale-damped
@@ -178,11 +182,13 @@ def compress_weights(
     threshold: int = WEIGHT_THRESHOLD,
     float_ops: tuple[str, ...] = (),
     int8_weights: tuple[str, ...] = (),
+    unique_weights: tuple[str, ...] = (),
 ) -> Any:
     """int8 per-channel (``w8``/``w8a8``) or k-means palette (``pal6``/``pal4``) weights.
 
     Weights consumed by the ops named in ``float_ops`` stay fp16; for palettes,
-    the weight consts named in ``int8_weights`` get int8 per-channel weights.
+    the weight consts named in ``int8_weights`` get int8 per-channel weights and
+    those in ``unique_weights``, already on a palette, a palette of their own values.
     """
     import coremltools.optimize.coreml as cto
 
@@ -201,6 +207,8 @@ def compress_weights(
     else:
         op = cto.OpPalettizerConfig(mode="kmeans", nbits=nbits, granularity="per_tensor", weight_threshold=threshold)
     skip.update({name: None for name in int8_weights})
+    unique = cto.OpPalettizerConfig(mode="unique", granularity="per_tensor", weight_threshold=threshold)
+    skip.update({name: unique for name in unique_weights if name not in skip})
     with _quiet():
         model = cto.palettize_weights(mlmodel, cto.OptimizationConfig(global_config=op, op_name_configs=skip))
         if int8_weights:
@@ -411,42 +419,68 @@ def calibration_stats(package: Path, pixels_nhwc: np.ndarray, method: str = "mse
     return stats
 
 
+@dataclass
+class PalettePlan:
+    """How one palette precision's weights are made.
+
+    ``weights`` names the network the package is converted from (``float``, or
+    the precision when its weights are GPTQ-rounded); ``palettized`` are the
+    parameters already on their palette (stored by coremltools' ``unique`` mode);
+    empty means coremltools' own k-means palettizes the float weights.
+    """
+
+    weights: str
+    search: PaletteSearch | None
+    palettized: frozenset[str] = frozenset()
+    rounding: dict[str, Any] = field(default_factory=lambda: dict(KMEANS))
+
+
 class _Builder:
-    """Builds (and caches) the float ML Programs and palette searches one conversion needs."""
+    """Builds (and caches) the networks, float ML Programs and searches one conversion needs."""
 
     def __init__(self, ctx: ConvertContext, form: str, target: str):
         self.ctx, self.form, self.target = ctx, form, target
         self.net = network(ctx, form)
-        self._cache: dict[tuple[str, bool, bool], Any] = {}
-        self.searches: dict[str, PaletteSearch | None] = {}
+        self._cache: dict[tuple[str, bool, str], Any] = {}
+        self._nets: dict[str, nn.Module] = {FLOAT: self.net}
+        self.plans: dict[str, PalettePlan] = {}
         opts = validate_options(ctx.options)
+        self.threshold = int(opts["coreml_weight_threshold"])
         self.palette_budget = float(opts["coreml_palette_budget"])
         self.rounding = opts["coreml_weight_rounding"]
         self.w8a8_float_budget = float(opts["coreml_w8a8_float_budget"])
         self.act_search: ActivationSearch | None = None
-        self._rounded: nn.Module | None = None
+        self._rounder: LayerRounder | None = None
         self.rounding_summary: dict = NEAREST
 
-    def float_model(self, compute_precision: str, classifier: bool, rounded: bool = False) -> Any:
-        """The float ML Program; ``rounded`` takes the GPTQ-rounded network (see :meth:`rounded_net`)."""
-        key = (compute_precision, classifier, rounded)
+    def float_model(self, compute_precision: str, classifier: bool, weights: str = FLOAT) -> Any:
+        """The float ML Program of the network named ``weights`` (see :meth:`weights_net`)."""
+        key = (compute_precision, classifier, weights)
         if key not in self._cache:
-            net = self.rounded_net() if rounded else self.net
+            net = self.weights_net(weights)
             self._cache[key] = build_mlmodel(net, self.ctx.input_size, compute_precision, self.target, classifier)
         return self._cache[key]
 
-    def rounded_net(self) -> nn.Module:
-        """The network with its int8-compressed weights GPTQ-rounded on the calibration images (once)."""
-        from calibration.gptq import GPTQ_IMAGES, gptq_round
+    def rounder(self) -> LayerRounder:
+        """GPTQ rounding of the compressed layers (more than the threshold's elements) on the calibration images."""
+        from calibration.gptq import GPTQ_IMAGES, LayerRounder
 
-        if self._rounded is None:
+        if self._rounder is None:
             images = self.ctx.split.calib.nchw()[:GPTQ_IMAGES]
-            log.info("coreml: GPTQ weight rounding on %d calibration images", len(images))
-            threshold = validate_options(self.ctx.options)["coreml_weight_threshold"]
+            log.info("coreml: GPTQ input statistics on %d calibration images", len(images))
             # coremltools compresses weights with more than `threshold` elements
-            self._rounded, report = gptq_round(self.net, images, min_elements=threshold + 1)
-            self.rounding_summary = report.as_dict()
-        return self._rounded
+            self._rounder = LayerRounder(self.net, images, min_elements=self.threshold + 1)
+        return self._rounder
+
+    def weights_net(self, weights: str) -> nn.Module:
+        """The network named ``weights``: ``float``, ``int8`` (every compressed layer GPTQ-rounded to int8,
+        built here) or a palette precision (built by :meth:`palette_plan`)."""
+        if weights == "int8" and weights not in self._nets:
+            r = self.rounder()
+            log.info("coreml: GPTQ int8 weight rounding")
+            self._nets["int8"] = r.network({n: r.int8(n) for n in r.layers})
+            self.rounding_summary = r.report("int8", list(r.layers)).as_dict()
+        return self._nets[weights]
 
     def search_images(self) -> np.ndarray:
         """The first calibration images, normalized NCHW, that the PyTorch-side searches measure on."""
@@ -462,11 +496,11 @@ class _Builder:
 
         if self.w8a8_float_budget <= 0:
             return None
-        rounded = _rounded(self, "w8a8")
-        base = self.float_model("fp16", False, rounded=rounded)
+        weights = _weights(self, "w8a8")
+        base = self.float_model("fp16", False, weights)
         images = self.search_images()
         t = time.perf_counter()
-        net = self.rounded_net() if rounded else self.net
+        net = self.weights_net(weights)
         program = base._mil_program
         head = head_op_name(program) if float_head else None
         res = search(net, program, stats, quantized_inputs(program) & set(stats), images, self.w8a8_float_budget,
@@ -480,37 +514,77 @@ class _Builder:
         self.act_search = res
         return res
 
-    def palette_search(
-        self, precision: str, base: Any, float_ops: tuple[str, ...], threshold: int
-    ) -> PaletteSearch | None:
-        """The layer search for ``precision`` (run once, on the logits program); None when off."""
-        from converters.coreml_palette import search
+    def palette_plan(self, precision: str, base: Any, float_ops: tuple[str, ...]) -> PalettePlan:
+        """Palette weights and the layer search for ``precision`` (once; ``base`` is the float logits program).
 
-        if self.palette_budget <= 0:
-            return None
-        if precision not in self.searches:
-            if len(self.ctx.split.calib) == 0:
-                log.warning("coreml %s: no calibration images, so no palette layer search: every conv "
-                            "palettized (use --calib-size > 0 to keep the noisiest ones int8)", precision)
-                self.searches[precision] = None
-                return None
-            images = self.search_images()
-            palettized = compress_weights(base, precision, self.target, threshold, float_ops=float_ops)
-            t = time.perf_counter()
-            res = search(self.net, base._mil_program, palettized._mil_program, images, self.palette_budget)
-            log.info("coreml %s: palette search kept %d layers int8 (%.1f s)", precision, len(res.keep),
+        With calibration images and ``coreml_weight_rounding=gptq`` every
+        palettized layer is GPTQ-rounded onto its own k-means palette, and the
+        search's kept layers onto the int8 grid; otherwise coremltools' k-means
+        palettizes the float weights. ``float_ops`` stay fp16 either way.
+        """
+        from converters.coreml_palette import coreml_targets, match_parameters, op_weights, search
+
+        if precision in self.plans:
+            return self.plans[precision]
+        calibrated = len(self.ctx.split.calib) > 0
+        if not calibrated:
+            log.warning("coreml %s: no calibration images, so k-means palettes without GPTQ and no layer search "
+                        "(use --calib-size > 0 to measure and keep the noisiest layers int8)", precision)
+        nbits = {"pal6": 6, "pal4": 4}[precision]
+        gptq = calibrated and self.rounding == "gptq" and not _grouped_palette(self.target, precision)
+        int8 = None
+        t = time.perf_counter()
+        if gptq:
+            r = self.rounder()
+            match = match_parameters(self.net, op_weights(base._mil_program, "const"))
+            skip = {match[op] for op in float_ops if op in match}
+            log.info("coreml %s: GPTQ palette rounding", precision)
+            targets = {f"{n}.weight": r.palette(n, nbits) for n in r.layers if f"{n}.weight" not in skip}
+            unmatched = 0
+
+            def int8(param: str) -> torch.Tensor:
+                return r.int8(param.removesuffix(".weight"))
+        else:
+            palettized = compress_weights(base, precision, self.target, self.threshold, float_ops=float_ops)
+            targets, unmatched = coreml_targets(self.net, base._mil_program, palettized._mil_program)
+        found = None
+        if calibrated and self.palette_budget > 0:
+            found = search(self.net, targets, self.search_images(), self.palette_budget, int8, unmatched)
+            log.info("coreml %s: palette search kept %d layers int8 (%.1f s)", precision, len(found.keep),
                      time.perf_counter() - t)
-            if res.unmatched_ops or not res.keep:
+            if found.unmatched_ops or not found.keep:
                 log.warning("coreml %s: palette search kept %d layers; %d palettized convs could not be tied to "
-                            "a PyTorch parameter and were not measured", precision, len(res.keep),
-                            res.unmatched_ops)
-            self.searches[precision] = res
-        return self.searches[precision]
+                            "a PyTorch parameter and were not measured", precision, len(found.keep),
+                            found.unmatched_ops)
+        if not gptq:
+            plan = PalettePlan(FLOAT, found)
+        else:
+            keep = set(found.keep) if found else set()
+            r = self.rounder()
+            chosen = {p.removesuffix(".weight"): (r.int8(p.removesuffix(".weight")) if p in keep else w)
+                      for p, w in targets.items()}
+            self._nets[precision] = r.network(chosen)
+            palettized_layers = [p.removesuffix(".weight") for p in targets if p not in keep]
+            rounding = {"palettes": r.report(precision, palettized_layers).as_dict()}
+            if keep:
+                rounding["kept_int8"] = r.report("int8", [p.removesuffix(".weight") for p in keep]).as_dict()
+            plan = PalettePlan(precision, found, frozenset(targets) - keep, rounding)
+        self.plans[precision] = plan
+        return plan
 
 
-def _rounded(b: _Builder, precision: str) -> bool:
-    """Whether ``precision`` is converted from the GPTQ-rounded network."""
-    return precision == "w8a8" and b.rounding == "gptq"
+def _grouped_palette(target: str, precision: str) -> bool:
+    """Whether ``precision`` uses coremltools' grouped-channel palettes (iOS 18 pal4), which GPTQ does not round for."""
+    return target == "iOS18" and precision == "pal4"
+
+
+def _weights(b: _Builder, precision: str) -> str:
+    """The network ``precision`` is converted from (a key of :meth:`_Builder.weights_net`)."""
+    if precision == "w8a8" and b.rounding == "gptq":
+        return "int8"
+    if precision in b.plans:
+        return b.plans[precision].weights
+    return FLOAT
 
 
 def _compressed(b: _Builder, precision: str, classifier: bool, stats: dict | None, threshold: int,
@@ -519,7 +593,11 @@ def _compressed(b: _Builder, precision: str, classifier: bool, stats: dict | Non
     from converters.coreml_palette import weight_consts
 
     cp = "fp32" if precision == "fp32" else "fp16"
-    base = b.float_model(cp, classifier, rounded=_rounded(b, precision))
+    if precision in ("pal6", "pal4"):
+        logits_base = b.float_model(cp, False)  # planned on the logits program, reused for the classifier
+        logits_head = head_op_name(logits_base._mil_program) if float_head else None
+        b.palette_plan(precision, logits_base, tuple(float_ops) + ((logits_head,) if logits_head else ()))
+    base = b.float_model(cp, classifier, _weights(b, precision))
     head = head_op_name(base._mil_program) if float_head else None
     kept = list(float_ops) + ([head] if head else [])
     model = base
@@ -530,13 +608,12 @@ def _compressed(b: _Builder, precision: str, classifier: bool, stats: dict | Non
     if precision in ("w8", "w8a8"):
         model = compress_weights(model, precision, b.target, threshold)
     elif precision in ("pal6", "pal4"):
-        logits_base = b.float_model(cp, False)  # searched on the logits program, reused for the classifier
-        logits_head = head_op_name(logits_base._mil_program) if float_head else None
-        found = b.palette_search(precision, logits_base, tuple(float_ops) + ((logits_head,) if logits_head else ()),
-                                 threshold)
-        int8_weights = weight_consts(base._mil_program, b.net, set(found.keep)) if found else ()
+        plan = b.plans[precision]
+        net = b.weights_net(plan.weights)
+        keep = set(plan.search.keep) if plan.search else set()
         model = compress_weights(model, precision, b.target, threshold, float_ops=tuple(kept),
-                                 int8_weights=int8_weights)
+                                 int8_weights=weight_consts(base._mil_program, net, keep),
+                                 unique_weights=weight_consts(base._mil_program, net, set(plan.palettized)))
     return model, (kept if precision in ("w8a8", "pal6", "pal4") else [])
 
 
@@ -556,7 +633,7 @@ def _one_precision(
         if len(ctx.split.calib) == 0:
             raise ConfigError("w8a8 needs calibration images: use --calib-size > 0")
         tmp = ctx.work_dir / f".{ctx.stem}_w8a8_calib_base.mlpackage"
-        base = b.float_model("fp16", False, rounded=_rounded(b, precision))
+        base = b.float_model("fp16", False, _weights(b, precision))
         describe(base, ctx, "fp16", b.form, b.target, False)
         _save(base, tmp)
         tc = time.perf_counter()
@@ -595,7 +672,9 @@ def _one_precision(
     if precision in COMPRESSED:
         details["weight_threshold"] = threshold
     if precision in ("w8", "w8a8"):
-        details["weight_rounding"] = b.rounding_summary if _rounded(b, precision) else NEAREST
+        details["weight_rounding"] = b.rounding_summary if _weights(b, precision) == "int8" else NEAREST
+    if precision in b.plans:
+        details["weight_rounding"] = b.plans[precision].rounding
     if kept_float:
         details["kept_float"] = {
             "ops": kept_float,
@@ -604,8 +683,8 @@ def _one_precision(
                "only at conv/linear inputs (residual adds, matmul/einsum, softmax, layer_norm, gelu, modulation "
                "mul stay fp16)" if precision == "w8a8" else " (weights fp16)"),
         }
-    if b.searches.get(precision) is not None:
-        details["palette_search"] = b.searches[precision].report()
+    if precision in b.plans and b.plans[precision].search is not None:
+        details["palette_search"] = b.plans[precision].search.report()
     if precision == "w8a8" and b.act_search is not None:
         details["activation_search"] = b.act_search.report()
     if calib:

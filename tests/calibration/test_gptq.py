@@ -1,4 +1,4 @@
-"""GPTQ weight rounding: on the converters' int8 grid, lower output error than nearest rounding."""
+"""GPTQ weight rounding: on the converters' int8 grid or a per-tensor palette, lower output error than nearest."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from calibration.gptq import gptq_round, nearest_grid, quantizable_layers
+from calibration.gptq import LayerRounder, gptq_round, nearest_grid, on_palette, palette_lut, quantizable_layers
 from edge.checks import sqnr_db
 
 
@@ -119,3 +119,48 @@ def test_tiny_model_logits(proxy_tiny_checkpoint):
     rounded, report = gptq_round(net, imgs[:64])
     gptq, near = _output_sqnr(rounded, net, imgs[64:]), _output_sqnr(_nearest_copy(net), net, imgs[64:])
     assert gptq >= near + 2.0, f"tiny logits: GPTQ {gptq:.2f} dB vs nearest {near:.2f} dB"
+
+
+def test_palette_lut_is_a_kmeans_fixed_point():
+    w = torch.from_numpy(np.random.default_rng(5).standard_t(4, size=(64, 48)))
+    lut = palette_lut(w, 4)
+    assert lut.shape == (16,) and torch.all(lut[1:] > lut[:-1]), "palette must be 16 sorted distinct values"
+    q = on_palette(w.reshape(-1), lut)
+    tol = 1e-3 * float(w.max() - w.min())
+    for v in lut:  # each value is (to within the iteration limit) the mean of the weights it represents
+        members = w.reshape(-1)[q == v]
+        assert len(members) and abs(float(members.mean() - v)) < tol, f"palette value {float(v):.4f} is not its cluster mean"
+    near = ((w.reshape(-1) - q) ** 2).sum()
+    uniform = torch.linspace(float(w.min()), float(w.max()), 16, dtype=torch.float64)
+    assert near < ((w.reshape(-1) - on_palette(w.reshape(-1), uniform)) ** 2).sum(), "k-means must beat a uniform grid"
+
+
+@pytest.mark.parametrize("nbits", [4, 6])
+def test_palette_gptq_beats_nearest_palette(nbits):
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 32, 1), nn.Conv2d(32, 32, 5, padding=2,
+                                                                                          groups=32)).eval()
+    calib, held_out = _correlated_images(64, seed=1), _correlated_images(32, seed=2)
+    rounder = LayerRounder(net, calib)
+    pal = {n: rounder.palette(n, nbits) for n in rounder.layers}
+    near = {n: on_palette(layer.weight.detach(), palette_lut(layer.weight, nbits)) for n, layer in rounder.layers.items()}
+    for n, w in pal.items():
+        lut = palette_lut(rounder.layers[n].weight, nbits).to(w.dtype)
+        assert torch.isin(w, lut).all(), f"{n}: a GPTQ palette weight is not one of the palette's values"
+        assert len(torch.unique(w)) <= 1 << nbits
+    gptq = _output_sqnr(rounder.network(pal), net, held_out)
+    nearest = _output_sqnr(rounder.network(near), net, held_out)
+    assert gptq >= nearest + 1.0, f"pal{nbits}: GPTQ {gptq:.2f} dB vs nearest palette {nearest:.2f} dB"
+    report = rounder.report(f"pal{nbits}").as_dict()
+    assert report["layers"] == 3 and f"pal{nbits}" in report["method"]
+    assert report["layer_output_error_gain_db"]["median"] > 0
+
+
+def test_rounder_int8_equals_gptq_round_and_caches():
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 8, 1)).eval()
+    x = _correlated_images(16)
+    rounder = LayerRounder(net, x)
+    rounded, _ = gptq_round(net, x)
+    for n in rounder.layers:
+        assert torch.equal(rounder.int8(n), dict(rounded.named_modules())[n].weight), f"{n}: int8 rounding differs"
+        assert rounder.int8(n) is rounder.int8(n), f"{n}: rounding was recomputed instead of cached"

@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("coremltools", reason="Core ML extra not installed (pip install -e '.[coreml]')")
 
-from converters.coreml_palette import match_parameters, op_weights, search, weight_consts  # noqa: E402
+from converters.coreml_palette import coreml_targets, match_parameters, op_weights, search, weight_consts  # noqa: E402
 from converters.to_coreml import build_mlmodel, compress_weights, head_op_name  # noqa: E402
 from edge.ane import to_ane  # noqa: E402
 from edge.efficientmod import to_deploy  # noqa: E402
@@ -43,7 +43,8 @@ def test_search_keeps_the_noisiest_layers_within_budget(programs):
     x = rng.standard_normal((6, 3, 224, 224)).astype(np.float32)
     with torch.no_grad():
         before = net(torch.from_numpy(x)).numpy()
-    res = search(net, base._mil_program, pal._mil_program, x, budget=0.2)
+    targets, unmatched = coreml_targets(net, base._mil_program, pal._mil_program)
+    res = search(net, targets, x, budget=0.2, unmatched_ops=unmatched)
     with torch.no_grad():
         after = net(torch.from_numpy(x)).numpy()
     assert np.array_equal(before, after), "search must restore the network's weights"
@@ -64,7 +65,7 @@ def test_search_keeps_the_noisiest_layers_within_budget(programs):
     hook = net.register_forward_hook(fail_on_third_forward)
     try:
         with pytest.raises(RuntimeError, match="interrupted"):
-            search(net, base._mil_program, pal._mil_program, x, budget=0.2)
+            search(net, targets, x, budget=0.2)
     finally:
         hook.remove()
     with torch.no_grad():

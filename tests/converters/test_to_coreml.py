@@ -228,7 +228,7 @@ def proxy_out(tmp_path_factory, samples_dir, proxy_tiny_checkpoint) -> tuple[Pat
     out = tmp_path_factory.mktemp("coreml_proxy")
     res = convert(ConvertRequest(targets=["coreml"], model=TINY, weights=str(proxy_tiny_checkpoint), output=out,
                                  calib_dir=str(samples_dir), calib_size=8, eval_size=6,
-                                 precisions=["fp32", "fp16", "w8a8"], options=dict(OPTS)))
+                                 precisions=["fp32", "fp16", "w8a8", "pal4"], options=dict(OPTS)))
     return out, res.manifest
 
 
@@ -277,6 +277,36 @@ def test_w8a8_stores_the_gptq_weights(proxy_out, samples_dir, proxy_tiny_checkpo
         assert err[best] < 0.15, f"{op}: package weights are {err[best]:.2f} levels from the GPTQ weights of {best}"
         moved += float(np.abs((wanted[best] - original[best]) / level).max()) > 0.5
     assert moved > 0, "GPTQ moved no weight by more than half a level: the test would not see nearest rounding"
+
+
+def test_palettes_store_the_gptq_palette_weights(proxy_out, samples_dir, proxy_tiny_checkpoint):
+    """Each palettized weight in the package is the GPTQ rounding onto its own k-means palette, stored exactly."""
+    from calibration.folder import scan_folder
+    from calibration.gptq import GPTQ_IMAGES, LayerRounder, on_palette, palette_lut
+    from calibration.splits import make_split
+    from converters.coreml_palette import FP16_SUBNORMAL_STEP, op_weights
+    from edge.weights import load_model
+
+    out, manifest = proxy_out
+    pal4 = _artifact(manifest, "pal4")
+    rounding = pal4.details["weight_rounding"]
+    assert rounding["palettes"]["method"].startswith("GPTQ (pal4"), rounding
+    split = make_split(scan_folder(samples_dir), 8, 6, 0)
+    net = to_ane(load_model(TINY, proxy_tiny_checkpoint).model, 224)
+    rounder = LayerRounder(net, split.calib.nchw()[:GPTQ_IMAGES], min_elements=OPTS["coreml_weight_threshold"] + 1)
+    kept = {k["parameter"].removesuffix(".weight") for k in pal4.details["palette_search"]["kept_int8"]}
+    stored = op_weights(load_package(out / pal4.path).program, "constexpr_lut_to_dense")
+    assert len(stored) == rounding["palettes"]["layers"], f"{len(stored)} palettes stored, {rounding['palettes']['layers']} rounded"
+    moved = 0
+    for op, w in stored.items():
+        assert len(np.unique(w)) <= 16, f"{op}: {len(np.unique(w))} values in a 4-bit palette"
+        err = {n: float(np.abs(w.astype(np.float32) - rounder.palette(n, 4).to(torch.float16).float().numpy()).max())
+               for n, layer in rounder.layers.items() if n not in kept and tuple(layer.weight.shape) == w.shape}
+        best = min(err, key=err.get)
+        assert err[best] <= FP16_SUBNORMAL_STEP, f"{op}: stored palette weights differ from GPTQ's for {best} by {err[best]:.3g}"
+        layer = rounder.layers[best].weight.detach()
+        moved += not torch.equal(on_palette(layer, palette_lut(layer, 4).float()), rounder.palette(best, 4))
+    assert moved > 0, "no stored palette differs from nearest rounding: the test would not see GPTQ"
 
 
 @pytest.mark.slow
