@@ -215,11 +215,12 @@ class LayerRounder:
         if len(images_nchw) == 0:
             raise ValueError("GPTQ rounding needs calibration images")
         start = time.perf_counter()
-        self.net, self.images, self.damp = net.eval(), len(images_nchw), damp
-        found, self.skipped_small = quantizable_layers(net, min_elements)
+        # a private copy: callers (the palette search) swap weights in and out of their network
+        self.net, self.images, self.damp = copy.deepcopy(net).eval(), len(images_nchw), damp
+        found, self.skipped_small = quantizable_layers(self.net, min_elements)
         self.layers: dict[str, Layer] = dict(found)
         with torch.no_grad():
-            self._grams = input_gram(net, found, images_nchw)
+            self._grams = input_gram(self.net, found, images_nchw)
         self._factors: dict[str, torch.Tensor] = {}
         self._rounded: dict[tuple[str, str], torch.Tensor] = {}
         self._gain_db: dict[tuple[str, str], float] = {}
