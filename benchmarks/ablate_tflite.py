@@ -6,7 +6,9 @@ Ablations (each against a default ``effmod-edge convert --target tflite`` run):
   instead of the 5x5 + two dilated edge convs;
 * ``float-head``: int8-mixed also keeps the classifier ``FULLY_CONNECTED`` in float;
 * ``float-adds``: int8-mixed also keeps every ``ADD`` (the residual stream, the
-  LayerNorm centering, the split depthwise sums) in float.
+  LayerNorm centering, the split depthwise sums) in float;
+* ``float-muls``: int8-mixed also keeps every ``MUL`` (the modulation product,
+  the LayerNorm scaling) in float.
 
 The change is made by wrapping the converter's own functions for this process
 only; the package itself is untouched. Prints the int8-mixed file's size, op
@@ -27,8 +29,8 @@ import converters.to_tflite as to_tflite
 from edge.errors import EffmodError
 from edge.pipeline import ConvertRequest, convert
 
-ABLATIONS = ("single-depthwise", "float-head", "float-adds")
-EXTRA_FLOAT_OPS = {"float-head": "FULLY_CONNECTED", "float-adds": "ADD"}
+ABLATIONS = ("single-depthwise", "float-head", "float-adds", "float-muls")
+EXTRA_FLOAT_OPS = {"float-head": "FULLY_CONNECTED", "float-adds": "ADD", "float-muls": "MUL"}
 
 
 def apply(ablation: str) -> None:

@@ -11,7 +11,7 @@ form of :mod:`edge.ane` (option ``coreml_form="plain"`` takes
 :class:`edge.efficientmod.EfficientModDeploy` as it is).
 
 Precisions: fp32 / fp16 compute precision; ``w8`` int8 per-channel weights;
-``pal6`` / ``pal4`` per-tensor k-means weight palettes, with the layers whose
+``pal6`` / ``pal4`` per-tensor weight palettes, with the layers whose
 palette costs the most accuracy per element kept int8; ``w8a8`` int8 weights
 plus int8 activations at every conv input, whose ranges come from running the
 fp16 package through :mod:`converters.mil_interp` on the calibration images
@@ -26,14 +26,18 @@ fewer elements stay float; 2048), ``coreml_float_ops`` (op names kept float),
 ``coreml_float_head`` (True), ``coreml_ranges`` (w8a8 activation ranges: mse default, minmax),
 ``coreml_palette_budget`` (fraction of palettized weights the layer search of
 :mod:`converters.coreml_palette` may keep int8; 0.15, 0 turns it off),
-``coreml_weight_rounding`` (w8a8 weights: ``gptq`` default, ``nearest``),
+``coreml_weight_rounding`` (w8a8 and palette weights: ``gptq`` default, ``nearest``),
 ``coreml_w8a8_float_budget`` (fraction of w8a8's quantized conv inputs the search
 of :mod:`converters.coreml_act_search` may leave fp16; 0 turns it off).
 
 w8a8 is converted from a copy of the network whose weights are GPTQ-rounded onto
 coremltools' int8 grid on the calibration images (:mod:`calibration.gptq`):
-coremltools then stores exactly those weights. ``w8`` stays data-free
-(nearest rounding), as its name promises.
+coremltools then stores exactly those weights. The palettes likewise: every
+palettized weight is GPTQ-rounded onto its own per-tensor k-means palette (and
+the layers the search keeps onto the int8 grid), and coremltools' ``unique``
+mode stores those values. ``w8`` stays data-free (nearest rounding), as its
+name promises; iOS 18 ``pal4`` (grouped-channel palettes) keeps coremltools'
+k-means.
 
 Every reported logit is computed by the interpreter from the *saved* package.
 """

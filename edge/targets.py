@@ -197,7 +197,8 @@ OPTIONS: dict[str, OptionSpec] = {
                    "int8 / int8-mixed / dynamic weights: GPTQ rounding on calibration images, or the converter's nearest",
                    ("gptq", "nearest")),
         OptionSpec("coreml_weight_rounding", "coreml", "choice", "gptq",
-                   "w8a8 weights: GPTQ rounding on calibration images, or coremltools' nearest (w8 is always nearest)",
+                   "w8a8 and pal6/pal4 weights: GPTQ rounding on calibration images, or coremltools' nearest / k-means "
+                   "(w8 is always nearest)",
                    ("gptq", "nearest")),
         OptionSpec("tflite_ranges", "tflite", "choice", "mse",
                    "int8 activation ranges: MSE-optimal clipping of the calibration histogram, or plain min/max",
