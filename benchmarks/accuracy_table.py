@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from edge.manifest import Manifest
+from edge.report import mixed_step_line
 
 
 def table(manifest: Manifest) -> str:
@@ -29,10 +30,7 @@ def table(manifest: Manifest) -> str:
                     f"LayerNorm statistics {'float' if d['layernorm_stats_float'] else 'int8'}; "
                     f"{len(d['kept_float_nodes'])} most error-adding ops; target met on calibration: "
                     f"{d['target_met_on_calibration']}")
-        for s in d["search"]:
-            rows.append(f"- LN stats float={s['layernorm_stats_float']}, ADDs float={s.get('adds_float', False)}, +{s['kept_nodes']} ops: "
-                        f"calib agreement {s['calib_agreement']:.1%}, SQNR {s['calib_sqnr_db']:.1f} dB, "
-                        f"{s['bytes'] / 1e6:.2f} MB")
+        rows += [f"- {mixed_step_line(s)}" for s in d["search"]]
     d = manifest.data or {}
     rows.append("")
     rows.append(f"model {manifest.model}, weights {manifest.weights}; eval {d.get('eval_size')} images, "

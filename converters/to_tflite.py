@@ -26,11 +26,12 @@ refuses int8 ADDs with a far smaller input scale (a nearly constant channel mean
 had one, and 26 ADDs of xxs fell out of the delegate).
 
 ``int8-mixed`` keeps the op types XNNPACK has no int8 kernel for in float, then
-searches: LayerNorm statistics in float, every ADD in float (the residual
-stream in per-tensor int8 carried most of the error on proxy weights), then the
-ops the per-op sensitivity ranks worst, stopping at the first step that meets
-the agreement target on calibration images and keeping a step only if it
-meets it or gains at least ``MIN_GAIN_DB``.
+searches (:func:`search_steps`): LayerNorm statistics in float, every ADD in
+float (the residual stream in per-tensor int8 carried most of the error on
+proxy weights), then the ops the per-op sensitivity ranks worst, stopping at
+the first step that meets the agreement target on calibration images, or when
+a sensitivity step gains less than ``MIN_STEP_GAIN_DB``, and keeping a step
+only if it meets the target or gains at least ``MIN_GAIN_DB``.
 
 The int8, int8-mixed and dynamic files' weights are GPTQ-rounded onto the
 per-channel int8 grid before export (``calibration.gptq``; option ``tflite_weight_rounding=nearest`` leaves
@@ -53,7 +54,9 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch.nn as nn
@@ -71,10 +74,22 @@ from edge.targets import validate_options
 ONNX_OPSET = 20
 SAMPLE_NPY = "calibration_image_sample_data_20x128x128x3_float32.npy"
 RUNTIME_FLOAT_OPS = ("GELU", "RSQRT", "SOFTMAX", "BATCH_MATMUL")
-# (LayerNorm statistics in float?, every ADD in float?, number of most error-adding ops kept float)
-MIXED_STEPS = ((False, False, 0), (True, False, 0), (True, True, 0), (True, True, 4), (True, True, 16),
-               (True, True, 64))
-MIN_GAIN_DB = 1.0
+
+
+@dataclass(frozen=True)
+class MixedStep:
+    """One int8-mixed candidate: what it keeps in float beyond the runtime's float op types."""
+
+    layernorm_stats: bool  # LayerNorm statistics (1x1 convs) in float
+    adds: bool  # every ADD in float
+    kept_nodes: int  # number of most error-adding ops (sensitivity ranking) in float
+
+
+MIXED_STEPS = (MixedStep(False, False, 0), MixedStep(True, False, 0), MixedStep(True, True, 0),
+               MixedStep(True, True, 4), MixedStep(True, True, 16), MixedStep(True, True, 64))
+MIN_GAIN_DB = 1.0  # a step is taken over a faster one only if it meets the target or gains this much
+MIN_STEP_GAIN_DB = 0.2  # a kept-nodes step gaining less than this over the step before ends the search
+TARGET_AGREEMENT, TARGET_SQNR_DB = 0.99, 25.0
 WORKER_TIMEOUT_S = 900
 FLOAT_NORM, INT8_NORM = "reduce", "conv"  # LayerNorm form of the float and of the int8 files
 DYNAMIC_MIN_ELEMENTS = 1024  # the dynamic-range converter leaves smaller weight tensors float
@@ -313,6 +328,36 @@ class _Builder:
         return ArtifactResult(precision, path.name, inp, out, logits, det, extra_files=[side])
 
 
+def search_steps(steps: tuple[MixedStep, ...], evaluate: Callable[[MixedStep], dict]) -> tuple[int, list[dict]]:
+    """Walk ``steps`` (each keeps more in float, so is slower and bigger); return the chosen index and the record.
+
+    ``evaluate(step)`` measures a step on calibration images (``top1_agreement``,
+    ``sqnr_db``, ``bytes``). The walk stops at the first step that meets the
+    target, or when a kept-nodes step gains less than ``MIN_STEP_GAIN_DB`` over
+    the step before it (the sensitivity ranking has stopped paying). A step is
+    chosen over the best earlier one only if it meets the target or gains at
+    least ``MIN_GAIN_DB``.
+    """
+    tried: list[dict] = []
+    best = None
+    for i, step in enumerate(steps):
+        m = evaluate(step)
+        ok = bool(m["top1_agreement"] >= TARGET_AGREEMENT and m["sqnr_db"] >= TARGET_SQNR_DB)
+        tried.append({"layernorm_stats_float": step.layernorm_stats, "adds_float": step.adds,
+                      "kept_nodes": step.kept_nodes, "calib_agreement": m["top1_agreement"],
+                      "calib_sqnr_db": m["sqnr_db"], "bytes": m["bytes"], "meets_target": ok})
+        if best is None or ok or m["sqnr_db"] >= tried[best]["calib_sqnr_db"] + MIN_GAIN_DB:
+            best = i
+        if ok:
+            break
+        if step.kept_nodes > 0 and i > 0 and m["sqnr_db"] < tried[i - 1]["calib_sqnr_db"] + MIN_STEP_GAIN_DB:
+            tried[-1]["ended_search"] = f"gained < {MIN_STEP_GAIN_DB} dB over the step before"
+            break
+    if best is None:
+        raise ConversionError("int8-mixed: no search step to try")
+    return best, tried
+
+
 def _mixed(b: _Builder, stem: str) -> ArtifactResult:
     """int8 with float islands: runtime-unsupported op types, then the least accurate ops."""
     ctx = b.ctx
@@ -326,44 +371,39 @@ def _mixed(b: _Builder, stem: str) -> ArtifactResult:
     calib_n = min(64, len(ctx.split.calib))
     calib_imgs = np.load(b.calib_npy)[:calib_n]
     ref = torch_logits(ctx.loaded.model, np.ascontiguousarray(calib_imgs.transpose(0, 3, 1, 2)))
-    tried = []
-    best = None
-    for ln_stats, float_adds, k in MIXED_STEPS:
-        if k > len(ranked):
-            break
-        nodes = [r["tensor"] for r in ranked[:k]]
-        ops = list(RUNTIME_FLOAT_OPS) + (["ADD"] if float_adds else [])
-        deny = {"ops": ops, "nodes": nodes, "layernorm_stats": ln_stats}
-        path = b.quantize(b.build / f"mixed_{int(ln_stats)}{int(float_adds)}_{k}.tflite", denylist=deny)
+    steps = tuple(s for s in MIXED_STEPS if s.kept_nodes <= len(ranked))
+    paths: dict[MixedStep, Path] = {}
+
+    def ops(step: MixedStep) -> list[str]:
+        return list(RUNTIME_FLOAT_OPS) + (["ADD"] if step.adds else [])
+
+    def evaluate(step: MixedStep) -> dict:
+        deny = {"ops": ops(step), "nodes": [r["tensor"] for r in ranked[: step.kept_nodes]],
+                "layernorm_stats": step.layernorm_stats}
+        name = f"mixed_{int(step.layernorm_stats)}{int(step.adds)}_{step.kept_nodes}.tflite"
+        path = paths[step] = b.quantize(b.build / name, denylist=deny)
         m = compare_logits(ref, litert_logits(path, calib_imgs, b.build))
-        ok = m["top1_agreement"] >= 0.99 and m["sqnr_db"] >= 25.0
-        tried.append({"layernorm_stats_float": ln_stats, "adds_float": float_adds, "kept_nodes": k,
-                      "calib_agreement": m["top1_agreement"], "calib_sqnr_db": m["sqnr_db"],
-                      "bytes": path.stat().st_size})
         log.info("tflite int8-mixed: LayerNorm stats %s, ADDs %s, %d sensitive ops in float -> calib agreement "
-                 "%.1f%%, SQNR %.1f dB", "float" if ln_stats else "int8", "float" if float_adds else "int8", k,
-                 100 * m["top1_agreement"], m["sqnr_db"])
-        # each step adds float ops (slower, bigger): take it only if it meets the
-        # target or buys at least MIN_GAIN_DB over the best step so far
-        if best is None or ok or m["sqnr_db"] >= best["sqnr"] + MIN_GAIN_DB:
-            best = {"ln": ln_stats, "adds": float_adds, "k": k, "path": path, "ok": ok, "sqnr": m["sqnr_db"],
-                    "ops": ops}
-        if ok:
-            break
+                 "%.1f%%, SQNR %.1f dB", "float" if step.layernorm_stats else "int8",
+                 "float" if step.adds else "int8", step.kept_nodes, 100 * m["top1_agreement"], m["sqnr_db"])
+        return {**m, "bytes": path.stat().st_size}
+
+    chosen, tried = search_steps(steps, evaluate)
+    best = steps[chosen]
     final = ctx.work_dir / f"{stem}_int8_mixed.tflite"
-    shutil.copyfile(best["path"], final)
+    shutil.copyfile(paths[best], final)
     details = {
-        "kept_float_op_types": best["ops"],
+        "kept_float_op_types": ops(best),
         "kept_float_op_types_reason": "GELU, RSQRT, SOFTMAX, BATCH_MATMUL: no int8 kernel inside XNNPACK "
                                       "(measured): int8 versions fall back to reference kernels and split the "
                                       "delegate"
                                       + ("; ADD: chosen by the search (per-tensor int8 on the residual stream "
-                                         "costs accuracy, see search)" if best["adds"] else ""),
-        "layernorm_stats_float": best["ln"],
-        "adds_float": best["adds"],
+                                         "costs accuracy, see search)" if best.adds else ""),
+        "layernorm_stats_float": best.layernorm_stats,
+        "adds_float": best.adds,
         "kept_float_nodes": [{"tensor": r["tensor"], "op": r["op"], "drop_db": r["drop_db"]}
-                             for r in ranked[: best["k"]]],
-        "target_met_on_calibration": best["ok"],
+                             for r in ranked[: best.kept_nodes]],
+        "target_met_on_calibration": tried[chosen]["meets_target"],
         "activation_ranges": b.ranges_summary,
         "weight_rounding": b.int8_rounding(),
         "search": tried,

@@ -38,6 +38,14 @@ class FailUnder:
             raise ConfigError(f"--fail-under {text!r}: {value!r} is not a number") from None
 
 
+
+def mixed_step_line(step: dict) -> str:
+    """One int8-mixed search step of a manifest, as a line of text."""
+    line = (f"LN stats float={step.get('layernorm_stats_float')}, ADDs float={step.get('adds_float', False)}, "
+            f"+{step['kept_nodes']} ops -> calib agreement {step['calib_agreement']:.1%}, "
+            f"SQNR {step['calib_sqnr_db']:.1f} dB, {step['bytes'] / 1e6:.2f} MB")
+    return line + (f" (search ended: {step['ended_search']})" if "ended_search" in step else "")
+
 def _load_json(path: Path) -> dict | None:
     if not path.is_file():
         return None
@@ -200,8 +208,7 @@ def render(out_dir: str | os.PathLike, fail_under: list[FailUnder] | None = None
                f"Kept in float: op types {', '.join(d.get('kept_float_op_types', []))}; LayerNorm statistics "
                f"{'float' if d.get('layernorm_stats_float') else 'int8'}; {len(d.get('kept_float_nodes', []))} most "
                f"error-adding ops. Target met on calibration: {d.get('target_met_on_calibration')}."]
-        md += [f"- step: LN stats float={s.get('layernorm_stats_float')}, ADDs float={s.get('adds_float', False)}, +{s['kept_nodes']} ops -> agreement "
-               f"{s['calib_agreement']:.1%}, SQNR {s['calib_sqnr_db']:.1f} dB, {s['bytes'] / 1e6:.2f} MB" for s in d["search"]]
+        md += [f"- step: {mixed_step_line(s)}" for s in d["search"]]
     for f in manifest.failures:
         md.append(f"\nFailed: {f.target}/{f.precision} after {f.seconds:.0f}s: {f.error}")
     if misses:
@@ -220,9 +227,7 @@ def render(out_dir: str | os.PathLike, fail_under: list[FailUnder] | None = None
     for r in mixed:
         sections.append(f"<h2>Per-op int8 sensitivity: {esc(r['path'])}</h2>{_svg_sensitivity(r['details']['sensitivity'])}")
         sections.append("<ul>" + "".join(
-            f"<li>LN stats float={s.get('layernorm_stats_float')}, ADDs float={s.get('adds_float', False)}, +{s['kept_nodes']} ops: agreement "
-            f"{s['calib_agreement']:.1%}, SQNR {s['calib_sqnr_db']:.1f} dB, {s['bytes'] / 1e6:.2f} MB</li>"
-            for s in r["details"]["search"]) + "</ul>")
+            f"<li>{esc(mixed_step_line(s))}</li>" for s in r["details"]["search"]) + "</ul>")
     if misses:
         sections.append("<h2>Gate misses</h2><ul>" + "".join(f"<li>{esc(m)}</li>" for m in misses) + "</ul>")
     page = f"""<!doctype html>

@@ -190,6 +190,26 @@ def _assert_holds_gptq_weights(model: Path, net, rounded, tmp_path: Path) -> int
     return len(stored)
 
 
+def _check_mixed(mixed, int8) -> None:
+    """The int8-mixed record replays to the step it shipped, and that step holds what it claims in float."""
+    from converters.to_tflite import MIXED_STEPS, RUNTIME_FLOAT_OPS, MixedStep, search_steps
+
+    d = mixed.details
+    tried = d["search"]
+    assert tried and MixedStep(tried[0]["layernorm_stats_float"], tried[0]["adds_float"], 0) == MIXED_STEPS[0], tried
+    steps = tuple(MixedStep(t["layernorm_stats_float"], t["adds_float"], t["kept_nodes"]) for t in tried)
+    recorded = {s: {"top1_agreement": t["calib_agreement"], "sqnr_db": t["calib_sqnr_db"], "bytes": t["bytes"]}
+                for s, t in zip(steps, tried)}
+    chosen, replay = search_steps(steps, recorded.__getitem__)
+    assert len(replay) == len(tried), "the search went on past a step that should have ended it"
+    assert (steps[chosen].layernorm_stats, steps[chosen].adds, steps[chosen].kept_nodes) == (
+        d["layernorm_stats_float"], d["adds_float"], len(d["kept_float_nodes"])), (d["search"], chosen)
+    assert set(RUNTIME_FLOAT_OPS) <= set(d["kept_float_op_types"])
+    assert ("ADD" in d["float_ops"]) == d["adds_float"], (d["float_ops"], d["adds_float"])
+    assert not d["not_delegated"], f"int8-mixed ops outside XNNPACK: {d['not_delegated']}"
+    assert mixed.checks["sqnr_db"] >= int8.checks["sqnr_db"] - 0.5, (mixed.checks, int8.checks)
+
+
 def test_int8_on_weights_whose_blocks_matter(tmp_path, samples_dir, proxy_tiny_checkpoint):
     """Upstream-init blocks barely reach the logits (LayerScale 1e-4), so the fixture's int8 SQNR
     mostly measures the stems; on a proxy checkpoint every block's int8 error counts. The int8 and
@@ -204,9 +224,10 @@ def test_int8_on_weights_whose_blocks_matter(tmp_path, samples_dir, proxy_tiny_c
 
     res = convert(ConvertRequest(targets=["tflite"], model=TINY, weights=str(proxy_tiny_checkpoint), output=tmp_path,
                                  calib_dir=str(samples_dir), calib_size=16, eval_size=12,
-                                 precisions=["dynamic", "int8"]))
+                                 precisions=["dynamic", "int8", "int8-mixed"]))
     assert not res.manifest.failures, res.manifest.failures
     int8, dyn = _by(res.manifest, "_int8.tflite"), _by(res.manifest, "_dynamic.tflite")
+    _check_mixed(_by(res.manifest, "_int8_mixed.tflite"), int8)
     assert int8.checks["sqnr_db"] >= 23.0, f"int8 on proxy weights: {int8.checks}"
     assert dyn.checks["sqnr_db"] >= 30.0, f"dynamic on proxy weights: {dyn.checks}"
     for a in (int8, dyn):
@@ -324,3 +345,31 @@ def test_inspect_cli_names_float_and_undelegated_ops(tflite_out):
     assert "float ops:     none" in int8, int8
     undelegated = next(l for l in int8.splitlines() if "not delegated" in l)
     assert "GELU" in undelegated and "RSQRT" in undelegated, "XNNPACK coverage of int8 changed: update BENCHMARKS.md"
+
+
+def _metrics(sqnr: float, agreement: float = 0.9) -> dict:
+    return {"top1_agreement": agreement, "sqnr_db": sqnr, "bytes": 1}
+
+
+def _walk(sqnrs: list[float], agreements: list[float] | None = None):
+    from converters.to_tflite import MIXED_STEPS, search_steps
+
+    agreements = agreements or [0.9] * len(sqnrs)
+    table = dict(zip(MIXED_STEPS, (_metrics(s, a) for s, a in zip(sqnrs, agreements))))
+    return search_steps(MIXED_STEPS[: len(sqnrs)], table.__getitem__)
+
+
+def test_mixed_search_stops_at_the_first_step_that_meets_the_target():
+    chosen, tried = _walk([20.0, 24.0, 30.0, 40.0], [0.9, 0.95, 0.99, 1.0])
+    assert chosen == 2 and len(tried) == 3 and tried[-1]["meets_target"], tried
+
+
+def test_mixed_search_keeps_a_slower_step_only_for_a_real_gain():
+    chosen, tried = _walk([28.0, 28.5, 32.0, 32.1, 32.2, 32.3])
+    assert chosen == 2, f"+0.5 dB must not buy float LayerNorm stats, +4 dB must buy float ADDs: {tried}"
+    assert len(tried) == 4 and "ended_search" in tried[-1], "a kept-nodes step gaining 0.1 dB ends the search"
+
+
+def test_mixed_search_goes_on_while_sensitive_ops_pay():
+    chosen, tried = _walk([20.0, 20.1, 20.2, 21.0, 22.5, 22.6])
+    assert len(tried) == 6 and chosen == 4, tried
