@@ -261,8 +261,11 @@ class LayerRounder:
     @torch.no_grad()
     def palette(self, name: str, nbits: int) -> torch.Tensor:
         """Layer ``name``'s weight on its own per-tensor ``2**nbits``-value k-means palette."""
+        grid = f"pal{nbits}"
+        if (name, grid) in self._rounded:
+            return self._rounded[(name, grid)]
         lut = palette_lut(self.layers[name].weight, nbits)
-        return self._round(name, f"pal{nbits}", lambda w, u: _gptq(w, u, lambda _j, col: on_palette(col, lut)),
+        return self._round(name, grid, lambda w, u: _gptq(w, u, lambda _j, col: on_palette(col, lut)),
                            lambda w: on_palette(w, lut))
 
     def network(self, weights: dict[str, torch.Tensor]) -> nn.Module:

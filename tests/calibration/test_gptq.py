@@ -167,3 +167,4 @@ def test_rounder_int8_equals_gptq_round_and_caches():
     for n in rounder.layers:
         assert torch.equal(rounder.int8(n), dict(rounded.named_modules())[n].weight), f"{n}: int8 rounding differs"
         assert rounder.int8(n) is rounder.int8(n), f"{n}: rounding was recomputed instead of cached"
+        assert rounder.palette(n, 4) is rounder.palette(n, 4), f"{n}: palette rounding was recomputed"
