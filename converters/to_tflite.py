@@ -64,12 +64,12 @@ from PIL import Image
 
 from calibration.preprocess import MEAN, STD
 from converters.to_onnx import export_onnx
-from edge.checks import compare_logits
+from edge.checks import compare_logits, evaluate_threshold
 from edge.context import ArtifactResult, ConvertContext, PrecisionFailure, log, torch_logits
 from edge.efficientmod import EfficientModDeploy, to_deploy
 from edge.errors import ConversionError
 from edge.manifest import TensorSpec
-from edge.targets import validate_options
+from edge.targets import TARGETS, validate_options
 
 ONNX_OPSET = 20
 SAMPLE_NPY = "calibration_image_sample_data_20x128x128x3_float32.npy"
@@ -89,7 +89,7 @@ MIXED_STEPS = (MixedStep(False, False, 0), MixedStep(True, False, 0), MixedStep(
                MixedStep(True, True, 4), MixedStep(True, True, 16), MixedStep(True, True, 64))
 MIN_GAIN_DB = 1.0  # a step is taken over a faster one only if it meets the target or gains this much
 MIN_STEP_GAIN_DB = 0.2  # a kept-nodes step gaining less than this over the step before ends the search
-TARGET_AGREEMENT, TARGET_SQNR_DB = 0.99, 25.0
+MIXED_BAR = TARGETS["tflite"].precision("int8-mixed").threshold  # what a step must meet on calibration images
 WORKER_TIMEOUT_S = 900
 FLOAT_NORM, INT8_NORM = "reduce", "conv"  # LayerNorm form of the float and of the int8 files
 DYNAMIC_MIN_ELEMENTS = 1024  # the dynamic-range converter leaves smaller weight tensors float
@@ -342,7 +342,7 @@ def search_steps(steps: tuple[MixedStep, ...], evaluate: Callable[[MixedStep], d
     best = None
     for i, step in enumerate(steps):
         m = evaluate(step)
-        ok = bool(m["top1_agreement"] >= TARGET_AGREEMENT and m["sqnr_db"] >= TARGET_SQNR_DB)
+        ok = not evaluate_threshold(m, MIXED_BAR)
         tried.append({"layernorm_stats_float": step.layernorm_stats, "adds_float": step.adds,
                       "kept_nodes": step.kept_nodes, "calib_agreement": m["top1_agreement"],
                       "calib_sqnr_db": m["sqnr_db"], "bytes": m["bytes"], "meets_target": ok})
