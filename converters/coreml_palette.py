@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from calibration.gptq import nearest_grid
 from edge.checks import sqnr_db
 
 WEIGHT_OPS = ("conv", "linear")
@@ -112,14 +113,6 @@ class PaletteSearch:
         }
 
 
-def _int8_per_channel(w: torch.Tensor) -> torch.Tensor:
-    """Symmetric per-output-channel int8 round trip (coremltools' ``linear_symmetric``)."""
-    flat = w.reshape(w.shape[0], -1)
-    scale = flat.abs().amax(1, keepdim=True) / 127.0
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return (torch.round(flat / scale).clamp(-127, 127) * scale).reshape(w.shape)
-
-
 def coreml_targets(net: nn.Module, float_program: Any, palettized_program: Any) -> tuple[dict[str, torch.Tensor], int]:
     """``{parameter name: palettized weight}`` as coremltools wrote them, and how many ops matched no parameter."""
     pal = op_weights(palettized_program, "constexpr_lut_to_dense")
@@ -141,7 +134,8 @@ def search(
     ``net`` takes normalized NCHW images (the module the package was converted
     from); ``targets`` maps its parameter names to their palettized weights, and
     ``int8(name)`` gives the int8 weight a kept layer gets (default: nearest
-    per-channel rounding). Its parameters are restored before returning.
+    per-channel rounding, :func:`calibration.gptq.nearest_grid`). Its parameters
+    are restored before returning.
     """
     params = dict(net.named_parameters())
     res = PaletteSearch(budget=budget, images=len(images_nchw), unmatched_ops=unmatched_ops)
@@ -167,7 +161,7 @@ def search(
             for label, kept in (("all_palettized", set()), ("with_kept_int8", set(res.keep))):
                 for n, w in targets.items():
                     if n in kept:
-                        params[n].copy_(int8(n) if int8 is not None else _int8_per_channel(saved[n]))
+                        params[n].copy_(int8(n) if int8 is not None else nearest_grid(saved[n]))
                     else:
                         params[n].copy_(w)
                 res.predicted_sqnr_db[label] = float(sqnr_db(ref, net(x).numpy()))
