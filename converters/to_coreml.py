@@ -543,11 +543,12 @@ class _Builder:
             match = match_parameters(self.net, op_weights(base._mil_program, "const"))
             skip = {match[op] for op in float_ops if op in match}
             log.info("coreml %s: GPTQ palette rounding", precision)
-            targets = {f"{n}.weight": r.palette(n, nbits) for n in r.layers if f"{n}.weight" not in skip}
+            layer_of = {f"{n}.weight": n for n in r.layers if f"{n}.weight" not in skip}  # parameter -> layer
+            targets = {p: r.palette(n, nbits) for p, n in layer_of.items()}
             unmatched = 0
 
             def int8(param: str) -> torch.Tensor:
-                return r.int8(param.removesuffix(".weight"))
+                return r.int8(layer_of[param])
         else:
             palettized = compress_weights(base, precision, self.target, self.threshold, float_ops=float_ops)
             targets, unmatched = coreml_targets(self.net, base._mil_program, palettized._mil_program)
@@ -564,14 +565,10 @@ class _Builder:
             plan = PalettePlan(FLOAT, found)
         else:
             keep = set(found.keep) if found else set()
-            r = self.rounder()
-            chosen = {p.removesuffix(".weight"): (r.int8(p.removesuffix(".weight")) if p in keep else w)
-                      for p, w in targets.items()}
-            self._nets[precision] = r.network(chosen)
-            palettized_layers = [p.removesuffix(".weight") for p in targets if p not in keep]
-            rounding = {"palettes": r.report(precision, palettized_layers).as_dict()}
+            self._nets[precision] = r.network({layer_of[p]: int8(p) if p in keep else w for p, w in targets.items()})
+            rounding = {"palettes": r.report(precision, [layer_of[p] for p in targets if p not in keep]).as_dict()}
             if keep:
-                rounding["kept_int8"] = r.report("int8", [p.removesuffix(".weight") for p in keep]).as_dict()
+                rounding["kept_int8"] = r.report("int8", [layer_of[p] for p in keep]).as_dict()
             plan = PalettePlan(precision, found, frozenset(targets) - keep, rounding)
         self.plans[precision] = plan
         return plan
@@ -591,7 +588,7 @@ def _weights(b: _Builder, precision: str) -> str:
     return FLOAT
 
 
-def _compressed(b: _Builder, precision: str, classifier: bool, stats: dict | None, threshold: int,
+def _compressed(b: _Builder, precision: str, classifier: bool, stats: dict | None,
                 float_ops: tuple[str, ...], float_head: bool) -> tuple[Any, list[str]]:
     """The package model for ``precision`` and the ops deliberately kept float."""
     from converters.coreml_palette import weight_consts
@@ -610,19 +607,19 @@ def _compressed(b: _Builder, precision: str, classifier: bool, stats: dict | Non
             kept += [op for op in b.act_search.keep if op not in kept]
         model = quantize_activations(model, stats or {}, tuple(kept))
     if precision in ("w8", "w8a8"):
-        model = compress_weights(model, precision, b.target, threshold)
+        model = compress_weights(model, precision, b.target, b.threshold)
     elif precision in ("pal6", "pal4"):
         plan = b.plans[precision]
         net = b.weights_net(plan.weights)
         keep = set(plan.search.keep) if plan.search else set()
-        model = compress_weights(model, precision, b.target, threshold, float_ops=tuple(kept),
+        model = compress_weights(model, precision, b.target, b.threshold, float_ops=tuple(kept),
                                  int8_weights=weight_consts(base._mil_program, net, keep),
                                  unique_weights=weight_consts(base._mil_program, net, set(plan.palettized)))
     return model, (kept if precision in ("w8a8", "pal6", "pal4") else [])
 
 
 def _one_precision(
-    b: _Builder, precision: str, threshold: int, float_ops: tuple[str, ...], float_head: bool
+    b: _Builder, precision: str, float_ops: tuple[str, ...], float_head: bool
 ) -> ArtifactResult:
     from converters.ane_check import check_program, compute_plan_devices
     from converters.mil_interp import classify_package, load_package, precision_histogram, run_package, weight_histogram
@@ -649,7 +646,7 @@ def _one_precision(
                  "ranges_from": "NumPy MIL interpreter on the fp16 package ("
                  + ("MSE-optimal symmetric bound of each histogram)" if method == "mse" else "min/max)"),
                  "seconds": round(time.perf_counter() - tc, 2)}
-    model, kept_float = _compressed(b, precision, False, stats, threshold, float_ops, float_head)
+    model, kept_float = _compressed(b, precision, False, stats, float_ops, float_head)
     describe(model, ctx, precision, b.form, b.target, False)
     name = f"{ctx.stem}_{precision}.mlpackage"
     _save(model, ctx.work_dir / name)
@@ -674,7 +671,7 @@ def _one_precision(
         "seconds": {"convert": round(t_convert, 2), "verify": round(t_verify, 2)},
     }
     if precision in COMPRESSED:
-        details["weight_threshold"] = threshold
+        details["weight_threshold"] = b.threshold
     if precision in ("w8", "w8a8"):
         details["weight_rounding"] = b.rounding_summary if _weights(b, precision) == "int8" else NEAREST
     if precision in b.plans:
@@ -696,7 +693,7 @@ def _one_precision(
         details["activation_quantize_ops"] = details["ops_by_precision"].get("quantize", {}).get("int8", 0)
     extra: list[str] = []
     if precision in CLASSIFIER_PRECISIONS:
-        cmodel, _ = _compressed(b, precision, True, stats, threshold, float_ops, float_head)
+        cmodel, _ = _compressed(b, precision, True, stats, float_ops, float_head)
         describe(cmodel, ctx, precision, b.form, b.target, True)
         cname = f"{ctx.stem}_{precision}_classifier.mlpackage"
         _save(cmodel, ctx.work_dir / cname)
@@ -732,7 +729,6 @@ def convert(ctx: ConvertContext, precisions: list[str]) -> list[ArtifactResult |
     target = opts["deployment_target"]
     deploy_target(target)
     form = opts["coreml_form"]
-    threshold = opts["coreml_weight_threshold"]
     float_ops = opts["coreml_float_ops"]
     float_head = opts["coreml_float_head"]
     builder = _Builder(ctx, form, target)
@@ -740,7 +736,7 @@ def convert(ctx: ConvertContext, precisions: list[str]) -> list[ArtifactResult |
     for precision in precisions:
         log.info("coreml: %s (%s form, %s)", precision, form, target)
         try:
-            out.append(_one_precision(builder, precision, threshold, float_ops, float_head))
+            out.append(_one_precision(builder, precision, float_ops, float_head))
         except Exception as exc:  # one precision's failure must not stop the others
             log.debug("coreml %s failed:\n%s", precision, traceback.format_exc())
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
