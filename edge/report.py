@@ -38,13 +38,13 @@ class FailUnder:
             raise ConfigError(f"--fail-under {text!r}: {value!r} is not a number") from None
 
 
-
 def mixed_step_line(step: dict) -> str:
     """One int8-mixed search step of a manifest, as a line of text."""
     line = (f"LN stats float={step.get('layernorm_stats_float')}, ADDs float={step.get('adds_float', False)}, "
             f"+{step['kept_nodes']} ops -> calib agreement {step['calib_agreement']:.1%}, "
             f"SQNR {step['calib_sqnr_db']:.1f} dB, {step['bytes'] / 1e6:.2f} MB")
     return line + (f" (search ended: {step['ended_search']})" if "ended_search" in step else "")
+
 
 def _load_json(path: Path) -> dict | None:
     if not path.is_file():
