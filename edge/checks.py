@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import torch
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,54 @@ def compare_logits(ref: np.ndarray, got: np.ndarray, labels: np.ndarray | None =
     return out
 
 
+def noise_limited_agreement(reference: np.ndarray, sqnr: float, nodes: int = 40) -> float:
+    """Top-1 agreement that i.i.d. Gaussian logit noise of ``sqnr`` dB would leave on ``reference``.
+
+    The noise power is the one the SQNR implies, spread evenly over every
+    logit. An image keeps its top-1 when no other class's logit plus noise
+    overtakes the top logit plus noise; the expectation over the top logit's
+    noise is taken by Gauss-Hermite quadrature, so the figure is exact for that
+    noise model. Near-tied top-2 logits make it fall: it says how much
+    agreement a checkpoint allows at a given SQNR, whatever the quantizer.
+    """
+    ref = np.asarray(reference, np.float64)
+    if ref.size == 0 or (math.isinf(sqnr) and sqnr > 0):
+        return 1.0
+    sigma = math.sqrt(float(np.sum(ref**2)) / ref.size / 10.0 ** (sqnr / 10.0))
+    if sigma == 0.0:
+        return 1.0
+    top = ref.argmax(1)
+    z = torch.from_numpy((ref.max(1, keepdims=True) - ref) / sigma)
+    z[torch.arange(len(ref)), torch.from_numpy(top)] = math.inf
+    x, w = np.polynomial.hermite_e.hermegauss(nodes)
+    agree = torch.zeros(len(ref), dtype=torch.float64)
+    for xj, wj in zip(x, w / math.sqrt(2.0 * math.pi)):
+        agree += wj * torch.special.log_ndtr(z + xj).sum(1).exp()
+    return float(agree.mean())
+
+
+def sqnr_for_agreement(reference: np.ndarray, agreement: float, high: float = 120.0) -> float:
+    """The SQNR (dB) at which :func:`noise_limited_agreement` reaches ``agreement``; ``inf`` if not by ``high``."""
+    if noise_limited_agreement(reference, high) < agreement:
+        return math.inf
+    lo, hi = -20.0, high
+    while hi - lo > 0.05:
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if noise_limited_agreement(reference, mid) < agreement else (lo, mid)
+    return round(hi, 1)
+
+
+def near_tie_record(reference: np.ndarray, metrics: dict, threshold: Threshold) -> dict | None:
+    """What near-ties in ``reference`` allow: agreement expected at the measured SQNR, SQNR the bar needs."""
+    if threshold.min_agreement is None or not len(reference):
+        return None
+    return {
+        "noise_model": "i.i.d. Gaussian logit noise of the measured SQNR",
+        "expected_agreement": round(noise_limited_agreement(reference, metrics["sqnr_db"]), 4),
+        "sqnr_db_for_min_agreement": sqnr_for_agreement(reference, threshold.min_agreement),
+    }
+
+
 def evaluate_threshold(metrics: dict, threshold: Threshold) -> list[str]:
     """Human-readable reasons the metrics miss ``threshold``; empty when they pass."""
     misses = []
@@ -78,7 +128,20 @@ def evaluate_threshold(metrics: dict, threshold: Threshold) -> list[str]:
     return misses
 
 
-def check_record(metrics: dict, threshold: Threshold) -> dict:
-    """The ``checks`` entry of a manifest artifact: metrics, threshold and verdict."""
+def check_record(metrics: dict, threshold: Threshold, reference: np.ndarray | None = None) -> dict:
+    """The ``checks`` entry of a manifest artifact: metrics, threshold and verdict.
+
+    With the ``reference`` logits, an agreement bar also gets a ``near_ties``
+    record (:func:`near_tie_record`), and an agreement miss says what that
+    noise model expects, so a user can tell a checkpoint's near-ties from a
+    conversion fault.
+    """
     misses = evaluate_threshold(metrics, threshold)
-    return {**metrics, "threshold": threshold.as_dict(), "passed": not misses, "misses": misses}
+    record = {**metrics, "threshold": threshold.as_dict(), "passed": not misses, "misses": misses}
+    ties = near_tie_record(reference, metrics, threshold) if reference is not None else None
+    if ties is not None:
+        record["near_ties"] = ties
+        misses[:] = [m + (f" (i.i.d. noise at this SQNR would give {ties['expected_agreement']:.1%}; "
+                          f"{threshold.min_agreement:.0%} needs {ties['sqnr_db_for_min_agreement']:g} dB "
+                          "on these images)" if m.startswith("top-1 agreement") else "") for m in misses]
+    return record

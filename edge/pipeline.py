@@ -164,7 +164,7 @@ def convert(request: ConvertRequest) -> ConvertResult:
             all_results += results
             for r in results:
                 threshold = get_target(target).precision(r.precision).threshold
-                checks = check_record(compare_logits(reference, r.logits, split.eval.labels), threshold)
+                checks = check_record(compare_logits(reference, r.logits, split.eval.labels), threshold, reference)
                 size, sha = artifact_digest(staging / r.path)
                 artifacts.append(
                     Artifact(target, r.precision, r.path, size, sha, r.input, r.output, checks, r.details)

@@ -7,7 +7,15 @@ import copy
 import numpy as np
 import pytest
 
-from edge.checks import Threshold, check_record, compare_logits, evaluate_threshold, sqnr_db
+from edge.checks import (
+    Threshold,
+    check_record,
+    compare_logits,
+    evaluate_threshold,
+    noise_limited_agreement,
+    sqnr_db,
+    sqnr_for_agreement,
+)
 from edge.errors import ConfigError
 from edge.manifest import Manifest
 
@@ -73,3 +81,45 @@ def test_threshold_misses_are_named():
     assert len(misses) == 3 and "max |Δ|" in misses[0] and "SQNR" in misses[1] and "agreement" in misses[2]
     rec = check_record(metrics, Threshold(min_sqnr_db=10))
     assert rec["passed"] and rec["threshold"] == {"min_sqnr_db": 10}
+
+
+def _near_tied_logits(rng: np.random.Generator) -> np.ndarray:
+    ref = rng.standard_normal((200, 50))
+    ref[:40, 1] = ref[:40].max(1) - 0.02  # 40 images with a near-tied runner-up
+    return ref
+
+
+@pytest.mark.parametrize("db", [10.0, 20.0, 30.0])
+def test_noise_limited_agreement_matches_monte_carlo(db):
+    rng = np.random.default_rng(0)
+    ref = _near_tied_logits(rng)
+    sigma = np.sqrt(np.sum(ref**2) / ref.size / 10 ** (db / 10))
+    trials = [np.mean((ref + sigma * rng.standard_normal(ref.shape)).argmax(1) == ref.argmax(1)) for _ in range(300)]
+    assert noise_limited_agreement(ref, db) == pytest.approx(float(np.mean(trials)), abs=0.005)
+
+
+def test_sqnr_for_agreement_inverts_and_near_ties_raise_it():
+    rng = np.random.default_rng(0)
+    ref = _near_tied_logits(rng)
+    needed = sqnr_for_agreement(ref, 0.99)
+    assert noise_limited_agreement(ref, needed) == pytest.approx(0.99, abs=0.002)
+    clear = ref.copy()
+    clear[:40, 1] -= 1.0  # the same images without the near-ties
+    assert sqnr_for_agreement(clear, 0.99) < needed - 5
+    tied = ref.copy()
+    tied[0, 1] = tied[0].max()  # an exact tie caps agreement below 100 %
+    assert sqnr_for_agreement(tied, 0.999) == float("inf")
+    assert noise_limited_agreement(ref, float("inf")) == 1.0
+
+
+def test_agreement_miss_says_what_near_ties_allow():
+    rng = np.random.default_rng(0)
+    ref = _near_tied_logits(rng)
+    got = ref + 0.05 * rng.standard_normal(ref.shape)
+    metrics = compare_logits(ref, got)
+    rec = check_record(metrics, Threshold(min_agreement=0.99), ref)
+    ties = rec["near_ties"]
+    assert ties["expected_agreement"] == pytest.approx(noise_limited_agreement(ref, metrics["sqnr_db"]), abs=1e-4)
+    assert ties["sqnr_db_for_min_agreement"] == sqnr_for_agreement(ref, 0.99)
+    assert not rec["passed"] and "i.i.d. noise at this SQNR would give" in rec["misses"][0]
+    assert "near_ties" not in check_record(metrics, Threshold(min_sqnr_db=10), ref)
