@@ -22,6 +22,9 @@ also rounds onto a per-tensor palette (Core ML's iOS 17 ``constexpr_lut_to_dense
 one look-up table of ``2**nbits`` values per weight tensor), whose values are a
 1-D k-means of the weights (:func:`palette_lut`): each weight then lands on one
 of those values, so coremltools' ``unique`` palettization stores them exactly.
+With a group size it rounds onto grouped-channel palettes instead (iOS 18: one
+table per ``group_size`` consecutive output channels), each row onto its own
+group's table.
 """
 
 from __future__ import annotations
@@ -55,10 +58,8 @@ class RoundingReport:
 
     def as_dict(self) -> dict:
         gains = np.asarray(self.layer_gain_db) if self.layer_gain_db else np.zeros(1)
-        method = ("GPTQ (per-channel symmetric int8 grid, max|w| pinned)" if self.grid == "int8" else
-                  f"GPTQ ({self.grid}: per-tensor k-means palette of {1 << int(self.grid[3:])} values)")
         return {
-            "method": method,
+            "method": f"GPTQ ({_grid_text(self.grid)})",
             "calibration_images": self.images,
             "layers": self.layers,
             "layers_below_size_threshold": self.skipped_small,
@@ -70,6 +71,19 @@ class RoundingReport:
                 "measured_on": "calibration images, per layer, against round-to-nearest",
             },
         }
+
+
+def palette_grid(nbits: int, group_size: int | None = None) -> str:
+    """The name of a palette grid: ``pal4`` (per tensor) or ``pal4g16`` (per group of 16 output channels)."""
+    return f"pal{nbits}" if group_size is None else f"pal{nbits}g{group_size}"
+
+
+def _grid_text(grid: str) -> str:
+    if grid == "int8":
+        return "per-channel symmetric int8 grid, max|w| pinned"
+    nbits, _, group = grid[3:].partition("g")
+    where = f"one per group of {group} output channels" if group else "per-tensor"
+    return f"{grid}: {where} k-means palette of {1 << int(nbits)} values"
 
 
 def nearest_grid(weight: torch.Tensor) -> torch.Tensor:
@@ -159,6 +173,21 @@ def on_palette(values: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
     """Each of ``values`` replaced by its nearest entry of the sorted palette ``lut``."""
     lut = lut.to(values.dtype)
     return lut[torch.bucketize(values.contiguous(), (lut[1:] + lut[:-1]) / 2)]
+
+
+def grouped_palette_luts(weight: torch.Tensor, nbits: int, group_size: int) -> torch.Tensor:
+    """(groups, ``2**nbits``) sorted palettes, one :func:`palette_lut` per ``group_size`` consecutive output channels."""
+    if weight.shape[0] % group_size:
+        raise ValueError(f"{weight.shape[0]} output channels do not split into groups of {group_size}")
+    return torch.stack([palette_lut(rows, nbits) for rows in weight.detach().reshape(-1, group_size, *weight.shape[1:])])
+
+
+def on_row_palettes(values: torch.Tensor, luts: torch.Tensor) -> torch.Tensor:
+    """Each row of ``values`` (rows, ...) replaced by its nearest entry of that row's sorted palette ``luts[row]``."""
+    luts = luts.to(values.dtype)
+    flat = values.reshape(values.shape[0], -1).contiguous()
+    idx = torch.searchsorted(((luts[:, 1:] + luts[:, :-1]) / 2).contiguous(), flat)
+    return torch.gather(luts, 1, idx).reshape(values.shape)
 
 
 def _output_error(delta: torch.Tensor, h: torch.Tensor) -> float:
@@ -259,14 +288,25 @@ class LayerRounder:
                            lambda w: nearest_grid(w.reshape(w.shape[0] * w.shape[1], -1)).reshape(w.shape))
 
     @torch.no_grad()
-    def palette(self, name: str, nbits: int) -> torch.Tensor:
-        """Layer ``name``'s weight on its own per-tensor ``2**nbits``-value k-means palette."""
-        grid = f"pal{nbits}"
+    def palette(self, name: str, nbits: int, group_size: int | None = None) -> torch.Tensor:
+        """Layer ``name``'s weight on its own ``2**nbits``-value k-means palette.
+
+        One palette per tensor, or with ``group_size`` one per group of that many
+        output channels (each row then rounds onto its group's palette).
+        """
+        grid = palette_grid(nbits, group_size)
         if (name, grid) in self._rounded:
             return self._rounded[(name, grid)]
-        lut = palette_lut(self.layers[name].weight, nbits)
-        return self._round(name, grid, lambda w, u: _gptq(w, u, lambda _j, col: on_palette(col, lut)),
-                           lambda w: on_palette(w, lut))
+        weight = self.layers[name].weight
+        if group_size is None:
+            luts = palette_lut(weight, nbits).expand(weight.shape[0], -1)
+        else:
+            luts = grouped_palette_luts(weight, nbits, group_size).repeat_interleave(group_size, dim=0)
+
+        def per_row(w: torch.Tensor) -> torch.Tensor:  # (groups, out, k) in output-channel order
+            return on_row_palettes(w.reshape(weight.shape[0], -1), luts).reshape(w.shape)
+
+        return self._round(name, grid, lambda w, u: _gptq(w, u, lambda _j, col: per_row(col)), per_row)
 
     def network(self, weights: dict[str, torch.Tensor]) -> nn.Module:
         """A copy of the network with the given layers' weights replaced (by layer name)."""

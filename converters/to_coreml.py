@@ -33,11 +33,11 @@ of :mod:`converters.coreml_act_search` may leave fp16; 0 turns it off).
 w8a8 is converted from a copy of the network whose weights are GPTQ-rounded onto
 coremltools' int8 grid on the calibration images (:mod:`calibration.gptq`):
 coremltools then stores exactly those weights. The palettes likewise: every
-palettized weight is GPTQ-rounded onto its own per-tensor k-means palette (and
-the layers the search keeps onto the int8 grid), and coremltools' ``unique``
-mode stores those values. ``w8`` stays data-free (nearest rounding), as its
-name promises; iOS 18 ``pal4`` (grouped-channel palettes) keeps coremltools'
-k-means.
+palettized weight is GPTQ-rounded onto its own per-tensor k-means palette (iOS 18
+``pal4``: one palette per group of ``PALETTE_GROUP`` output channels, as
+coremltools' grouped-channel palettes), the layers the search keeps onto the
+int8 grid, and coremltools' ``unique`` mode stores those values. ``w8`` stays
+data-free (nearest rounding), as its name promises.
 
 Every reported logit is computed by the interpreter from the *saved* package.
 """
@@ -58,6 +58,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from calibration.gptq import palette_grid
 from calibration.imagenet import class_names
 from calibration.preprocess import CROP, MEAN, RESIZE, STD
 from edge import __version__
@@ -76,6 +77,7 @@ DEPLOYMENT_TARGETS = ("iOS16", "iOS17", "iOS18")
 COMPRESSED = ("w8", "w8a8", "pal6", "pal4")
 CLASSIFIER_PRECISIONS = ("fp16", "w8", "pal6", "pal4")
 WEIGHT_THRESHOLD = 2048  # coremltools' default: smaller weight tensors stay float
+PALETTE_GROUP = 16  # output channels per palette of iOS 18 pal4 (grouped-channel palettes)
 CLASSIFIER_CHECK_IMAGES = 4
 NEAREST = {"method": "nearest (coremltools' own rounding)"}
 KMEANS = {"method": "coremltools k-means palettes of the float weights (nearest palette value)"}
@@ -205,13 +207,12 @@ def compress_weights(
             return cto.linear_quantize_weights(mlmodel, cto.OptimizationConfig(global_config=linear,
                                                                                op_name_configs=skip))
     nbits = {"pal6": 6, "pal4": 4}[precision]
-    if target == "iOS18" and nbits == 4:
-        op = cto.OpPalettizerConfig(mode="kmeans", nbits=nbits, granularity="per_grouped_channel",
-                                    group_size=16, weight_threshold=threshold)
-    else:
-        op = cto.OpPalettizerConfig(mode="kmeans", nbits=nbits, granularity="per_tensor", weight_threshold=threshold)
+    group = palette_group_size(target, precision)
+    granularity = ({"granularity": "per_grouped_channel", "group_size": group} if group
+                   else {"granularity": "per_tensor"})
+    op = cto.OpPalettizerConfig(mode="kmeans", nbits=nbits, weight_threshold=threshold, **granularity)
     skip.update({name: None for name in int8_weights})
-    unique = cto.OpPalettizerConfig(mode="unique", granularity="per_tensor", weight_threshold=threshold)
+    unique = cto.OpPalettizerConfig(mode="unique", weight_threshold=threshold, **granularity)
     skip.update({name: unique for name in unique_weights if name not in skip})
     with _quiet():
         model = cto.palettize_weights(mlmodel, cto.OptimizationConfig(global_config=op, op_name_configs=skip))
@@ -534,8 +535,8 @@ class _Builder:
         if not calibrated:
             log.warning("coreml %s: no calibration images, so k-means palettes without GPTQ and no layer search "
                         "(use --calib-size > 0 to measure and keep the noisiest layers int8)", precision)
-        nbits = {"pal6": 6, "pal4": 4}[precision]
-        gptq = calibrated and self.rounding == "gptq" and not _grouped_palette(self.target, precision)
+        nbits, group = {"pal6": 6, "pal4": 4}[precision], palette_group_size(self.target, precision)
+        gptq = calibrated and self.rounding == "gptq"
         int8 = None
         t = time.perf_counter()
         if gptq:
@@ -543,8 +544,10 @@ class _Builder:
             match = match_parameters(self.net, op_weights(base._mil_program, "const"))
             skip = {match[op] for op in float_ops if op in match}
             log.info("coreml %s: GPTQ palette rounding", precision)
-            layer_of = {f"{n}.weight": n for n in r.layers if f"{n}.weight" not in skip}  # parameter -> layer
-            targets = {p: r.palette(n, nbits) for p, n in layer_of.items()}
+            # parameter -> layer; coremltools leaves a tensor whose channels do not split into groups fp16
+            layer_of = {f"{n}.weight": n for n, layer in r.layers.items() if f"{n}.weight" not in skip
+                        and (group is None or layer.weight.shape[0] % group == 0)}
+            targets = {p: r.palette(n, nbits, group) for p, n in layer_of.items()}
             unmatched = 0
 
             def int8(param: str) -> torch.Tensor:
@@ -566,7 +569,8 @@ class _Builder:
         else:
             keep = set(found.keep) if found else set()
             self._nets[precision] = r.network({layer_of[p]: int8(p) if p in keep else w for p, w in targets.items()})
-            rounding = {"palettes": r.report(precision, [layer_of[p] for p in targets if p not in keep]).as_dict()}
+            grid = palette_grid(nbits, group)
+            rounding = {"palettes": r.report(grid, [layer_of[p] for p in targets if p not in keep]).as_dict()}
             if keep:
                 rounding["kept_int8"] = r.report("int8", [layer_of[p] for p in keep]).as_dict()
             plan = PalettePlan(precision, found, frozenset(targets) - keep, rounding)
@@ -574,9 +578,9 @@ class _Builder:
         return plan
 
 
-def _grouped_palette(target: str, precision: str) -> bool:
-    """Whether ``precision`` uses coremltools' grouped-channel palettes (iOS 18 pal4), which GPTQ does not round for."""
-    return target == "iOS18" and precision == "pal4"
+def palette_group_size(target: str, precision: str) -> int | None:
+    """Output channels per palette: ``PALETTE_GROUP`` for iOS 18 ``pal4`` (grouped-channel palettes), else per tensor."""
+    return PALETTE_GROUP if target == "iOS18" and precision == "pal4" else None
 
 
 def _weights(b: _Builder, precision: str) -> str:

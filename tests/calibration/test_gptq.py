@@ -7,7 +7,16 @@ import pytest
 import torch
 import torch.nn as nn
 
-from calibration.gptq import LayerRounder, gptq_round, nearest_grid, on_palette, palette_lut, quantizable_layers
+from calibration.gptq import (
+    LayerRounder,
+    grouped_palette_luts,
+    gptq_round,
+    nearest_grid,
+    on_palette,
+    on_row_palettes,
+    palette_lut,
+    quantizable_layers,
+)
 from edge.checks import sqnr_db
 
 
@@ -154,6 +163,35 @@ def test_palette_gptq_beats_nearest_palette(nbits):
     report = rounder.report(f"pal{nbits}").as_dict()
     assert report["layers"] == 3 and f"pal{nbits}" in report["method"]
     assert report["layer_output_error_gain_db"]["median"] > 0
+
+
+def test_grouped_palette_gptq_rounds_each_group_onto_its_own_palette():
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 48, 1), nn.Conv2d(48, 48, 5, padding=2,
+                                                                                          groups=48)).eval()
+    with torch.no_grad():  # output channels of different scales: what grouped palettes are for
+        for layer in net:
+            layer.weight[16:32] *= 8.0
+    calib, held_out = _correlated_images(64, seed=1), _correlated_images(32, seed=2)
+    rounder = LayerRounder(net, calib)
+    pal = {n: rounder.palette(n, 4, group_size=16) for n in rounder.layers}
+    near = {}
+    for n, layer in rounder.layers.items():
+        w, luts = pal[n], grouped_palette_luts(layer.weight, 4, 16)
+        for g in range(w.shape[0] // 16):
+            rows = w[16 * g : 16 * (g + 1)]
+            assert torch.isin(rows, luts[g].to(w.dtype)).all(), f"{n} group {g}: a weight is not on its group's palette"
+            assert len(torch.unique(rows)) <= 16
+        assert not torch.equal(luts[0], luts[1]), f"{n}: groups should get palettes of their own"
+        near[n] = on_row_palettes(layer.weight.detach(), luts.repeat_interleave(16, dim=0))
+    gptq = _output_sqnr(rounder.network(pal), net, held_out)
+    nearest = _output_sqnr(rounder.network(near), net, held_out)
+    per_tensor = _output_sqnr(rounder.network({n: rounder.palette(n, 4) for n in rounder.layers}), net, held_out)
+    assert gptq >= nearest + 1.0, f"grouped pal4: GPTQ {gptq:.2f} dB vs nearest {nearest:.2f} dB"
+    assert gptq >= per_tensor + 3.0, f"grouped pal4 {gptq:.2f} dB should beat per-tensor pal4 {per_tensor:.2f} dB"
+    assert "one per group of 16 output channels" in rounder.report("pal4g16").as_dict()["method"]
+    with pytest.raises(ValueError, match="groups of 16"):
+        grouped_palette_luts(torch.zeros(24, 4), 4, 16)
 
 
 def test_rounder_int8_equals_gptq_round_and_caches():

@@ -279,34 +279,59 @@ def test_w8a8_stores_the_gptq_weights(proxy_out, samples_dir, proxy_tiny_checkpo
     assert moved > 0, "GPTQ moved no weight by more than half a level: the test would not see nearest rounding"
 
 
-def test_palettes_store_the_gptq_palette_weights(proxy_out, samples_dir, proxy_tiny_checkpoint):
-    """Each palettized weight in the package is the GPTQ rounding onto its own k-means palette, stored exactly."""
+def _check_stored_palettes(out: Path, pal4, samples_dir: Path, checkpoint: Path, group: int | None) -> None:
+    """Each palettized weight in ``pal4``'s package is the GPTQ rounding onto its own k-means palette(s), stored exactly."""
     from calibration.folder import scan_folder
-    from calibration.gptq import GPTQ_IMAGES, LayerRounder, on_palette, palette_lut
+    from calibration.gptq import GPTQ_IMAGES, LayerRounder, grouped_palette_luts, on_row_palettes, palette_lut
     from calibration.splits import make_split
     from converters.coreml_palette import FP16_SUBNORMAL_STEP, op_weights
     from edge.weights import load_model
 
-    out, manifest = proxy_out
-    pal4 = _artifact(manifest, "pal4")
     rounding = pal4.details["weight_rounding"]
-    assert rounding["palettes"]["method"].startswith("GPTQ (pal4"), rounding
+    assert rounding["palettes"]["method"].startswith("GPTQ (pal4" + (f"g{group}" if group else ":")), rounding
     split = make_split(scan_folder(samples_dir), 8, 6, 0)
-    net = to_ane(load_model(TINY, proxy_tiny_checkpoint).model, 224)
+    net = to_ane(load_model(TINY, checkpoint).model, 224)
     rounder = LayerRounder(net, split.calib.nchw()[:GPTQ_IMAGES], min_elements=OPTS["coreml_weight_threshold"] + 1)
     kept = {k["parameter"].removesuffix(".weight") for k in pal4.details["palette_search"]["kept_int8"]}
     stored = op_weights(load_package(out / pal4.path).program, "constexpr_lut_to_dense")
     assert len(stored) == rounding["palettes"]["layers"], f"{len(stored)} palettes stored, {rounding['palettes']['layers']} rounded"
     moved = 0
     for op, w in stored.items():
-        assert len(np.unique(w)) <= 16, f"{op}: {len(np.unique(w))} values in a 4-bit palette"
-        err = {n: float(np.abs(w.astype(np.float32) - rounder.palette(n, 4).to(torch.float16).float().numpy()).max())
+        rows = w.reshape(-1, group or w.shape[0], *w.shape[1:])
+        assert max(len(np.unique(r)) for r in rows) <= 16, f"{op}: more than 16 values in a 4-bit palette"
+        err = {n: float(np.abs(w.astype(np.float32) - rounder.palette(n, 4, group).to(torch.float16).float().numpy()).max())
                for n, layer in rounder.layers.items() if n not in kept and tuple(layer.weight.shape) == w.shape}
         best = min(err, key=err.get)
         assert err[best] <= FP16_SUBNORMAL_STEP, f"{op}: stored palette weights differ from GPTQ's for {best} by {err[best]:.3g}"
         layer = rounder.layers[best].weight.detach()
-        moved += not torch.equal(on_palette(layer, palette_lut(layer, 4).float()), rounder.palette(best, 4))
+        luts = (grouped_palette_luts(layer, 4, group).repeat_interleave(group, dim=0) if group
+                else palette_lut(layer, 4).expand(layer.shape[0], -1))
+        moved += not torch.equal(on_row_palettes(layer, luts.float()), rounder.palette(best, 4, group))
     assert moved > 0, "no stored palette differs from nearest rounding: the test would not see GPTQ"
+
+
+def test_palettes_store_the_gptq_palette_weights(proxy_out, samples_dir, proxy_tiny_checkpoint):
+    out, manifest = proxy_out
+    _check_stored_palettes(out, _artifact(manifest, "pal4"), samples_dir, proxy_tiny_checkpoint, None)
+
+
+def test_ios18_grouped_palettes_store_the_gptq_weights(tmp_path, samples_dir, proxy_tiny_checkpoint):
+    """iOS 18 pal4: one palette per 16 output channels, each GPTQ-rounded; other tensors stay fp16 or int8."""
+    from converters.to_coreml import PALETTE_GROUP
+
+    res = convert(ConvertRequest(targets=["coreml"], model=TINY, weights=str(proxy_tiny_checkpoint), output=tmp_path,
+                                 calib_dir=str(samples_dir), calib_size=8, eval_size=6, precisions=["pal4"],
+                                 options={**OPTS, "deployment_target": "iOS18"}))
+    pal4 = _artifact(res.manifest, "pal4")
+    assert pal4.details["deployment_target"] == "iOS18"
+    _check_stored_palettes(tmp_path, pal4, samples_dir, proxy_tiny_checkpoint, PALETTE_GROUP)
+    luts = [op for op in load_package(tmp_path / pal4.path).program.functions["main"].operations
+            if op.op_type == "constexpr_lut_to_dense"]
+    assert luts, "no palettized weight in the iOS 18 pal4 package"
+    for op in luts:
+        lut, shape = op.inputs["lut"].val, op.outputs[0].shape
+        assert lut.shape[0] == shape[0] // PALETTE_GROUP and lut.shape[-2] == 16, f"{op.name}: lut {lut.shape}, weight {shape}"
+    assert pal4.checks["sqnr_db"] >= 20.0, pal4.checks
 
 
 @pytest.mark.slow
