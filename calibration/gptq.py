@@ -153,20 +153,25 @@ def _int8_rows(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return _gptq(w, u, to_grid)
 
 
-def palette_lut(weight: torch.Tensor, nbits: int, iters: int = 50) -> torch.Tensor:
-    """The sorted ``2**nbits``-value palette of ``weight``: 1-D k-means from quantile seeds (deterministic)."""
-    x = weight.detach().reshape(-1).double()
-    k = 1 << nbits
-    centers = torch.from_numpy(np.quantile(x.numpy(), np.linspace(0.0, 1.0, k)))
+def _kmeans_rows(x: torch.Tensor, k: int, iters: int = 50) -> torch.Tensor:
+    """(rows, k) sorted 1-D k-means centres of each row of ``x``, from quantile seeds (deterministic)."""
+    x = x.detach().double().contiguous()
+    centers = torch.from_numpy(np.quantile(x.numpy(), np.linspace(0.0, 1.0, k), axis=1).T.copy())
+    ones = torch.ones_like(x)
     for _ in range(iters):
-        idx = torch.bucketize(x, (centers[1:] + centers[:-1]) / 2)
-        total = torch.zeros(k, dtype=torch.float64).index_add_(0, idx, x)
-        count = torch.zeros(k, dtype=torch.float64).index_add_(0, idx, torch.ones_like(x))
-        new, _ = torch.sort(torch.where(count > 0, total / count.clamp_min(1), centers))
-        if torch.equal(new, centers):
+        idx = torch.searchsorted(((centers[:, 1:] + centers[:, :-1]) / 2).contiguous(), x)
+        total = torch.zeros_like(centers).scatter_add_(1, idx, x)
+        count = torch.zeros_like(centers).scatter_add_(1, idx, ones)
+        new, _ = torch.sort(torch.where(count > 0, total / count.clamp_min(1), centers), dim=1)
+        if torch.equal(new, centers):  # every row at its fixed point
             break
         centers = new
     return centers
+
+
+def palette_lut(weight: torch.Tensor, nbits: int, iters: int = 50) -> torch.Tensor:
+    """The sorted ``2**nbits``-value palette of ``weight``: 1-D k-means from quantile seeds (deterministic)."""
+    return _kmeans_rows(weight.reshape(1, -1), 1 << nbits, iters)[0]
 
 
 def on_palette(values: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
@@ -179,7 +184,7 @@ def grouped_palette_luts(weight: torch.Tensor, nbits: int, group_size: int) -> t
     """(groups, ``2**nbits``) sorted palettes, one :func:`palette_lut` per ``group_size`` consecutive output channels."""
     if weight.shape[0] % group_size:
         raise ValueError(f"{weight.shape[0]} output channels do not split into groups of {group_size}")
-    return torch.stack([palette_lut(rows, nbits) for rows in weight.detach().reshape(-1, group_size, *weight.shape[1:])])
+    return _kmeans_rows(weight.reshape(weight.shape[0] // group_size, -1), 1 << nbits)
 
 
 def on_row_palettes(values: torch.Tensor, luts: torch.Tensor) -> torch.Tensor:
