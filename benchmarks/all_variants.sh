@@ -25,3 +25,4 @@ for v in ${BENCH_VARIANTS:-efficientmod_xxs efficientmod_s}; do
     [ -f "$out/$v/manifest.json" ] || continue
     effmod-edge bench "$out/$v/manifest.json" --runs 30 --rounds 3 > "$out/$v.bench.md"
 done
+python "$here/summary_table.py" "$out"/*/manifest.json > "$out/summary.md"
