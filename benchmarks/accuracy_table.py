@@ -18,7 +18,7 @@ def table(manifest: Manifest) -> str:
         share = f"{100 * a.bytes / fp32[a.target]:.0f}" if a.target in fp32 else "-"
         ties = c.get("near_ties")
         expected = f"{ties['expected_agreement']:.1%}" if ties else "-"
-        needed = f"{ties['sqnr_db_for_min_agreement']:g}" if ties else "-"
+        needed = "-" if not ties else f"{ties['sqnr_db_for_min_agreement'] or 'ties'}"
         rows.append(
             f"| {a.target} | {a.precision} | {a.path} | {a.bytes / 1e6:.2f} | {share} | {c['top1_agreement']:.1%} | "
             f"{expected} | {c['sqnr_db']:.1f} | {needed} | {c['cosine']:.4f} | {c['max_abs_diff']:.2e} | "

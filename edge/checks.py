@@ -105,12 +105,13 @@ def sqnr_for_agreement(reference: np.ndarray, agreement: float, high: float = 12
 
 def near_tie_record(reference: np.ndarray, metrics: dict, threshold: Threshold) -> dict | None:
     """What near-ties in ``reference`` allow: agreement expected at the measured SQNR, SQNR the bar needs."""
-    if threshold.min_agreement is None or not len(reference):
+    if threshold.min_agreement is None or not len(reference) or math.isnan(metrics["sqnr_db"]):
         return None
+    needed = sqnr_for_agreement(reference, threshold.min_agreement)
     return {
         "noise_model": "i.i.d. Gaussian logit noise of the measured SQNR",
         "expected_agreement": round(noise_limited_agreement(reference, metrics["sqnr_db"]), 4),
-        "sqnr_db_for_min_agreement": sqnr_for_agreement(reference, threshold.min_agreement),
+        "sqnr_db_for_min_agreement": None if math.isinf(needed) else needed,  # None: exact ties, no SQNR suffices
     }
 
 
@@ -141,7 +142,9 @@ def check_record(metrics: dict, threshold: Threshold, reference: np.ndarray | No
     ties = near_tie_record(reference, metrics, threshold) if reference is not None else None
     if ties is not None:
         record["near_ties"] = ties
-        misses[:] = [m + (f" (i.i.d. noise at this SQNR would give {ties['expected_agreement']:.1%}; "
-                          f"{threshold.min_agreement:.0%} needs {ties['sqnr_db_for_min_agreement']:g} dB "
-                          "on these images)" if m.startswith("top-1 agreement") else "") for m in misses]
+        needed = ties["sqnr_db_for_min_agreement"]
+        hint = (f" (i.i.d. noise at this SQNR would give {ties['expected_agreement']:.1%}; "
+                f"{threshold.min_agreement:.0%} needs " + (f"{needed:g} dB" if needed is not None else
+                                                          "exact logits: tied top-1s") + " on these images)")
+        misses[:] = [m + (hint if m.startswith("top-1 agreement") else "") for m in misses]
     return record

@@ -123,3 +123,7 @@ def test_agreement_miss_says_what_near_ties_allow():
     assert ties["sqnr_db_for_min_agreement"] == sqnr_for_agreement(ref, 0.99)
     assert not rec["passed"] and "i.i.d. noise at this SQNR would give" in rec["misses"][0]
     assert "near_ties" not in check_record(metrics, Threshold(min_sqnr_db=10), ref)
+    tied = ref.copy()
+    tied[:, 1] = tied.max(1)  # every top-1 exactly tied: no SQNR reaches the bar, and JSON has no infinity
+    rec = check_record(compare_logits(tied, got), Threshold(min_agreement=0.99), tied)
+    assert rec["near_ties"]["sqnr_db_for_min_agreement"] is None and "tied top-1s" in rec["misses"][0]
