@@ -18,11 +18,13 @@ def table(manifest: Manifest) -> str:
         share = f"{100 * a.bytes / fp32[a.target]:.0f}" if a.target in fp32 else "-"
         ties = c.get("near_ties")
         expected = f"{ties['expected_agreement']:.1%}" if ties else "-"
-        needed = "-" if not ties else f"{ties['sqnr_db_for_min_agreement'] or 'ties'}"
+        needed = "-" if not ties else "ties" if ties["sqnr_db_for_min_agreement"] is None else \
+            f"{ties['sqnr_db_for_min_agreement']:g}"
         rows.append(
             f"| {a.target} | {a.precision} | {a.path} | {a.bytes / 1e6:.2f} | {share} | {c['top1_agreement']:.1%} | "
             f"{expected} | {c['sqnr_db']:.1f} | {needed} | {c['cosine']:.4f} | {c['max_abs_diff']:.2e} | "
-            f"{c.get('top1', float('nan')):.1%} | {c.get('top5', float('nan')):.1%} | {'yes' if c['passed'] else 'no: ' + '; '.join(c['misses'])} |"
+            f"{c.get('top1', float('nan')):.1%} | {c.get('top5', float('nan')):.1%} | "
+            f"{'yes' if c['passed'] else 'no: ' + '; '.join(c['misses'])} |"
         )
     for f in manifest.failures:
         rows.append(f"| {f.target} | {f.precision} | FAILED after {f.seconds:.0f}s: {f.error} | | | | | | | | | | | |")

@@ -33,7 +33,8 @@ def table(manifests: list[Manifest]) -> str:
     for (target, precision), cells in rows.items():
         out.append(f"| {target} | {precision} | " + " | ".join(cells.get(m, "-") for m in models) + " |")
     out.append("")
-    out.append("Cells: SQNR dB / top-1 agreement (agreement i.i.d. Gaussian logit noise of that SQNR would leave) / MB; "
+    out.append("Cells: SQNR dB / top-1 agreement (agreement i.i.d. Gaussian logit noise of that SQNR would "
+               "leave) / MB; "
                "`*` misses its bar.")
     return "\n".join(out)
 

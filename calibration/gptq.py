@@ -181,7 +181,7 @@ def on_palette(values: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
 
 
 def grouped_palette_luts(weight: torch.Tensor, nbits: int, group_size: int) -> torch.Tensor:
-    """(groups, ``2**nbits``) sorted palettes, one :func:`palette_lut` per ``group_size`` consecutive output channels."""
+    """(groups, ``2**nbits``) sorted palettes: one :func:`palette_lut` per ``group_size`` output channels."""
     if weight.shape[0] % group_size:
         raise ValueError(f"{weight.shape[0]} output channels do not split into groups of {group_size}")
     return _kmeans_rows(weight.reshape(weight.shape[0] // group_size, -1), 1 << nbits)

@@ -579,7 +579,7 @@ class _Builder:
 
 
 def palette_group_size(target: str, precision: str) -> int | None:
-    """Output channels per palette: ``PALETTE_GROUP`` for iOS 18 ``pal4`` (grouped-channel palettes), else per tensor."""
+    """Output channels per palette: ``PALETTE_GROUP`` for iOS 18 ``pal4`` (grouped-channel), else None (per tensor)."""
     return PALETTE_GROUP if target == "iOS18" and precision == "pal4" else None
 
 
