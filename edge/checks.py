@@ -103,16 +103,26 @@ def sqnr_for_agreement(reference: np.ndarray, agreement: float, high: float = 12
     return round(hi, 1)
 
 
-def near_tie_record(reference: np.ndarray, metrics: dict, threshold: Threshold) -> dict | None:
-    """What near-ties in ``reference`` allow: agreement expected at the measured SQNR, SQNR the bar needs."""
-    if threshold.min_agreement is None or not len(reference) or math.isnan(metrics["sqnr_db"]):
-        return None
-    needed = sqnr_for_agreement(reference, threshold.min_agreement)
-    return {
-        "noise_model": "i.i.d. Gaussian logit noise of the measured SQNR",
-        "expected_agreement": round(noise_limited_agreement(reference, metrics["sqnr_db"]), 4),
-        "sqnr_db_for_min_agreement": None if math.isinf(needed) else needed,  # None: exact ties, no SQNR suffices
-    }
+class NearTies:
+    """What near-ties in one set of reference logits allow; the SQNR a bar needs is searched once per bar."""
+
+    def __init__(self, reference: np.ndarray):
+        self.reference = np.asarray(reference, np.float64)
+        self._needed: dict[float, float | None] = {}
+
+    def record(self, metrics: dict, threshold: Threshold) -> dict | None:
+        """Agreement expected at the measured SQNR and the SQNR the bar needs; None without an agreement bar."""
+        if threshold.min_agreement is None or not len(self.reference) or math.isnan(metrics["sqnr_db"]):
+            return None
+        bar = threshold.min_agreement
+        if bar not in self._needed:
+            needed = sqnr_for_agreement(self.reference, bar)
+            self._needed[bar] = None if math.isinf(needed) else needed  # None: exact ties, no SQNR suffices
+        return {
+            "noise_model": "i.i.d. Gaussian logit noise of the measured SQNR",
+            "expected_agreement": round(noise_limited_agreement(self.reference, metrics["sqnr_db"]), 4),
+            "sqnr_db_for_min_agreement": self._needed[bar],
+        }
 
 
 def evaluate_threshold(metrics: dict, threshold: Threshold) -> list[str]:
@@ -129,17 +139,17 @@ def evaluate_threshold(metrics: dict, threshold: Threshold) -> list[str]:
     return misses
 
 
-def check_record(metrics: dict, threshold: Threshold, reference: np.ndarray | None = None) -> dict:
+def check_record(metrics: dict, threshold: Threshold, near_ties: NearTies | None = None) -> dict:
     """The ``checks`` entry of a manifest artifact: metrics, threshold and verdict.
 
-    With the ``reference`` logits, an agreement bar also gets a ``near_ties``
-    record (:func:`near_tie_record`), and an agreement miss says what that
+    With the reference logits' ``near_ties``, an agreement bar also gets a
+    ``near_ties`` record (:meth:`NearTies.record`), and an agreement miss says what that
     noise model expects, so a user can tell a checkpoint's near-ties from a
     conversion fault.
     """
     misses = evaluate_threshold(metrics, threshold)
     record = {**metrics, "threshold": threshold.as_dict(), "passed": not misses, "misses": misses}
-    ties = near_tie_record(reference, metrics, threshold) if reference is not None else None
+    ties = near_ties.record(metrics, threshold) if near_ties is not None else None
     if ties is not None:
         record["near_ties"] = ties
         needed = ties["sqnr_db_for_min_agreement"]

@@ -15,7 +15,7 @@ from calibration.imagenet import class_names
 from calibration.source import resolve_image_dir
 from calibration.splits import make_split
 from edge import __version__
-from edge.checks import check_record, compare_logits
+from edge.checks import NearTies, check_record, compare_logits
 from edge.context import ArtifactResult, ConvertContext, PrecisionFailure, log, torch_logits
 from edge.efficientmod import to_deploy
 from edge.errors import ConfigError, EffmodError
@@ -157,6 +157,7 @@ def convert(request: ConvertRequest) -> ConvertResult:
         artifacts: list[Artifact] = []
         failures: list[Failure] = []
         all_results: list[ArtifactResult] = []
+        near_ties = NearTies(reference)
         for target, precisions in plan.items():
             log.info("%s: converting %s", target, ", ".join(precisions))
             results, fails = run_target(ctx, target, precisions)
@@ -164,7 +165,7 @@ def convert(request: ConvertRequest) -> ConvertResult:
             all_results += results
             for r in results:
                 threshold = get_target(target).precision(r.precision).threshold
-                checks = check_record(compare_logits(reference, r.logits, split.eval.labels), threshold, reference)
+                checks = check_record(compare_logits(reference, r.logits, split.eval.labels), threshold, near_ties)
                 size, sha = artifact_digest(staging / r.path)
                 artifacts.append(
                     Artifact(target, r.precision, r.path, size, sha, r.input, r.output, checks, r.details)

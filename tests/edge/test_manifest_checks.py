@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from edge.checks import (
+    NearTies,
     Threshold,
     check_record,
     compare_logits,
@@ -117,13 +118,13 @@ def test_agreement_miss_says_what_near_ties_allow():
     ref = _near_tied_logits(rng)
     got = ref + 0.05 * rng.standard_normal(ref.shape)
     metrics = compare_logits(ref, got)
-    rec = check_record(metrics, Threshold(min_agreement=0.99), ref)
+    rec = check_record(metrics, Threshold(min_agreement=0.99), NearTies(ref))
     ties = rec["near_ties"]
     assert ties["expected_agreement"] == pytest.approx(noise_limited_agreement(ref, metrics["sqnr_db"]), abs=1e-4)
     assert ties["sqnr_db_for_min_agreement"] == sqnr_for_agreement(ref, 0.99)
     assert not rec["passed"] and "i.i.d. noise at this SQNR would give" in rec["misses"][0]
-    assert "near_ties" not in check_record(metrics, Threshold(min_sqnr_db=10), ref)
+    assert "near_ties" not in check_record(metrics, Threshold(min_sqnr_db=10), NearTies(ref))
     tied = ref.copy()
     tied[:, 1] = tied.max(1)  # every top-1 exactly tied: no SQNR reaches the bar, and JSON has no infinity
-    rec = check_record(compare_logits(tied, got), Threshold(min_agreement=0.99), tied)
+    rec = check_record(compare_logits(tied, got), Threshold(min_agreement=0.99), NearTies(tied))
     assert rec["near_ties"]["sqnr_db_for_min_agreement"] is None and "tied top-1s" in rec["misses"][0]
