@@ -176,8 +176,7 @@ def palette_lut(weight: torch.Tensor, nbits: int, iters: int = 50) -> torch.Tens
 
 def on_palette(values: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
     """Each of ``values`` replaced by its nearest entry of the sorted palette ``lut``."""
-    lut = lut.to(values.dtype)
-    return lut[torch.bucketize(values.contiguous(), (lut[1:] + lut[:-1]) / 2)]
+    return on_row_palettes(values.reshape(1, -1), lut[None]).reshape(values.shape)
 
 
 def grouped_palette_luts(weight: torch.Tensor, nbits: int, group_size: int) -> torch.Tensor:
