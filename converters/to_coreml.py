@@ -77,6 +77,7 @@ DEPLOYMENT_TARGETS = ("iOS16", "iOS17", "iOS18")
 COMPRESSED = ("w8", "w8a8", "pal6", "pal4")
 CLASSIFIER_PRECISIONS = ("fp16", "w8", "pal6", "pal4")
 WEIGHT_THRESHOLD = 2048  # coremltools' default: smaller weight tensors stay float
+PALETTE_BITS = {"pal6": 6, "pal4": 4}
 PALETTE_GROUP = 16  # output channels per palette of iOS 18 pal4 (grouped-channel palettes)
 CLASSIFIER_CHECK_IMAGES = 4
 NEAREST = {"method": "nearest (coremltools' own rounding)"}
@@ -206,7 +207,7 @@ def compress_weights(
         with _quiet():
             return cto.linear_quantize_weights(mlmodel, cto.OptimizationConfig(global_config=linear,
                                                                                op_name_configs=skip))
-    nbits = {"pal6": 6, "pal4": 4}[precision]
+    nbits = PALETTE_BITS[precision]
     group = palette_group_size(target, precision)
     granularity = ({"granularity": "per_grouped_channel", "group_size": group} if group
                    else {"granularity": "per_tensor"})
@@ -535,7 +536,7 @@ class _Builder:
         if not calibrated:
             log.warning("coreml %s: no calibration images, so k-means palettes without GPTQ and no layer search "
                         "(use --calib-size > 0 to measure and keep the noisiest layers int8)", precision)
-        nbits, group = {"pal6": 6, "pal4": 4}[precision], palette_group_size(self.target, precision)
+        nbits, group = PALETTE_BITS[precision], palette_group_size(self.target, precision)
         gptq = calibrated and self.rounding == "gptq"
         int8 = None
         t = time.perf_counter()
