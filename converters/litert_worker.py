@@ -400,19 +400,28 @@ def cmd_inspect(args: dict) -> None:
 
 
 def cmd_bench(args: dict) -> None:
-    """Latency of a .tflite: warm-up, then timed invokes; writes all samples in ms."""
+    """Latency of one or more .tflite files, in ms: warm-up, then timed invokes in interleaved rounds.
+
+    ``models`` are loaded once; each round times every model in turn, so drift
+    of a shared machine hits them alike. Writes ``{model: [samples...]}``.
+    """
     import time
 
-    it = _interpreter(args)
-    inp = it.get_input_details()[0]
-    it.set_tensor(inp["index"], np.zeros(inp["shape"], inp["dtype"]))
-    for _ in range(args.get("warmup", 5)):
-        it.invoke()
-    samples = []
-    for _ in range(args.get("runs", 30)):
-        t = time.perf_counter()
-        it.invoke()
-        samples.append((time.perf_counter() - t) * 1e3)
+    interpreters = {}
+    for path in args["models"]:
+        it = _interpreter({**args, "model": path})
+        inp = it.get_input_details()[0]
+        it.set_tensor(inp["index"], np.zeros(inp["shape"], inp["dtype"]))
+        for _ in range(args.get("warmup", 5)):
+            it.invoke()
+        interpreters[path] = it
+    samples: dict[str, list[float]] = {path: [] for path in interpreters}
+    for _ in range(args.get("rounds", 1)):
+        for path, it in interpreters.items():
+            for _ in range(args.get("runs", 30)):
+                t = time.perf_counter()
+                it.invoke()
+                samples[path].append((time.perf_counter() - t) * 1e3)
     with open(args["out"], "w") as f:
         json.dump(samples, f)
 

@@ -31,7 +31,11 @@ float (the residual stream in per-tensor int8 carried most of the error on
 proxy weights), then the ops the per-op sensitivity ranks worst, stopping at
 the first step that meets the agreement target on calibration images, or when
 a sensitivity step gains less than ``MIN_STEP_GAIN_DB``, and keeping a step
-only if it meets the target or gains at least ``MIN_GAIN_DB``.
+only if it meets the target or gains at least ``MIN_GAIN_DB``. The tried steps'
+files are then timed side by side (LiteRT, 2 threads) and the manifest records
+each step's latency against the first: what its float ops cost. The timing is a
+record, not a term of the choice, so the file shipped does not depend on how
+busy the machine was.
 
 The int8, int8-mixed and dynamic files' weights are GPTQ-rounded onto the
 per-channel int8 grid before export (``calibration.gptq``; option ``tflite_weight_rounding=nearest`` leaves
@@ -90,6 +94,7 @@ MIXED_STEPS = (MixedStep(False, False, 0), MixedStep(True, False, 0), MixedStep(
 MIN_GAIN_DB = 1.0  # a step is taken over a faster one only if it meets the target or gains this much
 MIN_STEP_GAIN_DB = 0.2  # a kept-nodes step gaining less than this over the step before ends the search
 MIXED_BAR = TARGETS["tflite"].precision("int8-mixed").threshold  # what a step must meet on calibration images
+SEARCH_BENCH_THREADS, SEARCH_BENCH_ROUNDS, SEARCH_BENCH_RUNS = 2, 5, 20  # timing of the tried int8-mixed steps
 WORKER_TIMEOUT_S = 900
 FLOAT_NORM, INT8_NORM = "reduce", "conv"  # LayerNorm form of the float and of the int8 files
 DYNAMIC_MIN_ELEMENTS = 1024  # the dynamic-range converter leaves smaller weight tensors float
@@ -147,6 +152,16 @@ def litert_logits(model: Path, images_nhwc: np.ndarray, build_dir: Path, threads
     out = build_dir / f"logits-{model.stem}-{digest}.npy"
     worker("run", {"model": str(model), "images": str(images), "out": str(out), "threads": threads}, build_dir)
     return np.load(out)
+
+
+def time_tflite(models: list[Path], build_dir: Path, threads: int = 2, rounds: int = 5, runs: int = 20,
+                warmup: int = 3) -> dict[Path, list[float]]:
+    """Latency samples (ms) of each model, timed in interleaved rounds in one LiteRT worker."""
+    out = build_dir / f"bench-{time.monotonic_ns()}.json"
+    worker("bench", {"models": [str(m) for m in models], "threads": threads, "rounds": rounds, "runs": runs,
+                     "warmup": warmup, "out": str(out)}, build_dir)
+    samples = json.loads(out.read_text())
+    return {m: samples[str(m)] for m in models}
 
 
 def inspect_tflite(model: Path, build_dir: Path | None = None) -> dict:
@@ -358,6 +373,24 @@ def search_steps(steps: tuple[MixedStep, ...], evaluate: Callable[[MixedStep], d
     return best, tried
 
 
+def _search_latency(b: _Builder, files: list[Path], tried: list[dict]) -> dict:
+    """Time the tried steps' files side by side; adds ``latency_ms`` and ``latency_vs_first_step`` to ``tried``.
+
+    A record of what each step's float ops cost, not a term of the choice: the
+    choice must not depend on how busy the machine was during the conversion.
+    """
+    threads = min(SEARCH_BENCH_THREADS, os.cpu_count() or 1)
+    samples = time_tflite(files, b.build, threads=threads, rounds=SEARCH_BENCH_ROUNDS, runs=SEARCH_BENCH_RUNS)
+    first = float(np.median(samples[files[0]]))
+    for t, f in zip(tried, files):
+        ms = float(np.median(samples[f]))
+        t["latency_ms"], t["latency_vs_first_step"] = round(ms, 3), round(ms / first, 3)
+    log.info("tflite int8-mixed: step latencies (%d threads) %s ms", threads,
+             ", ".join(f"{t['latency_ms']:.2f}" for t in tried))
+    return {"threads": threads, "rounds": SEARCH_BENCH_ROUNDS, "runs_per_round": SEARCH_BENCH_RUNS,
+            "runtime": "litert-xnnpack", "statistic": "median"}
+
+
 def _mixed(b: _Builder, stem: str) -> ArtifactResult:
     """int8 with float islands: runtime-unsupported op types, then the least accurate ops."""
     ctx = b.ctx
@@ -390,6 +423,7 @@ def _mixed(b: _Builder, stem: str) -> ArtifactResult:
 
     chosen, tried = search_steps(steps, evaluate)
     best = steps[chosen]
+    latency = _search_latency(b, [paths[s] for s in steps[: len(tried)]], tried)
     final = ctx.work_dir / f"{stem}_int8_mixed.tflite"
     shutil.copyfile(paths[best], final)
     details = {
@@ -404,6 +438,8 @@ def _mixed(b: _Builder, stem: str) -> ArtifactResult:
         "kept_float_nodes": [{"tensor": r["tensor"], "op": r["op"], "drop_db": r["drop_db"]}
                              for r in ranked[: best.kept_nodes]],
         "target_met_on_calibration": tried[chosen]["meets_target"],
+        "latency_cost_vs_first_step": round(tried[chosen]["latency_vs_first_step"] - 1, 3),
+        "search_latency": latency,
         "activation_ranges": b.ranges_summary,
         "weight_rounding": b.int8_rounding(),
         "search": tried,

@@ -76,8 +76,9 @@ def _tflite_timer(path: Path, threads: int, build: Path):
 
     def run(warmup: int, runs: int) -> list[float]:
         out = build / f"bench-{path.stem}-{threads}.json"
-        worker("bench", {"model": str(path), "threads": threads, "warmup": warmup, "runs": runs, "out": str(out)}, build)
-        return json.loads(out.read_text())
+        worker("bench", {"models": [str(path)], "threads": threads, "warmup": warmup, "runs": runs, "out": str(out)},
+               build)
+        return json.loads(out.read_text())[str(path)]
 
     return run
 

@@ -208,6 +208,11 @@ def _check_mixed(mixed, int8) -> None:
     assert ("ADD" in d["float_ops"]) == d["adds_float"], (d["float_ops"], d["adds_float"])
     assert not d["not_delegated"], f"int8-mixed ops outside XNNPACK: {d['not_delegated']}"
     assert mixed.checks["sqnr_db"] >= int8.checks["sqnr_db"] - 0.5, (mixed.checks, int8.checks)
+    ms = [t["latency_ms"] for t in tried]
+    assert all(m > 0 for m in ms) and tried[0]["latency_vs_first_step"] == 1.0, tried
+    for t in tried:
+        assert abs(t["latency_vs_first_step"] - t["latency_ms"] / ms[0]) < 2e-3, f"step timing inconsistent: {t}"
+    assert d["latency_cost_vs_first_step"] == round(tried[chosen]["latency_vs_first_step"] - 1, 3), d
 
 
 def test_int8_on_weights_whose_blocks_matter(tmp_path, samples_dir, proxy_tiny_checkpoint):
@@ -280,6 +285,18 @@ def test_litert_logits_match_manifest_check(tflite_out, samples_dir):
     ref = torch_logits(create_model(TINY), split.eval.nchw())
     metrics = compare_logits(ref, got)
     assert metrics["max_abs_diff"] == pytest.approx(_by(m, "_fp32.tflite").checks["max_abs_diff"], abs=1e-6)
+
+
+def test_timing_gives_every_model_its_rounds(tflite_out, tmp_path):
+    """One worker times several files: each gets rounds x runs samples, filed under its own path."""
+    from converters.to_tflite import time_tflite
+
+    fp32, dyn = tflite_out / f"{TINY}_fp32.tflite", tflite_out / f"{TINY}_dynamic.tflite"
+    samples = time_tflite([fp32, dyn], tmp_path, threads=1, rounds=3, runs=4, warmup=1)
+    assert {m: len(v) for m, v in samples.items()} == {fp32: 12, dyn: 12}, samples
+    assert all(0 < x < 5e3 for v in samples.values() for x in v), samples
+    with pytest.raises(ConversionError):
+        time_tflite([fp32, tmp_path / "missing.tflite"], tmp_path, rounds=1, runs=1)
 
 
 def test_corrupt_model_fails_in_subprocess(tmp_path):
