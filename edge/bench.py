@@ -98,6 +98,24 @@ def _torch_timer(model: torch.nn.Module, threads: int, input_size: int):
     return run
 
 
+BASELINE = {"target": "tflite", "precision": "fp32"}  # the file every speed-up is measured against
+
+
+def _speedup_vs_baseline(row: dict, medians: list[float], timed: list[tuple[dict, list[float]]]) -> dict | None:
+    """Baseline time / this row's time, paired round by round at the same thread count.
+
+    Each round times every row once, so a round's ratio sees the same machine
+    state; the spread over rounds shows how far the noise moves the ratio.
+    """
+    base = next((m for r, m in timed if all(r[k] == v for k, v in BASELINE.items()) and r["threads"] == row["threads"]),
+                None)
+    if base is None or len(base) != len(medians):
+        return None
+    ratios = np.asarray(base) / np.asarray(medians)
+    return {"median": round(float(np.median(ratios)), 3), "min": round(float(ratios.min()), 3),
+            "max": round(float(ratios.max()), 3), "rounds": int(ratios.size)}
+
+
 def bench_manifest(
     manifest_path: str | os.PathLike,
     runs: int = 30,
@@ -137,18 +155,27 @@ def bench_manifest(
                 timers.append(({"target": "pytorch", "precision": "fp32", "path": "", "bytes": 0, "threads": t,
                                 "runtime": f"torch {torch.__version__} eager"}, _torch_timer(model, t, size)))
         samples: dict[int, list[float]] = {i: [] for i in range(len(timers))}
+        round_medians: dict[int, list[float]] = {i: [] for i in range(len(timers))}
         errors: dict[int, str] = {}
         for r in range(rounds):
             for i, (row, timer) in enumerate(timers):
                 if i in errors:
                     continue
                 try:
-                    samples[i] += timer(warmup, runs)
+                    got = timer(warmup, runs)
                 except Exception as exc:  # a runtime crash is a row's error, not the bench's
                     errors[i] = f"{type(exc).__name__}: {exc}"
+                    continue
+                samples[i] += got
+                round_medians[i].append(float(np.median(got)))
             log.info("bench: round %d/%d done", r + 1, rounds)
+        timed = [(row, round_medians[i]) for i, (row, _) in enumerate(timers) if i not in errors]
         for i, (row, _) in enumerate(timers):
-            rows.append({**row, "error": errors[i]} if i in errors else {**row, **_stats(samples[i])})
+            if i in errors:
+                rows.append({**row, "error": errors[i]})
+            else:
+                speedup = _speedup_vs_baseline(row, round_medians[i], timed)
+                rows.append({**row, **_stats(samples[i]), **({"speedup_vs_fp32_tflite": speedup} if speedup else {})})
     result = {"manifest": str(manifest_path), "model": manifest.model, "weights": manifest.weights,
               "machine": machine_info(), "settings": {"runs": runs, "warmup": warmup, "rounds": rounds,
                                                      "threads": list(threads)},
@@ -159,16 +186,20 @@ def bench_manifest(
 
 def format_table(result: dict) -> str:
     """Markdown table of a bench result."""
-    lines = ["| target | precision | file | MB | threads | median ms | p90 ms | min ms |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| target | precision | file | MB | threads | median ms | p90 ms | min ms | speed-up vs fp32 TFLite "
+             "(rounds: median, min-max) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---|"]
     for r in result["results"]:
         mb = f"{r['bytes'] / 1e6:.2f}" if r.get("bytes") else "-"
         if "median_ms" in r:
+            sp = r.get("speedup_vs_fp32_tflite")
+            ratio = f"{sp['median']:.2f}x ({sp['min']:.2f}-{sp['max']:.2f}, {sp['rounds']})" if sp else "-"
             lines.append(f"| {r['target']} | {r['precision']} | {r['path'] or '(eager)'} | {mb} | {r['threads']} | "
-                         f"{r['median_ms']:.2f} | {r['p90_ms']:.2f} | {r['min_ms']:.2f} |")
+                         f"{r['median_ms']:.2f} | {r['p90_ms']:.2f} | {r['min_ms']:.2f} | {ratio} |")
         else:
             why = r.get("error") or r.get("skipped")
-            lines.append(f"| {r['target']} | {r['precision']} | {r['path']} | {mb} | {r.get('threads', '-')} | {why} | | |")
+            lines.append(f"| {r['target']} | {r['precision']} | {r['path']} | {mb} | {r.get('threads', '-')} | {why} "
+                         "| | | |")
     return "\n".join(lines)
 
 

@@ -1,0 +1,30 @@
+"""Speed-ups in the bench table are paired round by round against fp32 TFLite."""
+
+from __future__ import annotations
+
+from edge.bench import _speedup_vs_baseline, format_table
+
+
+def _row(target: str, precision: str, threads: int) -> dict:
+    return {"target": target, "precision": precision, "path": f"{target}-{precision}", "bytes": 1, "threads": threads}
+
+
+def test_speedup_pairs_each_round_with_the_baseline_of_that_round():
+    base, fast = _row("tflite", "fp32", 2), _row("tflite", "int8-mixed", 2)
+    timed = [(base, [10.0, 20.0, 12.0]), (fast, [5.0, 10.0, 8.0])]
+    sp = _speedup_vs_baseline(fast, timed[1][1], timed)
+    assert sp == {"median": 2.0, "min": 1.5, "max": 2.0, "rounds": 3}, sp
+    assert _speedup_vs_baseline(base, timed[0][1], timed)["median"] == 1.0
+
+
+def test_no_speedup_without_a_baseline_at_that_thread_count():
+    base, other = _row("tflite", "fp32", 2), _row("onnx", "fp32", 1)
+    timed = [(base, [10.0]), (other, [9.0])]
+    assert _speedup_vs_baseline(other, [9.0], timed) is None
+
+
+def test_table_shows_the_paired_speedup():
+    row = {**_row("tflite", "int8-mixed", 2), "median_ms": 5.0, "p90_ms": 6.0, "min_ms": 4.0,
+           "speedup_vs_fp32_tflite": {"median": 1.61, "min": 1.52, "max": 1.7, "rounds": 5}}
+    line = format_table({"results": [row]}).splitlines()[-1]
+    assert "1.61x (1.52-1.70, 5)" in line, line
