@@ -43,6 +43,8 @@ def mixed_step_line(step: dict) -> str:
     line = (f"LN stats float={step.get('layernorm_stats_float')}, ADDs float={step.get('adds_float', False)}, "
             f"+{step['kept_nodes']} ops -> calib agreement {step['calib_agreement']:.1%}, "
             f"SQNR {step['calib_sqnr_db']:.1f} dB, {step['bytes'] / 1e6:.2f} MB")
+    if "latency_ms" in step:
+        line += f", {step['latency_ms']:.2f} ms ({step['latency_vs_first_step']:.2f}x the first step)"
     return line + (f" (search ended: {step['ended_search']})" if "ended_search" in step else "")
 
 

@@ -94,3 +94,13 @@ def test_evaluate_on_another_folder_picks_balanced_images(converted, samples_dir
     assert result["images"]["count"] == 6 and result["images"]["split"] == "balanced pick"
     onnx = next(r for r in result["rows"] if r["target"] == "onnx")
     assert onnx["labelled_images"] == 6 and onnx["max_abs_diff"] <= 1e-4
+
+
+def test_mixed_step_line_shows_the_step_latency_when_timed():
+    from edge.report import mixed_step_line
+
+    step = {"layernorm_stats_float": True, "adds_float": True, "kept_nodes": 0, "calib_agreement": 0.98,
+            "calib_sqnr_db": 32.9, "bytes": 5_437_240}
+    assert " ms" not in mixed_step_line(step), "a manifest from before step timing has no latency to show"
+    line = mixed_step_line({**step, "latency_ms": 5.404, "latency_vs_first_step": 1.068})
+    assert line.endswith("5.44 MB, 5.40 ms (1.07x the first step)"), line
