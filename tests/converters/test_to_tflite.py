@@ -299,6 +299,21 @@ def test_timing_gives_every_model_its_rounds(tflite_out, tmp_path):
         time_tflite([fp32, tmp_path / "missing.tflite"], tmp_path, rounds=1, runs=1)
 
 
+def test_failed_step_timing_loses_only_the_record(tmp_path, monkeypatch):
+    """The steps' files already ran for their checks: a timing crash must not fail int8-mixed."""
+    import types
+
+    import converters.to_tflite as to_tflite
+
+    def crash(*args, **kwargs):
+        raise ConversionError("LiteRT bench failed (killed by SIGABRT)")
+
+    monkeypatch.setattr(to_tflite, "time_tflite", crash)
+    tried = [{"kept_nodes": 0}, {"kept_nodes": 4}]
+    record = to_tflite._search_latency(types.SimpleNamespace(build=tmp_path), [tmp_path / "a", tmp_path / "b"], tried)
+    assert "SIGABRT" in record["error"] and all("latency_ms" not in t for t in tried), (record, tried)
+
+
 def test_corrupt_model_fails_in_subprocess(tmp_path):
     bad = tmp_path / "bad.tflite"
     bad.write_bytes(b"TFL3" + bytes(range(256)) * 4)
