@@ -8,7 +8,10 @@ Ablations (each against a default ``effmod-edge convert --target tflite`` run):
 * ``float-adds``: int8-mixed also keeps every ``ADD`` (the residual stream, the
   LayerNorm centering, the split depthwise sums) in float;
 * ``float-muls``: int8-mixed also keeps every ``MUL`` (the modulation product,
-  the LayerNorm scaling) in float.
+  the LayerNorm scaling) in float;
+* ``stream-adds``: the int8-mixed ADD step keeps only the residual-stream ADDs
+  in float, not the LayerNorm centering ADDs (their output feeds the square and
+  the scaling MULs) nor the split-depthwise sums (an input is a depthwise conv).
 
 The change is made by wrapping the converter's own functions for this process
 only; the package itself is untouched. Prints the int8-mixed file's size, op
@@ -29,8 +32,25 @@ import converters.to_tflite as to_tflite
 from edge.errors import EffmodError
 from edge.pipeline import ConvertRequest, convert
 
-ABLATIONS = ("single-depthwise", "float-head", "float-adds", "float-muls")
+ABLATIONS = ("single-depthwise", "float-head", "float-adds", "float-muls", "stream-adds")
 EXTRA_FLOAT_OPS = {"float-head": "FULLY_CONNECTED", "float-adds": "ADD", "float-muls": "MUL"}
+
+
+def residual_stream_adds(model: Path) -> list[str]:
+    """Output tensors of the ADDs on the residual stream: no depthwise-conv input, not feeding 2+ MULs."""
+    from ai_edge_litert import interpreter as lit
+
+    it = lit.Interpreter(model_path=str(model))
+    names = {t["index"]: t["name"] for t in it.get_tensor_details()}
+    ops = it._get_ops_details()
+    producer = {o["outputs"][0]: o["op_name"] for o in ops if o["outputs"]}
+    feeds: dict[int, list[str]] = {}
+    for o in ops:
+        for i in o["inputs"]:
+            feeds.setdefault(i, []).append(o["op_name"])
+    return [names[o["outputs"][0]] for o in ops if o["op_name"] == "ADD"
+            and "DEPTHWISE_CONV_2D" not in [producer.get(i) for i in o["inputs"]]
+            and feeds.get(o["outputs"][0], []).count("MUL") < 2]
 
 
 def apply(ablation: str) -> None:
@@ -47,6 +67,17 @@ def apply(ablation: str) -> None:
             return quantize(self, out, int8_io, denylist)
 
         to_tflite._Builder.quantize = with_float_op
+    elif ablation == "stream-adds":
+        quantize = to_tflite._Builder.quantize
+
+        def stream_adds_only(self, out, int8_io=False, denylist=None):
+            if denylist and "ADD" in denylist.get("ops", []):
+                nodes = residual_stream_adds(self.calibrated())
+                denylist = {**denylist, "ops": [o for o in denylist["ops"] if o != "ADD"],
+                            "nodes": [*denylist.get("nodes", []), *nodes]}
+            return quantize(self, out, int8_io, denylist)
+
+        to_tflite._Builder.quantize = stream_adds_only
     else:
         raise ValueError(f"unknown ablation {ablation!r}; choose from {', '.join(ABLATIONS)}")
 
