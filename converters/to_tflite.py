@@ -58,14 +58,16 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 import torch.nn as nn
 from PIL import Image
 
+from calibration.gptq import GPTQ_IMAGES, LayerRounder, RoundingReport, quantizable_layers
 from calibration.preprocess import MEAN, STD
 from converters.to_onnx import export_onnx
 from edge.checks import compare_logits, evaluate_threshold
@@ -250,6 +252,7 @@ class _Builder:
         self.rounding = opts["tflite_weight_rounding"]
         self.ranges_summary: dict = {}
         self.rounding_summary: dict[str, dict] = {}
+        self._gptq: tuple[dict[str, torch.Tensor], dict[str, RoundingReport]] | None = None
         if len(ctx.split.calib):
             np.save(self.calib_npy, ctx.split.calib.nhwc())
 
@@ -277,18 +280,42 @@ class _Builder:
 
         The full-integer converter quantizes every conv/linear weight; the
         dynamic-range one only those of >= ``DYNAMIC_MIN_ELEMENTS`` elements.
+        GPTQ runs once, on the int8 (``conv``) form: it weighs each layer's
+        rounding with the Gram matrix of the layer's float inputs, which the two
+        LayerNorm forms share (they differ only in how the statistics are
+        computed), so the float form takes its layers' rounded weights from that
+        run by name.
         """
-        from calibration.gptq import GPTQ_IMAGES, gptq_round
+        weights, reports = self._gptq_int8()
+        net = tflite_deploy(self.ctx, norm_impl)
+        layers, small = quantizable_layers(net, 0 if norm_impl == INT8_NORM else DYNAMIC_MIN_ELEMENTS)
+        with torch.no_grad():
+            for name, layer in layers:
+                w = weights.get(name)
+                if w is None or w.shape != layer.weight.shape:
+                    raise ConversionError(f"GPTQ: layer {name} of the {norm_impl} LayerNorm form is not in the "
+                                          f"{INT8_NORM} form; use --option tflite_weight_rounding=nearest")
+                layer.weight.copy_(w)
+        report = reports[norm_impl]
+        if report.layers != len(layers):
+            raise ConversionError(f"GPTQ: the {norm_impl} LayerNorm form has {len(layers)} layers to round, the "
+                                  f"{INT8_NORM} form rounded {report.layers}; use --option tflite_weight_rounding=nearest")
+        self.rounding_summary[norm_impl] = replace(report, skipped_small=small).as_dict()
+        return net
 
-        calib = self.ctx.split.calib
-        if len(calib) == 0:
-            raise ConversionError("GPTQ weight rounding needs calibration images: use --calib-size > 0")
-        images = calib.nchw()[:GPTQ_IMAGES]
-        log.info("tflite: GPTQ weight rounding (%s LayerNorm form) on %d calibration images", norm_impl, len(images))
-        min_elements = 0 if norm_impl == INT8_NORM else DYNAMIC_MIN_ELEMENTS
-        rounded, report = gptq_round(tflite_deploy(self.ctx, norm_impl), images, min_elements=min_elements)
-        self.rounding_summary[norm_impl] = report.as_dict()
-        return rounded
+    def _gptq_int8(self) -> tuple[dict[str, torch.Tensor], dict[str, RoundingReport]]:
+        """GPTQ int8 weights of every conv/linear of the int8 deploy form (run once), and the reports per form."""
+        if self._gptq is None:
+            calib = self.ctx.split.calib
+            if len(calib) == 0:
+                raise ConversionError("GPTQ weight rounding needs calibration images: use --calib-size > 0")
+            images = calib.nchw()[:GPTQ_IMAGES]
+            log.info("tflite: GPTQ weight rounding on %d calibration images", len(images))
+            rounder = LayerRounder(tflite_deploy(self.ctx, INT8_NORM), images)
+            weights = {name: rounder.int8(name) for name in rounder.layers}
+            big = [name for name, layer in rounder.layers.items() if layer.weight.numel() >= DYNAMIC_MIN_ELEMENTS]
+            self._gptq = weights, {INT8_NORM: rounder.report("int8"), FLOAT_NORM: rounder.report("int8", big)}
+        return self._gptq
 
     def dynamic(self, out: Path) -> tuple[Path, dict]:
         """Dynamic-range int8 (int8 weights, float activations) and how its weights were rounded."""

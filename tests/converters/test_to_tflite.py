@@ -245,9 +245,12 @@ def test_int8_on_weights_whose_blocks_matter(tmp_path, samples_dir, proxy_tiny_c
     n = _assert_holds_gptq_weights(tmp_path / int8.path, net, rounded, tmp_path)
     assert n == sum(p.dim() in (2, 4) and p.shape[0] > 1 for name, p in rounded.named_parameters()
                     if name.endswith("weight")), f"{n} per-channel int8 weights in the int8 file"
-    net = to_deploy(model, 224, norm_impl=FLOAT_NORM, dw_impl="split")
-    rounded, _ = gptq_round(net, images, min_elements=DYNAMIC_MIN_ELEMENTS)
+    # the float LayerNorm form takes its layers' weights from the one GPTQ run on the int8 form
     assert _assert_holds_gptq_weights(tmp_path / dyn.path, net, rounded, tmp_path) > 0
+    float_form = to_deploy(model, 224, norm_impl=FLOAT_NORM, dw_impl="split")
+    big = sum(p.numel() >= DYNAMIC_MIN_ELEMENTS for name, p in float_form.named_parameters()
+              if name.endswith("weight") and p.dim() in (2, 4))
+    assert dyn.details["weight_rounding"]["layers"] == big, (dyn.details["weight_rounding"], big)
 
 
 def test_relative_output_path(tmp_path, samples_dir, monkeypatch):
