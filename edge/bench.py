@@ -7,7 +7,6 @@ worker subprocesses, ONNX and PyTorch in this process.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import tempfile
@@ -72,13 +71,10 @@ def _onnx_timer(path: Path, threads: int):
 
 
 def _tflite_timer(path: Path, threads: int, build: Path):
-    from converters.to_tflite import worker
+    from converters.to_tflite import time_tflite
 
     def run(warmup: int, runs: int) -> list[float]:
-        out = build / f"bench-{path.stem}-{threads}.json"
-        worker("bench", {"models": [str(path)], "threads": threads, "warmup": warmup, "runs": runs, "out": str(out)},
-               build)
-        return json.loads(out.read_text())[str(path)]
+        return time_tflite([path], build, threads=threads, rounds=1, runs=runs, warmup=warmup)[path]
 
     return run
 
