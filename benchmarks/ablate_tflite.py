@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 
 import converters.to_tflite as to_tflite
+from converters.litert_worker import read_graph
 from edge.errors import EffmodError
 from edge.pipeline import ConvertRequest, convert
 
@@ -38,19 +39,10 @@ EXTRA_FLOAT_OPS = {"float-head": "FULLY_CONNECTED", "float-adds": "ADD", "float-
 
 def residual_stream_adds(model: Path) -> list[str]:
     """Output tensors of the ADDs on the residual stream: no depthwise-conv input, not feeding 2+ MULs."""
-    from ai_edge_litert import interpreter as lit
-
-    it = lit.Interpreter(model_path=str(model))
-    names = {t["index"]: t["name"] for t in it.get_tensor_details()}
-    ops = it._get_ops_details()
-    producer = {o["outputs"][0]: o["op_name"] for o in ops if o["outputs"]}
-    feeds: dict[int, list[str]] = {}
-    for o in ops:
-        for i in o["inputs"]:
-            feeds.setdefault(i, []).append(o["op_name"])
-    return [names[o["outputs"][0]] for o in ops if o["op_name"] == "ADD"
-            and "DEPTHWISE_CONV_2D" not in [producer.get(i) for i in o["inputs"]]
-            and feeds.get(o["outputs"][0], []).count("MUL") < 2]
+    g = read_graph(model.read_bytes())
+    return [g.names[o["outputs"][0]] for o in g.ops if o["op_name"] == "ADD"
+            and "DEPTHWISE_CONV_2D" not in [g.producer[i]["op_name"] for i in o["inputs"] if i in g.producer]
+            and [c["op_name"] for c in g.consumers.get(o["outputs"][0], [])].count("MUL") < 2]
 
 
 def apply(ablation: str) -> None:
@@ -69,10 +61,14 @@ def apply(ablation: str) -> None:
         to_tflite._Builder.quantize = with_float_op
     elif ablation == "stream-adds":
         quantize = to_tflite._Builder.quantize
+        found: dict[Path, list[str]] = {}
 
         def stream_adds_only(self, out, int8_io=False, denylist=None):
             if denylist and "ADD" in denylist.get("ops", []):
-                nodes = residual_stream_adds(self.calibrated())
+                calibrated = self.calibrated()
+                if calibrated not in found:
+                    found[calibrated] = residual_stream_adds(calibrated)
+                nodes = found[calibrated]
                 denylist = {**denylist, "ops": [o for o in denylist["ops"] if o != "ADD"],
                             "nodes": [*denylist.get("nodes", []), *nodes]}
             return quantize(self, out, int8_io, denylist)

@@ -13,6 +13,7 @@ import math
 import os
 import sys
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -194,6 +195,30 @@ def cmd_refine_ranges(args: dict) -> None:
         json.dump(summary, f)
 
 
+@dataclass
+class Graph:
+    """A .tflite's ops with tensor names, each tensor's producing op and its consuming ops."""
+
+    ops: list[dict]
+    names: dict[int, str]
+    producer: dict[int, dict]
+    consumers: dict[int, list[dict]]
+
+
+def read_graph(model_content: bytes) -> Graph:
+    """The op graph of a .tflite (LiteRT's op details; no tensors are allocated)."""
+    from ai_edge_litert import interpreter as lit
+
+    it = lit.Interpreter(model_content=model_content)
+    ops = it._get_ops_details()
+    consumers: dict[int, list[dict]] = {}
+    for o in ops:
+        for i in o["inputs"]:
+            consumers.setdefault(i, []).append(o)
+    return Graph(ops, {t["index"]: t["name"] for t in it.get_tensor_details()},
+                 {o["outputs"][0]: o for o in ops if o["outputs"]}, consumers)
+
+
 def layernorm_stat_nodes(model_content: bytes) -> list[str]:
     """Output tensors of each LayerNorm's statistics chain (square, variance, rsqrt, scale).
 
@@ -202,16 +227,8 @@ def layernorm_stat_nodes(model_content: bytes) -> list[str]:
     Variance spans orders of magnitude across pixels; in int8 small variances
     round away and rsqrt explodes, so these stay float in int8-mixed.
     """
-    from ai_edge_litert import interpreter as lit
-
-    it = lit.Interpreter(model_content=model_content)
-    names = {t["index"]: t["name"] for t in it.get_tensor_details()}
-    ops = it._get_ops_details()
-    producer = {o["outputs"][0]: o for o in ops if o["outputs"]}
-    consumers: dict[int, list[dict]] = {}
-    for o in ops:
-        for i in o["inputs"]:
-            consumers.setdefault(i, []).append(o)
+    g = read_graph(model_content)
+    ops, names, producer, consumers = g.ops, g.names, g.producer, g.consumers
     nodes: list[str] = []
     for o in ops:
         if o["op_name"] != "RSQRT":

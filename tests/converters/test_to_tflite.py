@@ -66,6 +66,23 @@ def test_int8_ops_outside_xnnpack_are_only_the_known_float_types(tflite_out):
     assert stray == {}, f"int8 ops outside XNNPACK: {stray}"
 
 
+def test_layernorm_stat_nodes_find_every_statistics_chain(tflite_out):
+    """Each LayerNorm of the int8 graph: its RSQRT, the variance conv, the square and the scaling MUL."""
+    from collections import Counter
+
+    from converters.litert_worker import layernorm_stat_nodes, read_graph
+    from edge.efficientmod import LayerNorm2d, create_model, to_deploy
+
+    content = (tflite_out / f"{TINY}_int8.tflite").read_bytes()
+    g = read_graph(content)
+    op_of = {g.names[o["outputs"][0]]: o["op_name"] for o in g.ops if o["outputs"]}
+    nodes = layernorm_stat_nodes(content)
+    norms = sum(isinstance(m, LayerNorm2d) for m in to_deploy(create_model(TINY), norm_impl="conv").modules())
+    assert len(set(nodes)) == len(nodes), f"a tensor found twice: {nodes}"
+    kinds = Counter(op_of[n] for n in nodes)
+    assert kinds == {"RSQRT": norms, "CONV_2D": norms, "MUL": 2 * norms}, f"{norms} LayerNorms, chains {kinds}"
+
+
 def test_mse_ranges_beat_min_max(tflite_out, tmp_path, samples_dir):
     """The default MSE-clipped activation ranges give higher logit SQNR than plain min/max."""
     fl = _by(Manifest.load(tflite_out / "manifest.json"), "_int8.tflite")
