@@ -32,13 +32,24 @@ class EffmodClassifier(context: Context, modelAsset: String, threads: Int = 2) {
         interpreter = Interpreter(buffer, Interpreter.Options().setNumThreads(threads))
     }
 
-    /** Resize the shorter side to 256 and center-crop 224 (Android's filter is bilinear, not bicubic). */
+    /**
+     * Resize the shorter side to 256 and center-crop 224, in the integer arithmetic of
+     * calibration/preprocess.py: shorter side exactly 256, longer side floor(256 * long / short),
+     * crop offset (size - 224) / 2 rounded half to even, as Python's round() does.
+     * Android's filter is bilinear, not bicubic: expect small pixel differences.
+     */
     private fun crop224(bitmap: Bitmap): Bitmap {
-        val scale = 256f / minOf(bitmap.width, bitmap.height)
-        val w = (bitmap.width * scale).toInt()
-        val h = (bitmap.height * scale).toInt()
+        val short = minOf(bitmap.width, bitmap.height).toLong()
+        val w = if (bitmap.width.toLong() == short) 256 else (256L * bitmap.width / short).toInt()
+        val h = if (bitmap.width.toLong() == short) (256L * bitmap.height / short).toInt() else 256
         val resized = Bitmap.createScaledBitmap(bitmap, w, h, true)
-        return Bitmap.createBitmap(resized, ((w - 224) / 2f).roundToInt(), ((h - 224) / 2f).roundToInt(), 224, 224)
+        return Bitmap.createBitmap(resized, cropOffset(w), cropOffset(h), 224, 224)
+    }
+
+    private fun cropOffset(size: Int): Int {
+        val slack = size - 224
+        val low = slack / 2
+        return if (slack % 2 == 0 || low % 2 == 0) low else low + 1
     }
 
     fun classify(bitmap: Bitmap, topK: Int = 5): List<Pair<String, Float>> {

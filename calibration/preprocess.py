@@ -7,7 +7,8 @@ Every target, the evaluator and the mobile apps use this contract:
    (longer side = floor(256 * long / short)),
 3. center-crop 224 x 224 (offset = round((size - 224) / 2)),
 4. scale to [0, 1], subtract MEAN and divide by STD per channel (RGB order),
-5. layout NCHW float32 for PyTorch/ONNX/Core ML, NHWC for TFLite.
+5. layout NCHW float32 for PyTorch/ONNX, NHWC for TFLite; Core ML packages take
+   the 224 x 224 RGB image of step 3 (0..255) and do step 4 inside the model.
 """
 
 from __future__ import annotations

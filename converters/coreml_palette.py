@@ -1,8 +1,8 @@
 """Layer-wise palette search: which conv weights of a palettized package stay int8.
 
 Per-tensor k-means palettes cost different layers very different amounts of
-accuracy: on the proxy xxs checkpoint the 15 worst of 68 palettized convs
-(16 % of the palettized weights) carry about two thirds of the pal6 logit
+accuracy: on the proxy xxs checkpoint the 19 worst of 68 palettized convs
+(15 % of the palettized weights) carry about two thirds of the pal6 logit
 noise. The search measures, in PyTorch on the deploy network with the
 calibration images, the logit noise each conv adds when only its weight is
 replaced by its palettized one (GPTQ-rounded by :class:`calibration.gptq.LayerRounder`,

@@ -1,7 +1,8 @@
 """The one table of export targets and their precisions.
 
 It feeds the CLI choices, option validation, the manifest schema and the
-benchmarks; nothing else lists targets or precisions.
+benchmarks. The converters keep their own per-precision dispatch (which
+function builds which precision), keyed by the names this table defines.
 """
 
 from __future__ import annotations
