@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge.errors import ConfigError, EffmodError
-from edge.manifest import Manifest
+from edge.manifest import Manifest, artifact_problem
 
 METRICS = {"agreement": "top1_agreement", "sqnr": "sqnr_db", "top1": "top1", "top5": "top5", "cosine": "cosine"}
 
@@ -82,9 +82,9 @@ def collect_rows(out_dir: Path) -> tuple[Manifest, list[dict], dict | None, dict
             row["error"] = source["error"]
         else:
             row.update({k: metrics.get(v) for k, v in METRICS.items()})
-        file = out_dir / a.path
-        if "error" not in row and not file.exists():
-            row["error"] = f"artifact file {a.path} is missing"
+        problem = None if "error" in row else artifact_problem(out_dir, a)
+        if problem:
+            row["error"] = problem
         rows.append(row)
     if "(eager)" in lat:
         rows.append({"target": "pytorch", "precision": "fp32", "path": "(eager)", "bytes": 0,
