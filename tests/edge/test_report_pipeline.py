@@ -19,10 +19,11 @@ TINY = "efficientmod_test_tiny"
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory, samples_dir):
+def converted(tmp_path_factory, samples_dir, proxy_tiny_checkpoint):
+    """Proxy weights: every block reaches the logits, so a garbled export shows in the metrics."""
     out = tmp_path_factory.mktemp("report")
-    convert(ConvertRequest(targets=["onnx"], model=TINY, output=out, calib_dir=str(samples_dir),
-                           calib_size=4, eval_size=10))
+    convert(ConvertRequest(targets=["onnx"], model=TINY, weights=str(proxy_tiny_checkpoint), output=out,
+                           calib_dir=str(samples_dir), calib_size=4, eval_size=10))
     return out
 
 
@@ -31,7 +32,10 @@ def test_evaluate_matches_reference_and_caches(converted):
     assert result["images"]["count"] == 10
     rows = {r["path"]: r for r in result["rows"]}
     onnx = rows[f"{TINY}.onnx"]
-    assert onnx["max_abs_diff"] <= 1e-4 and onnx["top1_agreement"] == 1.0, onnx
+    # measured on 10 images: max|d| 1.2e-6, SQNR 129.5 dB
+    assert onnx["max_abs_diff"] <= 1e-5, f"{onnx['path']}: evaluated max|d| vs PyTorch {onnx}"
+    assert onnx["sqnr_db"] >= 126.0, f"{onnx['path']}: evaluated SQNR vs PyTorch {onnx}"
+    assert onnx["top1_agreement"] == 1.0, f"{onnx['path']}: top-1 differs from PyTorch {onnx}"
     cached = sorted((converted / CACHE_DIR).glob("logits-*.npy"))
     assert len(cached) == 2
     stamp = [c.stat().st_mtime_ns for c in cached]
@@ -64,9 +68,28 @@ def test_report_rows_gate_and_broken_artifacts(converted, tmp_path):
 
 
 def test_report_gate_passes_on_intact_output(converted):
-    md, page, misses = render(converted, [FailUnder.parse("agreement=0.99"), FailUnder.parse("sqnr=60")])
-    assert misses == []
+    md, page, misses = render(converted, [FailUnder.parse("agreement=0.99"), FailUnder.parse("sqnr=120")])
+    assert misses == [], f"intact fp32 ONNX rows (SQNR ~129.5 dB) missed the gate: {misses}"
     assert "efficientmod_test_tiny_dynamic.onnx" in md.read_text()
+
+
+def test_report_gate_names_rows_below_a_numeric_bar(converted):
+    """A bar above the measured SQNR (~129.5 dB) fails every artifact row, each naming itself and its number."""
+    import re
+
+    from edge.report import collect_rows
+
+    _, rows, _, _ = collect_rows(converted)
+    measured = {r["path"]: r["sqnr"] for r in rows if r["target"] != "pytorch"}
+    assert sorted(measured) == [f"{TINY}.onnx", f"{TINY}_dynamic.onnx"], rows
+    _, _, misses = render(converted, [FailUnder.parse("agreement=0.99"), FailUnder.parse("sqnr=200")])
+    assert len(misses) == 2, f"expected one sqnr miss per ONNX row, got {misses}"
+    for path, sqnr in measured.items():
+        assert 120.0 <= sqnr < 200.0, f"{path}: measured SQNR {sqnr} outside the range this test assumes"
+        (miss,) = [m for m in misses if path in m.split(": ", 1)[0].split()]
+        assert miss.startswith("onnx/fp32 "), miss
+        number = re.search(r"sqnr (\S+) < 200", miss)
+        assert number and float(number.group(1)) == pytest.approx(sqnr), f"{path}: miss {miss!r} lacks SQNR {sqnr}"
 
 
 def test_fail_under_rejects_unknown_metric():
@@ -89,11 +112,23 @@ def test_report_html_renders_in_chromium(converted, tmp_path):
     assert "effmod-edge report" in dom
 
 
-def test_evaluate_on_another_folder_picks_balanced_images(converted, samples_dir):
-    result = evaluate_manifest(converted / "manifest.json", data_dir=samples_dir, limit=6, progress=False)
-    assert result["images"]["count"] == 6 and result["images"]["split"] == "balanced pick"
+def test_evaluate_on_another_folder_picks_balanced_images(converted, uneven_image_folder):
+    """Classes of 10, 3 and 1 images: 5 picked images are 2 + 2 + 1, not the first 5 files of one class."""
+    from collections import Counter
+
+    from calibration.folder import scan_folder
+    from calibration.splits import pick_balanced
+
+    result = evaluate_manifest(converted / "manifest.json", data_dir=uneven_image_folder, limit=5, progress=False)
+    assert result["images"]["count"] == 5 and result["images"]["split"] == "balanced pick", result["images"]
+    pick = pick_balanced(scan_folder(uneven_image_folder), 5, seed=0)
+    assert result["images"]["fingerprint"] == pick.fingerprint(), "evaluate did not use the balanced pick"
+    counts = Counter(pick.labels.tolist())
+    assert counts == {0: 2, 1: 2, 2: 1}, f"picked images per class {dict(counts)}, want 2/2/1"
     onnx = next(r for r in result["rows"] if r["target"] == "onnx")
-    assert onnx["labelled_images"] == 6 and onnx["max_abs_diff"] <= 1e-4
+    assert onnx["labelled_images"] == 5, onnx
+    # measured max|d| 1.4e-6, SQNR 129.4 dB
+    assert onnx["max_abs_diff"] <= 1e-5 and onnx["sqnr_db"] >= 126.0, f"{onnx['path']} on the picked images: {onnx}"
 
 
 def test_mixed_step_line_shows_the_step_latency_when_timed():
