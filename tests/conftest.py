@@ -42,15 +42,16 @@ UNEVEN_CLASSES = {"n01440764": 10, "n01443537": 3, "n01484850": 1}
 
 @pytest.fixture
 def uneven_image_folder(tmp_path) -> Path:
-    """An ImageFolder-layout folder (``<wnid>/<file>.jpg``) whose classes hold 10, 3 and 1 images
-    (labels 0, 1, 2): a split that takes files in order or at random is visibly unbalanced on it."""
+    """An ImageFolder-layout folder (``<wnid>/<wnid>_<i>.jpg``) whose classes hold 10, 3 and 1 images
+    (labels 0, 1, 2): a split that takes files in order or at random is visibly unbalanced on it.
+    File names are unique across classes because splits and manifests name images by file name only."""
     from PIL import Image
 
     root = tmp_path / "uneven"
     for c, (wnid, n) in enumerate(UNEVEN_CLASSES.items()):
         (root / wnid).mkdir(parents=True)
         for i in range(n):
-            Image.new("RGB", (256, 240), (20 * i, 80 * c, 120)).save(root / wnid / f"img{i:02d}.jpg", "JPEG")
+            Image.new("RGB", (256, 240), (20 * i, 80 * c, 120)).save(root / wnid / f"{wnid}_{i:02d}.jpg", "JPEG")
     return root
 
 

@@ -85,8 +85,22 @@ def test_split_is_balanced_disjoint_deterministic(samples_dir):
     assert a.calib.names == b.calib.names and a.eval.names == b.eval.names
     assert a.calib.names != c.calib.names
     assert not set(a.calib.names) & set(a.eval.names)
-    assert len(set(a.calib.labels.tolist())) == 200, "calibration set is not class-balanced"
     assert np.array_equal(a.eval.nhwc(), a.eval.nchw().transpose(0, 2, 3, 1))
+
+
+def test_split_is_balanced_on_uneven_classes(uneven_image_folder):
+    """Classes of 10, 3 and 1 images: the calibration set takes every class before a second image of any,
+    and calibration + evaluation together are a balanced prefix (1 + 3 + 6), whatever the seed."""
+    from collections import Counter
+
+    folder = scan_folder(uneven_image_folder)
+    assert Counter(i.label for i in folder.items) == {0: 10, 1: 3, 2: 1}, "fixture layout or label convention changed"
+    for seed in (0, 1, 2):
+        split = make_split(folder, 6, 4, seed=seed)
+        calib, both = Counter(split.calib.labels.tolist()), Counter(split.calib.labels.tolist() + split.eval.labels.tolist())
+        assert calib[2] == 1 and sorted(calib.values()) == [1, 2, 3], f"seed {seed}: calibration per class {dict(calib)}"
+        assert both == {0: 6, 1: 3, 2: 1}, f"seed {seed}: calibration + evaluation per class {dict(both)}, want 6/3/1"
+        assert not set(split.calib.names) & set(split.eval.names), f"seed {seed}: calibration and evaluation overlap"
 
 
 def test_split_needs_eval_images(tmp_path):
