@@ -139,6 +139,16 @@ def test_options_are_validated_with_defaults():
             validate_options({"coreml_palette_budget": bad})
 
 
+def test_parse_option_pairs_splits_at_the_first_equals_and_strips():
+    from edge.targets import parse_option_pairs
+
+    assert parse_option_pairs(["a = b", "k=x=y", "empty="]) == {"a": "b", "k": "x=y", "empty": ""}
+    assert parse_option_pairs(["a=1", "a=2"]) == {"a": "2"}, "a repeated key keeps the last value"
+    for bad in ("novalue", " =x"):
+        with pytest.raises(ConfigError, match="is not KEY=VALUE"):
+            parse_option_pairs([bad])
+
+
 def test_option_table_matches_the_converters():
     pytest.importorskip("coremltools", reason="Core ML extra not installed")
     from converters import to_coreml
