@@ -57,9 +57,10 @@ def _nearest_copy(net: nn.Module) -> nn.Module:
 @pytest.mark.parametrize(
     "make, min_gain_db",
     [
-        (lambda: nn.Conv2d(3, 16, 3, padding=1), 2.0),
+        # measured gains 6.85, 3.52 and 6.73 dB
+        (lambda: nn.Conv2d(3, 16, 3, padding=1), 3.8),
         (lambda: nn.Conv2d(3, 12, 5, padding=4, dilation=2, groups=3), 1.0),
-        (lambda: nn.Sequential(nn.Conv2d(3, 24, 1), nn.Conv2d(24, 24, 5, padding=2, groups=24)), 1.0),
+        (lambda: nn.Sequential(nn.Conv2d(3, 24, 1), nn.Conv2d(24, 24, 5, padding=2, groups=24)), 3.7),
     ],
     ids=["dense3x3", "grouped-dilated", "pointwise+depthwise"],
 )
@@ -83,6 +84,7 @@ def test_gptq_beats_nearest_on_held_out_inputs(make, min_gain_db):
 
 def test_linear_layer_and_original_untouched():
     g = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)  # nn.Linear's init
     lin = nn.Linear(32, 8)
     basis = torch.randn(4, 32, generator=g)
     x = (torch.randn(256, 4, generator=g) @ basis + 0.05 * torch.randn(256, 32, generator=g)).numpy()
@@ -91,7 +93,7 @@ def test_linear_layer_and_original_untouched():
     assert torch.equal(lin.weight, before), "gptq_round must not modify the network it was given"
     assert _on_grid(rounded) < 1e-3
     gptq, near = _output_sqnr(rounded, lin, x[192:]), _output_sqnr(_nearest_copy(lin), lin, x[192:])
-    assert gptq >= near + 3.0, f"Linear: GPTQ {gptq:.2f} dB vs nearest {near:.2f} dB"
+    assert gptq >= near + 5.4, f"Linear: GPTQ {gptq:.2f} dB vs nearest {near:.2f} dB (measured gain 8.39 dB)"
 
 
 def test_small_layers_skipped_and_dead_inputs_handled():
@@ -144,8 +146,8 @@ def test_palette_lut_is_a_kmeans_fixed_point():
     assert near < ((w.reshape(-1) - on_palette(w.reshape(-1), uniform)) ** 2).sum(), "k-means must beat a uniform grid"
 
 
-@pytest.mark.parametrize("nbits", [4, 6])
-def test_palette_gptq_beats_nearest_palette(nbits):
+@pytest.mark.parametrize("nbits, min_gain_db", [(4, 3.7), (6, 3.2)])  # measured gains 6.70 and 6.25 dB
+def test_palette_gptq_beats_nearest_palette(nbits, min_gain_db):
     torch.manual_seed(1)
     net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 32, 1), nn.Conv2d(32, 32, 5, padding=2,
                                                                                           groups=32)).eval()
@@ -159,7 +161,8 @@ def test_palette_gptq_beats_nearest_palette(nbits):
         assert len(torch.unique(w)) <= 1 << nbits
     gptq = _output_sqnr(rounder.network(pal), net, held_out)
     nearest = _output_sqnr(rounder.network(near), net, held_out)
-    assert gptq >= nearest + 1.0, f"pal{nbits}: GPTQ {gptq:.2f} dB vs nearest palette {nearest:.2f} dB"
+    assert gptq >= nearest + min_gain_db, (
+        f"pal{nbits}: GPTQ {gptq:.2f} dB vs nearest palette {nearest:.2f} dB, gain under {min_gain_db} dB")
     report = rounder.report(f"pal{nbits}").as_dict()
     assert report["layers"] == 3 and f"pal{nbits}" in report["method"]
     assert report["layer_output_error_gain_db"]["median"] > 0
