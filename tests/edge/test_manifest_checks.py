@@ -34,8 +34,17 @@ GOOD = {
 
 def test_round_trip():
     m = Manifest.from_dict(GOOD)
-    assert Manifest.from_dict(m.to_dict()).to_dict() == m.to_dict()
+    d = m.to_dict()
+    assert Manifest.from_dict(d).to_dict() == d
     assert m.artifacts[0].input.shape[0] is None
+    for key in ("model", "weights"):
+        assert d[key] == GOOD[key], f"{key}: {d[key]!r} after the round trip, {GOOD[key]!r} before"
+    (art,) = d["artifacts"]
+    for key, want in GOOD["artifacts"][0].items():
+        got = art[key]
+        if key == "output":  # optional fields come back as None
+            got = {k: v for k, v in got.items() if k in want or v is not None}
+        assert got == want, f"artifact {key}: {got!r} after the round trip, {want!r} before"
 
 
 @pytest.mark.parametrize("mutate,named", [

@@ -9,7 +9,7 @@ import torch
 
 from edge.efficientmod import checkpoint_filter_fn, create_model
 from edge.errors import CheckpointError
-from edge.weights import load_model
+from edge.weights import file_sha256, load_model
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +29,11 @@ def test_wrappers_load_strictly_and_detect_variant(tmp_path, xxs, wrap):
     path = tmp_path / f"{wrap}.pth"
     torch.save(obj, path)
     loaded = load_model(None, path)
-    assert loaded.variant == "efficientmod_xxs" and len(loaded.weights_sha256) == 64
-    x = torch.randn(1, 3, 224, 224)
+    assert loaded.variant == "efficientmod_xxs", loaded.variant
+    assert loaded.weights_sha256 == file_sha256(path), "recorded sha256 is not the checkpoint file's"
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.equal(loaded.model(x), xxs(x))
+        assert torch.equal(loaded.model(x), xxs(x)), f"{wrap}: loaded model's logits differ from the source model's"
 
 
 def test_filter_is_pure(xxs):
@@ -87,3 +88,6 @@ def test_no_weights_is_untrained_and_deterministic():
     b = load_model("efficientmod_test_tiny", None, seed=3)
     assert a.untrained and a.weights == "untrained" and a.weights_sha256 is None
     assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
+    c = load_model("efficientmod_test_tiny", None, seed=4)
+    differ = [k for k, v in a.model.state_dict().items() if v.is_floating_point() and not torch.equal(v, c.model.state_dict()[k])]
+    assert differ, "seed 3 and seed 4 gave the same untrained weights: the seed is ignored"
