@@ -30,6 +30,12 @@ def _maxdiff(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
+def _close(name: str, got, ref, tol: float) -> None:
+    """max |got - ref| <= tol, naming the output that differed."""
+    diff = _maxdiff(got, ref)
+    assert diff <= tol, f"{name}: interpreter output differs from the reference by max|d| {diff:.3g} > {tol:g}"
+
+
 @pytest.mark.parametrize(
     "cin,cout,k,stride,pad,dil,groups",
     [
@@ -51,8 +57,8 @@ def test_conv_matches_torch(cin, cout, k, stride, pad, dil, groups):
 
     ref = F.conv2d(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b), stride, pad, dil, groups)
     got = _run(prog, x_in=x)
-    assert got.shape == tuple(ref.shape)
-    assert _maxdiff(got, ref) < 1e-4
+    assert got.shape == tuple(ref.shape), f"conv output shape {got.shape}, torch {tuple(ref.shape)}"
+    _close("conv", got, ref, 1e-4)
 
 
 def test_conv_same_padding_matches_torch():
@@ -63,7 +69,7 @@ def test_conv_same_padding_matches_torch():
         return mb.conv(x=x_in, weight=w, strides=[1, 1], pad_type="same")
 
     ref = F.conv2d(torch.from_numpy(x), torch.from_numpy(w), padding="same")
-    assert _maxdiff(_run(prog, x_in=x), ref) < 1e-4
+    _close("conv (same padding)", _run(prog, x_in=x), ref, 1e-4)
 
 
 def test_linear_and_matmul_match_torch():
@@ -80,9 +86,9 @@ def test_linear_and_matmul_match_torch():
         )
 
     lin, mm1, mm2 = Interpreter(prog).run({"x_in": x, "a_in": a, "c_in": c}).values()
-    assert _maxdiff(lin, F.linear(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b))) < 1e-5
-    assert _maxdiff(mm1, torch.from_numpy(a) @ torch.from_numpy(c).transpose(-1, -2)) < 1e-5
-    assert _maxdiff(mm2, torch.from_numpy(c) @ torch.from_numpy(a).transpose(-1, -2)) < 1e-5
+    _close("linear", lin, F.linear(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b)), 1e-5)
+    _close("matmul a @ c^T", mm1, torch.from_numpy(a) @ torch.from_numpy(c).transpose(-1, -2), 1e-5)
+    _close("matmul c @ a^T", mm2, torch.from_numpy(c) @ torch.from_numpy(a).transpose(-1, -2), 1e-5)
 
 
 def test_einsum_ane_attention_equations_match_torch():
@@ -93,7 +99,7 @@ def test_einsum_ane_attention_equations_match_torch():
         return mb.einsum(values=(q_in, k_in), equation="nchw,nwhu->nchu")
 
     ref = torch.einsum("nchw,nwhu->nchu", torch.from_numpy(q), torch.from_numpy(k))
-    assert _maxdiff(_run(prog, q_in=q, k_in=k), ref) < 1e-5
+    _close("einsum nchw,nwhu->nchu", _run(prog, q_in=q, k_in=k), ref, 1e-5)
 
 
 def test_layer_norm_gelu_softmax_match_torch():
@@ -113,11 +119,11 @@ def test_layer_norm_gelu_softmax_match_torch():
     ln, ge, gt, s1, s2 = Interpreter(prog).run({"x_in": x}).values()
     t = torch.from_numpy(x)
     ln_ref = F.layer_norm(t.permute(0, 2, 3, 1), (6,), torch.from_numpy(g), torch.from_numpy(b)).permute(0, 3, 1, 2)
-    assert _maxdiff(ln, ln_ref) < 1e-5
-    assert _maxdiff(ge, F.gelu(t)) < 1e-6
-    assert _maxdiff(gt, F.gelu(t, approximate="tanh")) < 1e-6
-    assert _maxdiff(s1, torch.softmax(t, 1)) < 1e-6
-    assert _maxdiff(s2, torch.softmax(t, -1)) < 1e-6
+    _close("layer_norm", ln, ln_ref, 1e-5)
+    _close("gelu", ge, F.gelu(t), 1e-6)
+    _close("gelu (tanh)", gt, F.gelu(t, approximate="tanh"), 1e-6)
+    _close("softmax axis 1", s1, torch.softmax(t, 1), 1e-6)
+    _close("softmax axis -1", s2, torch.softmax(t, -1), 1e-6)
 
 
 def test_batch_norm_matches_torch():
@@ -133,8 +139,8 @@ def test_batch_norm_matches_torch():
     full, bare = Interpreter(prog).run({"x_in": x}).values()
     t, tm, tv = torch.from_numpy(x), torch.from_numpy(mean), torch.from_numpy(var)
     ref = F.batch_norm(t, tm, tv, torch.from_numpy(g), torch.from_numpy(b), training=False, eps=1e-3)
-    assert _maxdiff(full, ref) < 1e-5
-    assert _maxdiff(bare, F.batch_norm(t, tm, tv, training=False, eps=1e-5)) < 1e-5
+    _close("batch_norm", full, ref, 1e-5)
+    _close("batch_norm (no affine)", bare, F.batch_norm(t, tm, tv, training=False, eps=1e-5), 1e-5)
 
 
 def test_elementwise_and_reductions_match_torch():
@@ -151,11 +157,15 @@ def test_elementwise_and_reductions_match_torch():
 
     add, sub, mul, div, mean, rs, sq = Interpreter(prog).run({"x_in": x}).values()
     t, u = torch.from_numpy(x), torch.from_numpy(y)
-    assert _maxdiff(add, t + u) < 1e-6 and _maxdiff(sub, t - u) < 1e-6
-    assert _maxdiff(mul, t * u) < 1e-6 and _maxdiff(div, t / u) < 1e-6
-    assert _maxdiff(mean, t.mean(dim=(2, 3))) < 1e-6
-    assert _maxdiff(rs, torch.rsqrt(t * t + 1e-6)) / float(torch.rsqrt(t * t + 1e-6).max()) < 1e-6
-    assert _maxdiff(sq, torch.abs(t)) < 1e-6
+    _close("add", add, t + u, 1e-6)
+    _close("sub", sub, t - u, 1e-6)
+    _close("mul", mul, t * u, 1e-6)
+    _close("real_div", div, t / u, 1e-6)
+    _close("reduce_mean", mean, t.mean(dim=(2, 3)), 1e-6)
+    rs_ref = torch.rsqrt(t * t + 1e-6)
+    rel = _maxdiff(rs, rs_ref) / float(rs_ref.max())
+    assert rel < 1e-6, f"rsqrt: interpreter output differs by {rel:.3g} of its largest value (> 1e-6)"
+    _close("sqrt", sq, torch.abs(t), 1e-6)
 
 
 def test_layout_ops_match_torch():
@@ -175,13 +185,15 @@ def test_layout_ops_match_torch():
 
     r, tr, ti, ca, sq, cs = Interpreter(prog).run({"x_in": x}).values()
     t = torch.from_numpy(x)
-    assert _maxdiff(r, t.reshape(1, 12, 1, 10)) == 0.0
-    assert _maxdiff(tr, t.permute(0, 3, 2, 1)) == 0.0
-    assert _maxdiff(ti, t.repeat(1, 2, 1, 1)) == 0.0
+    _close("reshape", r, t.reshape(1, 12, 1, 10), 0.0)
+    _close("transpose", tr, t.permute(0, 3, 2, 1), 0.0)
+    _close("tile", ti, t.repeat(1, 2, 1, 1), 0.0)
     a, b, c = torch.split(t, 4, dim=1)
-    assert _maxdiff(ca, torch.cat([c, a, b], 1)) == 0.0
-    assert sq.shape == (1, 120) and _maxdiff(sq, t.reshape(1, 120)) == 0.0
-    assert cs.dtype == np.int32 and _maxdiff(cs, t.to(torch.int32)) == 0.0
+    _close("concat", ca, torch.cat([c, a, b], 1), 0.0)
+    assert sq.shape == (1, 120), sq.shape
+    _close("squeeze", sq, t.reshape(1, 120), 0.0)
+    assert cs.dtype == np.int32, cs.dtype
+    _close("cast int32", cs, t.to(torch.int32), 0.0)
 
 
 def test_quantize_dequantize_match_torch():
@@ -197,7 +209,7 @@ def test_quantize_dequantize_match_torch():
     tq = torch.clamp(torch.round(torch.from_numpy(x) / scale) + zp, -128, 127)  # round half to even
     assert q.dtype == np.int8
     assert int(np.abs(q.astype(np.int32) - tq.numpy().astype(np.int32)).max()) == 0
-    assert _maxdiff(dq, (tq - zp) * scale) < 1e-6
+    _close("dequantize", dq, (tq - zp) * scale, 1e-6)
 
 
 def test_constexpr_weight_decompression_matches_coremltools():
@@ -220,8 +232,8 @@ def test_constexpr_weight_decompression_matches_coremltools():
     y1, y2 = Interpreter(prog).run({"x_in": x}).values()
     w1 = q.astype(np.float32) * scale[:, None, None, None]
     w2 = lut[idx].reshape(6, 4, 1, 1)
-    assert _maxdiff(y1, F.conv2d(torch.from_numpy(x), torch.from_numpy(w1))) < 1e-5
-    assert _maxdiff(y2, F.conv2d(torch.from_numpy(x), torch.from_numpy(w2))) < 1e-5
+    _close("conv (constexpr_affine_dequantize weight)", y1, F.conv2d(torch.from_numpy(x), torch.from_numpy(w1)), 1e-5)
+    _close("conv (constexpr_lut_to_dense weight)", y2, F.conv2d(torch.from_numpy(x), torch.from_numpy(w2)), 1e-5)
     assert int(np.abs(unpack_bits(packed, 4, idx.size).astype(np.int64) - idx).max()) == 0
     hist = precision_histogram(prog)
     assert hist["conv"] == {"fp32": 2}
