@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 from importlib import resources
 from pathlib import Path
@@ -56,8 +57,16 @@ def _fetch(url: str, dest: Path, timeout: float) -> None:
 def download_samples(base_url: str | None = None, timeout: float = 30.0, progress: bool = True) -> Path:
     """Download (or finish downloading) the 1000 sample images; returns the folder."""
     base = (base_url or os.environ.get(URL_ENV) or DEFAULT_BASE_URL).rstrip("/") + "/"
+    parsed = urllib.parse.urlsplit(base)
+    if parsed.scheme not in ("http", "https", "file") or (parsed.scheme != "file" and not parsed.netloc):
+        raise DataError(f"--url {base_url or base!r} is not an http(s) or file URL; pass e.g. --url "
+                        f"{DEFAULT_BASE_URL}")
     dest = cache_root() / "imagenet-samples"
-    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"cannot create the cache folder {dest} ({exc.strerror or exc}); point {CACHE_ENV} at a "
+                        f"writable folder") from None
     sums = checksums()
     todo = [n for n in sorted(sums) if not ((dest / n).is_file() and file_sha256(dest / n) == sums[n])]
     for name in tqdm(todo, desc="imagenet samples", unit="img", disable=not progress):

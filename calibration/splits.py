@@ -121,4 +121,11 @@ def make_split(folder: ImageFolder, calib_size: int, eval_size: int, seed: int =
             f"{folder.root} has {len(calib)} usable images, all taken by calibration; "
             f"lower --calib-size below {len(calib)} or add images"
         )
+    if len(calib) < calib_size or len(evaluation) < eval_size:
+        usable = len(calib) + len(evaluation)
+        raise DataError(
+            f"{folder.root} has {usable} usable images, fewer than --calib-size {calib_size} plus --eval-size "
+            f"{eval_size}; lower them (e.g. --calib-size {max(0, usable - max(1, usable // 3))} --eval-size "
+            f"{max(1, usable // 3)}) or add images"
+        )
     return Split(calib=calib, eval=evaluation, seed=seed, folder=folder)

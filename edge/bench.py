@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from edge.context import log
-from edge.errors import EffmodError
-from edge.manifest import Manifest, artifact_problem, write_json_atomic
+from edge.efficientmod import get_config
+from edge.errors import ConfigError, EffmodError
+from edge.manifest import Manifest, artifact_problem, require_writable, write_json_atomic
 
 
 def machine_info() -> dict:
@@ -121,9 +122,15 @@ def bench_manifest(
     include_torch: bool = True,
 ) -> dict:
     """Time every runnable artifact; writes ``bench.json`` beside the manifest."""
+    if runs < 1 or rounds < 1 or warmup < 0:
+        raise ConfigError(f"bench needs --runs >= 1, --rounds >= 1 and --warmup >= 0 (got {runs}, {rounds}, {warmup})")
+    if threads is not None and (not threads or min(threads) < 1):
+        raise ConfigError(f"--threads must be positive thread counts, e.g. 1,2 (got {','.join(map(str, threads))})")
     manifest_path = Path(manifest_path)
     manifest = Manifest.load(manifest_path)
     root = manifest_path.parent
+    get_config(manifest.model)
+    require_writable(root)
     threads = threads or tuple(sorted({1, os.cpu_count() or 1}))
     rows: list[dict] = []
     timers: list[tuple[dict, object]] = []

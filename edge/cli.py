@@ -26,7 +26,25 @@ def _setup_logging(verbose: bool) -> None:
 
 
 class _Group(click.Group):
-    """Turns user errors into one line on stderr and exit code 2."""
+    """Turns user errors, ours and click's usage errors alike, into one line on stderr and exit code 2."""
+
+    def main(self, *args, **kwargs):
+        kwargs["standalone_mode"] = False
+        try:
+            return super().main(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx else "effmod-edge"
+            click.echo(f"error: {' '.join(exc.format_message().split())} (see {where} --help)", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -34,6 +52,16 @@ class _Group(click.Group):
         except EffmodError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+
+
+def _exit_on_row_errors(rows: list[dict], what: str) -> None:
+    """Exit 1 naming the first artifact that could not be run, after the results were written."""
+    bad = [r for r in rows if r.get("error")]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        click.echo(f"error: {what} failed for {bad[0]['path'] or bad[0]['target']}: {bad[0]['error']}{more}; "
+                   f"re-run convert to rebuild the artifacts", err=True)
+        sys.exit(1)
 
 
 @click.group(cls=_Group)
@@ -149,11 +177,15 @@ def bench(manifest: str, runs: int, warmup: int, rounds: int, threads: str | Non
     """Host latency of every runnable artifact and of PyTorch eager; writes bench.json."""
     from edge.bench import bench_manifest, format_table, require_manifest
 
-    counts = tuple(int(t) for t in threads.split(",")) if threads else None
+    try:
+        counts = tuple(int(t) for t in threads.split(",")) if threads else None
+    except ValueError:
+        raise EffmodError(f"--threads {threads!r} is not a comma-separated list of thread counts; pass e.g. 1,2") from None
     result = bench_manifest(require_manifest(manifest), runs=runs, warmup=warmup, rounds=rounds, threads=counts)
     m = result["machine"]
     click.echo(f"{result['model']} ({result['weights']}) on {m['cpu']}, {m['cores']} cores, {result['date']}")
     click.echo(format_table(result))
+    _exit_on_row_errors(result["results"], "bench")
 
 
 @main.command()
@@ -174,6 +206,7 @@ def evaluate(manifest: str, data: str | None, limit: int | None) -> None:
         else:
             click.echo(f"  {r['target']:7s} {r['precision']:10s} {r['path']:40s} top-1 {r.get('top1', 0):.1%} "
                        f"agree {r['top1_agreement']:.1%} SQNR {r['sqnr_db']:.1f} dB")
+    _exit_on_row_errors(result["rows"], "evaluate")
 
 
 @main.command()
@@ -198,7 +231,11 @@ def inspect(model: str) -> None:
     """Op histogram of a .tflite, the ops its int8 graph keeps in float, XNNPACK coverage."""
     from converters.to_tflite import inspect_tflite
 
-    info = inspect_tflite(Path(model))
+    try:
+        info = inspect_tflite(Path(model))
+    except EffmodError as exc:
+        raise EffmodError(f"{model} is not a TFLite model LiteRT can read ({exc}); pass a .tflite file that "
+                          f"effmod-edge convert wrote") from None
     click.echo(f"{model}: {info['total_ops']} ops")
     click.echo(f"  input  {info['input']['name']} {info['input']['dtype']} {info['input']['shape']} q={info['input']['quantization']}")
     click.echo(f"  output {info['output']['name']} {info['output']['dtype']} {info['output']['shape']} q={info['output']['quantization']}")

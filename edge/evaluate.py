@@ -19,8 +19,9 @@ from calibration.splits import Batch, load_items, pick_balanced
 from edge.bench import machine_info
 from edge.checks import compare_logits
 from edge.context import log, torch_logits
-from edge.errors import DataError, EffmodError
-from edge.manifest import Artifact, Manifest, artifact_problem, write_json_atomic
+from edge.efficientmod import get_config
+from edge.errors import CheckpointError, ConfigError, DataError, EffmodError
+from edge.manifest import Artifact, Manifest, artifact_problem, require_writable, write_json_atomic
 from edge.weights import file_sha256, load_model
 
 CACHE_DIR = ".effmod-cache"
@@ -29,8 +30,14 @@ CACHE_DIR = ".effmod-cache"
 def _manifest_images(manifest: Manifest, data_dir: str | os.PathLike | None, limit: int | None) -> tuple[Batch, dict]:
     """The manifest's own evaluation split, or a class-balanced pick from ``data_dir``."""
     d = manifest.data or {}
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit must be >= 1 (got {limit}); leave it out to use every image")
     if data_dir is None and d.get("eval_images"):
+        if "root" not in d:
+            raise DataError("the manifest records evaluation images but not their folder (data.root); pass --data DIR")
         root = Path(d["root"])
+        if not root.is_dir():
+            raise DataError(f"the manifest's image folder {root} is gone; pass --data DIR")
         folder = scan_folder(root)
         wanted = set(d["eval_images"][:limit] if limit else d["eval_images"])
         items = [i for i in folder.items if i.name in wanted]
@@ -45,16 +52,28 @@ def _manifest_images(manifest: Manifest, data_dir: str | os.PathLike | None, lim
         batch = pick_balanced(folder, limit, seed=0)
         source = {"split": "balanced pick", "root": str(folder.root), "seed": 0}
     if not len(batch):
-        raise DataError(f"no usable image in {folder.root}")
+        raise DataError(f"no usable image in {folder.root} ({folder.summary()}); pass --data with a folder of "
+                        f"valid JPEG/PNG images")
     return batch, {**source, "count": len(batch), "fingerprint": batch.fingerprint(),
                    "skipped": dict(folder.skipped)}
 
 
+def _checkpoint(manifest: Manifest) -> Path | None:
+    """The manifest's checkpoint file (None for random weights); it must still be where convert read it."""
+    if manifest.weights == "untrained":
+        return None
+    path = Path(manifest.weights)
+    if not path.is_file():
+        raise CheckpointError(f"the manifest's checkpoint {path} is gone; put it back there, or re-run convert "
+                              f"with --weights pointing at it")
+    return path
+
+
 def _reference_model(manifest: Manifest):
     seed = int((manifest.tool or {}).get("seed", 0))
-    if manifest.weights == "untrained":
+    path = _checkpoint(manifest)
+    if path is None:
         return load_model(manifest.model, None, seed=seed).model
-    path = Path(manifest.weights)
     if manifest.weights_sha256 and path.is_file() and file_sha256(path) != manifest.weights_sha256:
         raise EffmodError(f"checkpoint {path} changed since the conversion (sha256 differs); re-run convert")
     return load_model(manifest.model, path).model
@@ -88,6 +107,9 @@ def evaluate_manifest(
     manifest_path = Path(manifest_path)
     manifest = Manifest.load(manifest_path)
     root = manifest_path.parent
+    get_config(manifest.model)
+    require_writable(root)
+    _checkpoint(manifest)
     batch, images = _manifest_images(manifest, data_dir, limit)
     cache = root / CACHE_DIR
     cache.mkdir(exist_ok=True)

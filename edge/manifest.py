@@ -80,6 +80,12 @@ class Failure:
     seconds: float
 
 
+DATA_FIELDS: dict[str, Any] = {  # the images a convert used (calibration.splits.Split.describe + labels file)
+    "root": str, "seed": int, "calib_size": int, "eval_size": int, "calib_fingerprint": str,
+    "eval_fingerprint": str, "eval_images": list[str], "skipped": dict, "labels": str,
+}
+
+
 @dataclass
 class Manifest:
     model: str
@@ -96,6 +102,12 @@ class Manifest:
             raise ConfigError(f"schema_version: {self.schema_version} is not {SCHEMA_VERSION}")
         for i, a in enumerate(self.artifacts):
             a.validate(f"artifacts[{i}]")
+        if self.data is not None:
+            unknown = sorted(set(self.data) - set(DATA_FIELDS))
+            if unknown:
+                raise ConfigError(f"manifest.data: unknown field(s) {', '.join(unknown)}")
+            for key, value in self.data.items():
+                _check_type(value, DATA_FIELDS[key], f"manifest.data.{key}")
         return self
 
     def to_dict(self) -> dict:
@@ -112,9 +124,15 @@ class Manifest:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"manifest {path} not found; pass the manifest.json a convert wrote") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"manifest {path} is not valid JSON ({exc})") from None
-        return cls.from_dict(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"manifest {path} is not valid JSON ({exc}); re-run convert to write it again") from None
+        except OSError as exc:
+            raise ConfigError(f"manifest {path} cannot be read ({exc.strerror or exc}); check the path and its "
+                              f"permissions") from None
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} in {path}; re-run convert to write a manifest this version reads") from None
 
     def save(self, path: str | os.PathLike) -> None:
         write_json_atomic(Path(path), self.to_dict())
@@ -145,6 +163,17 @@ def artifact_problem(root: Path, artifact: Artifact) -> str | None:
     if artifact_digest(path)[1] != artifact.sha256:
         return f"artifact file {artifact.path} does not match its sha256 in the manifest"
     return None
+
+
+def require_writable(folder: Path) -> None:
+    """Fail up front, with the fix, when results cannot be written into ``folder``."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".effmod-write-test-")
+    except OSError as exc:
+        raise ConfigError(f"cannot write into {folder} ({exc.strerror or exc}); make it writable or copy the "
+                          f"output folder somewhere writable") from None
+    os.close(fd)
+    os.unlink(tmp)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -18,7 +18,7 @@ from edge import __version__
 from edge.checks import NearTies, check_record, compare_logits
 from edge.context import ArtifactResult, ConvertContext, PrecisionFailure, log, torch_logits
 from edge.efficientmod import to_deploy
-from edge.errors import ConfigError, EffmodError
+from edge.errors import ConfigError, ConversionError, EffmodError
 from edge.manifest import Artifact, Failure, Manifest, artifact_digest
 from edge.targets import TARGETS, get_target, resolve_precisions, validate_options
 from edge.weights import load_model
@@ -62,6 +62,12 @@ class ConvertRequest:
         self.options = validate_options(self.options)
         if self.calib_size < 0 or self.eval_size < 1:
             raise ConfigError(f"--calib-size must be >= 0 and --eval-size >= 1 (got {self.calib_size}, {self.eval_size})")
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be >= 0 (got {self.seed})")
+        calibrated = [f"{t}/{p}" for t, ps in plan.items() for p in ps if get_target(t).precision(p).calibrated]
+        if self.calib_size == 0 and calibrated:
+            raise ConfigError(f"{', '.join(calibrated)} need calibration images but --calib-size is 0; pass "
+                              f"--calib-size N (default 200) or leave those out with --precision")
         return plan
 
 
@@ -106,6 +112,17 @@ def _move_into_place(src: Path, dest: Path) -> None:
             shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(src, dest)
+
+
+def _check_destinations(staging: Path, output: Path, entries: list[str]) -> None:
+    """Refuse, before anything moves, a destination that is a folder where a file goes (or the reverse)."""
+    for entry in entries + ["manifest.json"]:
+        src, dest = staging / entry, output / entry
+        src_is_dir = src.is_dir() if src.exists() else False
+        if dest.exists() and dest.is_dir() != src_is_dir:
+            kind = "a folder" if dest.is_dir() else "a file"
+            raise EffmodError(f"{dest} is {kind} in the way of the {entry} this run writes; move it away or "
+                              f"choose another --output (nothing was written)")
 
 
 def run_target(ctx: ConvertContext, target: str, precisions: list[str]) -> tuple[list[ArtifactResult], list[Failure]]:
@@ -188,8 +205,15 @@ def convert(request: ConvertRequest) -> ConvertResult:
                   "seed": request.seed, "options": {k: list(v) if isinstance(v, tuple) else v
                                                      for k, v in request.options.items()}},
         ).validate()
+        if not artifacts:
+            first = f"{failures[0].target} {failures[0].precision}: {failures[0].error}" if failures else "none ran"
+            more = f" and {len(failures) - 1} more" if len(failures) > 1 else ""
+            raise ConversionError(f"no artifact was built ({first}{more}); nothing was written to {output}; "
+                                  f"fix that and re-run (-v shows tracebacks)")
         extra = [f for r in all_results for f in r.extra_files]
-        for entry in [LABELS_FILE] + sorted({a.path for a in artifacts} | set(extra)):
+        entries = [LABELS_FILE] + sorted({a.path for a in artifacts} | set(extra))
+        _check_destinations(staging, output, entries)
+        for entry in entries:
             _move_into_place(staging / entry, output / entry)
         manifest_path = output / "manifest.json"
         manifest.save(manifest_path)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge.errors import ConfigError, EffmodError
-from edge.manifest import Manifest, artifact_problem
+from edge.manifest import Manifest, artifact_problem, require_writable
 
 METRICS = {"agreement": "top1_agreement", "sqnr": "sqnr_db", "top1": "top1", "top5": "top5", "cosine": "cosine"}
 
@@ -48,20 +48,33 @@ def mixed_step_line(step: dict) -> str:
     return line + (f" (search ended: {step['ended_search']})" if "ended_search" in step else "")
 
 
-def _load_json(path: Path) -> dict | None:
+def _load_json(path: Path, rows_key: str, command: str) -> dict | None:
+    """A results file of ``effmod-edge COMMAND``, or None if absent; its rows must have the fields it writes."""
     if not path.is_file():
         return None
+    fix = f"re-run effmod-edge {command} to write it again"
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise EffmodError(f"{path} is not valid JSON ({exc}); re-run the command that wrote it") from None
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EffmodError(f"{path} is not valid JSON ({exc}); {fix}") from None
+    rows = doc.get(rows_key) if isinstance(doc, dict) else None
+    if not isinstance(rows, list):
+        raise EffmodError(f"{path} has no list {rows_key!r}; {fix}")
+    for i, r in enumerate(rows):
+        missing = [k for k in ("target", "precision", "path") if not isinstance(r, dict) or k not in r]
+        if not missing and command == "bench" and not ("median_ms" in r and "threads" in r
+                                                         or "skipped" in r or "error" in r):
+            missing = ["median_ms/threads or skipped or error"]
+        if missing:
+            raise EffmodError(f"{path}: {rows_key}[{i}] lacks {', '.join(missing)}; {fix}")
+    return doc
 
 
 def collect_rows(out_dir: Path) -> tuple[Manifest, list[dict], dict | None, dict | None]:
     """One row per artifact: manifest facts + evaluation metrics + 1-thread/N-thread latency."""
     manifest = Manifest.load(out_dir / "manifest.json")
-    evaluation = _load_json(out_dir / "evaluation.json")
-    bench = _load_json(out_dir / "bench.json")
+    evaluation = _load_json(out_dir / "evaluation.json", "rows", "evaluate")
+    bench = _load_json(out_dir / "bench.json", "results", "bench")
     evals = {r["path"]: r for r in (evaluation or {}).get("rows", []) if r.get("path")}
     lat: dict[str, dict[int, float]] = {}
     no_latency: dict[str, str] = {}
@@ -190,6 +203,7 @@ def render(out_dir: str | os.PathLike, fail_under: list[FailUnder] | None = None
     """Write report.md and report.html; returns their paths and the gate misses."""
     out_dir = Path(out_dir)
     manifest, rows, evaluation, bench = collect_rows(out_dir)
+    require_writable(out_dir)
     threads = sorted({t for r in rows for t in r["latency"]})
     header = ["target", "precision", "file", "MB", "top-1", "top-5", "agreement", "SQNR dB", "cosine",
               *[f"ms ({t} thr)" for t in threads]]

@@ -1,0 +1,218 @@
+"""Bad input at the command line: one line naming the problem and the fix, a non-zero exit, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from edge.cli import main
+from edge.manifest import Manifest
+from edge.pipeline import ConvertRequest, convert
+
+TINY = "efficientmod_test_tiny"
+
+
+def _run(*args: str) -> tuple[int, str]:
+    """Exit code and stderr of ``effmod-edge ARGS`` (in-process)."""
+    res = CliRunner().invoke(main, list(args))
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    return res.exit_code, res.stderr
+
+
+def _one_line_error(rc: int, err: str, *needles: str, code: int = 2) -> None:
+    """Exit ``code`` and one ``error:`` line, the last on stderr (a progress bar may come before it)."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert rc == code, f"exit code {rc}, wanted {code}; stderr: {err}"
+    assert len(errors) == 1 and lines[-1] == errors[0], f"not one final 'error:' line: {err!r}"
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in errors[0], f"{n!r} not in {errors[0]!r}"
+
+
+def _snapshot(folder: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, samples_dir) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "out"
+    convert(ConvertRequest(targets=["onnx"], model=TINY, output=out, calib_dir=str(samples_dir),
+                           calib_size=4, eval_size=4))
+    return out
+
+
+@pytest.fixture
+def copy(converted, tmp_path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(converted, dst)
+    return dst
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["convert", "--target", "bogus", "-o", "x"], "'bogus' is not one of"),
+    (["convert", "-o", "x"], "Missing option '--target'"),
+    (["convert", "--target", "onnx", "--model", TINY, "--seed", "-1", "-o", "x"], "--seed must be >= 0"),
+    (["bench", "nowhere", "--threads", "a,b"], "--threads 'a,b'"),
+    (["download-samples", "--url", "notaurl"], "not an http(s) or file URL"),
+])
+def test_usage_errors_are_one_line(tmp_path, monkeypatch, args, needle):
+    monkeypatch.chdir(tmp_path)
+    _one_line_error(*_run(*args), needle)
+    assert not (tmp_path / "x").exists(), "a rejected convert created its output folder"
+
+
+def test_calibrated_precision_without_images_leaves_the_old_output_alone(copy, samples_dir):
+    before = _snapshot(copy)
+    _one_line_error(*_run("convert", "--target", "tflite", "--precision", "int8", "--calib-size", "0",
+                          "--calib-dir", str(samples_dir), "--model", TINY, "-o", str(copy)),
+                    "tflite/int8 need calibration images", "--calib-size")
+    assert _snapshot(copy) == before, "the rejected convert changed the output folder"
+
+
+def test_nothing_built_writes_nothing(copy, samples_dir, monkeypatch):
+    """A run whose every artifact fails must not replace a good manifest with an empty one."""
+    import converters.to_onnx as to_onnx
+
+    def broken(*a, **k):
+        raise RuntimeError("exporter exploded")
+
+    monkeypatch.setattr(to_onnx, "export_onnx", broken)
+    before = _snapshot(copy)
+    _one_line_error(*_run("convert", "--target", "onnx", "--calib-size", "2", "--eval-size", "2",
+                          "--calib-dir", str(samples_dir), "--model", TINY, "-o", str(copy)),
+                    "no artifact was built", "exporter exploded", "nothing was written")
+    assert _snapshot(copy) == before, "a convert that built nothing changed the output folder"
+
+
+@pytest.mark.parametrize("in_the_way", ["manifest.json", f"{TINY}.onnx"])
+def test_a_folder_in_the_way_is_refused_before_anything_moves(tmp_path, samples_dir, in_the_way):
+    out = tmp_path / "out"
+    (out / in_the_way).mkdir(parents=True)
+    _one_line_error(*_run("convert", "--target", "onnx", "--calib-size", "2", "--eval-size", "2",
+                          "--calib-dir", str(samples_dir), "--model", TINY, "-o", str(out)),
+                    f"{in_the_way} this run writes", "choose another --output")
+    assert sorted(p.name for p in out.iterdir()) == [in_the_way], f"files moved in: {list(out.iterdir())}"
+
+
+def test_too_few_images_for_the_requested_split(tmp_path, samples_dir):
+    few = tmp_path / "few"
+    few.mkdir()
+    for src in sorted(samples_dir.glob("*.JPEG"))[:10]:
+        os.symlink(src, few / src.name)
+    _one_line_error(*_run("convert", "--target", "onnx", "--calib-size", "8", "--eval-size", "4",
+                          "--calib-dir", str(few), "--model", TINY, "-o", str(tmp_path / "out")),
+                    "has 10 usable images", "lower them")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["evaluate", "bench"])
+def test_missing_or_changed_artifact_fails_evaluate_and_bench(copy, command):
+    m = Manifest.load(copy / "manifest.json")
+    (copy / m.artifacts[0].path).unlink()
+    with open(copy / m.artifacts[1].path, "ab") as f:
+        f.write(b"changed")
+    extra = ["--runs", "1", "--warmup", "0", "--rounds", "1", "--threads", "1"] if command == "bench" else []
+    rc, err = _run(command, str(copy), *extra)
+    _one_line_error(rc, err, f"{command} failed for {m.artifacts[0].path}", "is missing", "and 1 more",
+                    "re-run convert", code=1)
+    written = json.loads((copy / f"{'evaluation' if command == 'evaluate' else 'bench'}.json").read_text())
+    rows = written["rows" if command == "evaluate" else "results"]
+    assert sum("error" in r for r in rows) == 2, f"{command}.json should record both broken artifacts: {rows}"
+
+
+def test_report_flags_a_changed_artifact_without_a_new_evaluate(copy):
+    m = Manifest.load(copy / "manifest.json")
+    with open(copy / m.artifacts[0].path, "ab") as f:
+        f.write(b"changed")
+    rc, err = _run("report", str(copy))
+    assert rc == 1, f"report passed a changed artifact: {err}"
+    assert f"{m.artifacts[0].path} does not match its sha256" in err, err
+
+
+def _edit_manifest(folder: Path, edit) -> None:
+    d = json.loads((folder / "manifest.json").read_text())
+    edit(d)
+    (folder / "manifest.json").write_text(json.dumps(d))
+
+
+@pytest.mark.parametrize("edit, needles", [
+    (lambda d: d["data"].update(root="/nonexistent/images"), ["image folder /nonexistent/images is gone",
+                                                              "pass --data DIR"]),
+    (lambda d: d["data"].pop("root"), ["data.root", "pass --data DIR"]),
+    (lambda d: d["data"].update(eval_images=5), ["manifest.data.eval_images", "re-run convert"]),
+    (lambda d: d["data"].update(extra=1), ["manifest.data: unknown field(s) extra", "re-run convert"]),
+    (lambda d: d.update(weights="/nonexistent/ckpt.pth", weights_sha256="0" * 64),
+     ["checkpoint /nonexistent/ckpt.pth is gone", "put it back"]),
+    (lambda d: d.update(model="efficientmod_nope"), ["unknown model 'efficientmod_nope'"]),
+])
+def test_evaluate_rejects_a_bad_manifest_naming_the_fix(copy, edit, needles):
+    _edit_manifest(copy, edit)
+    _one_line_error(*_run("evaluate", str(copy)), *needles)
+    assert not (copy / ".effmod-cache").exists(), "evaluate left a cache folder behind after refusing"
+
+
+def test_unreadable_manifest_and_bad_bench_settings(copy):
+    (copy / "manifest.json").write_bytes(bytes(range(128, 256)) * 8)
+    for cmd in ("evaluate", "bench", "report"):
+        _one_line_error(*_run(cmd, str(copy)), "is not valid JSON", "re-run convert")
+    for args, needle in ((["--runs", "0"], "--runs >= 1"), (["--threads", "0"], "positive thread counts")):
+        _one_line_error(*_run("bench", str(copy), *args), needle)
+
+
+def test_report_rejects_a_bench_file_of_another_layout(copy):
+    (copy / "bench.json").write_text(json.dumps({"results": [{"target": "onnx", "precision": "fp32"}]}))
+    _one_line_error(*_run("report", str(copy)), "results[0] lacks path", "re-run effmod-edge bench")
+
+
+def test_evaluate_limit_must_be_positive(copy):
+    for limit in ("0", "-2"):
+        _one_line_error(*_run("evaluate", str(copy), "--limit", limit), "--limit must be >= 1")
+
+
+def test_inspect_of_a_non_tflite_file_names_the_fix(converted):
+    onnx = next(converted.glob("*.onnx"))
+    _one_line_error(*_run("inspect", str(onnx)), "is not a TFLite model", "pass a .tflite file")
+
+
+def test_download_cache_that_is_a_file(tmp_path, monkeypatch):
+    blocker = tmp_path / "cache-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("EFFMOD_CACHE", str(blocker))
+    _one_line_error(*_run("download-samples", "--url", "http://127.0.0.1:9/"), "cannot create the cache folder",
+                    "EFFMOD_CACHE")
+
+
+def test_onnxruntime_usage_events_are_off_for_every_subprocess():
+    """onnxruntime's Linux builds look up mobile.events.data.microsoft.com (seen from onnx2tf's onnxsim runs)."""
+    from converters.to_tflite import _env
+
+    code = "import edge, os; print(os.environ.get('ORT_DISABLE_TELEMETRY'))"
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert got.stdout.strip() == "1", f"importing edge did not turn onnxruntime's usage events off: {got}"
+    assert _env().get("ORT_DISABLE_TELEMETRY") == "1", "the converter's subprocess environment lacks the switch"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace to watch the conversion's sockets")
+def test_tflite_conversion_makes_no_network_connection(tmp_path, samples_dir):
+    """Every process of a TFLite conversion (onnx2tf, onnxsim, the LiteRT worker) stays off the network."""
+    pytest.importorskip("onnx2tf", reason="TFLite extra not installed")
+    trace = tmp_path / "trace.txt"
+    # without the test session's dead proxy: a client that honours proxy variables would otherwise only reach it
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    subprocess.run(["strace", "-f", "-qq", "-e", "trace=connect,sendto", "-o", str(trace), sys.executable, "-m",
+                    "edge.cli", "convert", "--model", TINY, "--target", "tflite", "--precision", "fp32",
+                    "--calib-size", "4", "--eval-size", "4", "--calib-dir", str(samples_dir),
+                    "-o", str(tmp_path / "out")], check=True, capture_output=True, env=env)
+    inet = [line for line in trace.read_text().splitlines() if "AF_INET" in line and "127.0.0.1" not in line]
+    assert inet == [], f"network connections during a conversion: {inet[:3]}"
