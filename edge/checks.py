@@ -36,6 +36,17 @@ def topk_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     return (top == labels[:, None]).any(axis=1)
 
 
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % (``z`` = 1.96) Wilson score interval of a proportion ``hits / n``: what ``n`` images can tell."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = hits / n
+    denom = 1.0 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1.0 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
+
+
 def compare_logits(ref: np.ndarray, got: np.ndarray, labels: np.ndarray | None = None) -> dict:
     """Metrics of ``got`` against ``ref`` (both (N, classes)); labels -1 are ignored."""
     ref = np.asarray(ref, np.float32)
@@ -54,6 +65,8 @@ def compare_logits(ref: np.ndarray, got: np.ndarray, labels: np.ndarray | None =
         "cosine": float(cosine.mean()) if cosine.size else 1.0,
         "top1_agreement": float(np.mean(ref.argmax(1) == got.argmax(1))) if len(ref) else 1.0,
     }
+    agree = int(np.sum(ref.argmax(1) == got.argmax(1)))
+    out["top1_agreement_ci95"] = [round(v, 4) for v in wilson_interval(agree, len(ref))]
     if labels is not None:
         mask = np.asarray(labels) >= 0
         if mask.any():
@@ -142,13 +155,19 @@ def evaluate_threshold(metrics: dict, threshold: Threshold) -> list[str]:
 def check_record(metrics: dict, threshold: Threshold, near_ties: NearTies | None = None) -> dict:
     """The ``checks`` entry of a manifest artifact: metrics, threshold and verdict.
 
-    With the reference logits' ``near_ties``, an agreement bar also gets a
+    An agreement bar also gets ``agreement_bar_resolved``: whether the bar lies
+    outside the agreement's 95 % Wilson interval (99 of 100 images agreeing
+    cannot tell 99 % from 95 %). With the reference logits' ``near_ties``, it gets a
     ``near_ties`` record (:meth:`NearTies.record`), and an agreement miss says what that
     noise model expects, so a user can tell a checkpoint's near-ties from a
     conversion fault.
     """
     misses = evaluate_threshold(metrics, threshold)
     record = {**metrics, "threshold": threshold.as_dict(), "passed": not misses, "misses": misses}
+    ci = metrics.get("top1_agreement_ci95")
+    if threshold.min_agreement is not None and ci:
+        # False: the bar lies inside the 95 % interval, so these images cannot tell a pass from a miss
+        record["agreement_bar_resolved"] = bool(ci[0] >= threshold.min_agreement or ci[1] < threshold.min_agreement)
     ties = near_ties.record(metrics, threshold) if near_ties is not None else None
     if ties is not None:
         record["near_ties"] = ties

@@ -54,6 +54,12 @@ class _Group(click.Group):
             sys.exit(2)
 
 
+def _interval(metrics: dict) -> str:
+    """`` [lo-hi]``: the 95 % interval of the top-1 agreement, from the number of images."""
+    ci = metrics.get("top1_agreement_ci95")
+    return f" [{100 * ci[0]:.1f}-{100 * ci[1]:.1f}]" if ci else ""
+
+
 def _exit_on_row_errors(rows: list[dict], what: str) -> None:
     """Exit 1 naming the first artifact that could not be run, after the results were written."""
     bad = [r for r in rows if r.get("error")]
@@ -114,7 +120,8 @@ def convert(targets, precisions, model, weights, output, calib_dir, calib_size, 
         c = a.checks
         click.echo(
             f"  {a.target:7s} {a.precision:10s} {a.path:40s} {a.bytes / 1e6:7.2f} MB  "
-            f"max|Δ| {c['max_abs_diff']:.2e}  SQNR {c['sqnr_db']:6.1f} dB  agree {c['top1_agreement']:.1%}  "
+            f"max|Δ| {c['max_abs_diff']:.2e}  SQNR {c['sqnr_db']:6.1f} dB  agree {c['top1_agreement']:.1%}"
+            f"{_interval(c)}  "
             f"{'PASS' if c['passed'] else 'MISS: ' + '; '.join(c['misses'])}"
         )
     for f in m.failures:
@@ -205,7 +212,7 @@ def evaluate(manifest: str, data: str | None, limit: int | None) -> None:
             click.echo(f"  {r['target']:7s} {r['precision']:10s} {r['path']:40s} ERROR: {r['error']}")
         else:
             click.echo(f"  {r['target']:7s} {r['precision']:10s} {r['path']:40s} top-1 {r.get('top1', 0):.1%} "
-                       f"agree {r['top1_agreement']:.1%} SQNR {r['sqnr_db']:.1f} dB")
+                       f"agree {r['top1_agreement']:.1%}{_interval(r)} SQNR {r['sqnr_db']:.1f} dB")
     _exit_on_row_errors(result["rows"], "evaluate")
 
 

@@ -192,6 +192,11 @@ def convert(request: ConvertRequest) -> ConvertResult:
                     target, r.precision, r.path, checks["max_abs_diff"], checks["sqnr_db"],
                     100 * checks["top1_agreement"], "ok" if checks["passed"] else "; ".join(checks["misses"]),
                 )
+                if checks.get("agreement_bar_resolved") is False:
+                    lo, hi = checks["top1_agreement_ci95"]
+                    log.warning("%s %s: %d images cannot settle the %.0f%% agreement bar (95%% interval "
+                                "%.1f-%.1f%%); a larger --eval-size measures it closer", target, r.precision,
+                                checks["images"], 100 * threshold.min_agreement, 100 * lo, 100 * hi)
         for f in failures:
             log.error("%s %s failed after %.1fs: %s", f.target, f.precision, f.seconds, f.error)
         manifest = Manifest(

@@ -17,7 +17,8 @@ from pathlib import Path
 from edge.errors import ConfigError, EffmodError
 from edge.manifest import Manifest, artifact_problem, require_writable
 
-METRICS = {"agreement": "top1_agreement", "sqnr": "sqnr_db", "top1": "top1", "top5": "top5", "cosine": "cosine"}
+METRICS = {"agreement": "top1_agreement", "agreement_ci95": "top1_agreement_ci95", "sqnr": "sqnr_db", "top1": "top1",
+           "top5": "top5", "cosine": "cosine"}
 
 
 @dataclass(frozen=True)
@@ -144,9 +145,16 @@ def _table_rows(rows: list[dict], threads: list[int]) -> list[list[str]]:
                         "", "", "", "", *lat])
         else:
             out.append([r["target"], r["precision"], r["path"], _fmt(r["bytes"] / 1e6, digits=2) if r["bytes"] else "-",
-                        _fmt(r.get("top1"), True), _fmt(r.get("top5"), True), _fmt(r.get("agreement"), True),
+                        _fmt(r.get("top1"), True), _fmt(r.get("top5"), True), _agreement_cell(r),
                         _fmt(r.get("sqnr")), _fmt(r.get("cosine"), digits=4), *lat])
     return out
+
+
+def _agreement_cell(row: dict) -> str:
+    """Top-1 agreement with its 95 % interval, e.g. ``99.0% [94.6-99.8]``."""
+    ci = row.get("agreement_ci95")
+    cell = _fmt(row.get("agreement"), True)
+    return f"{cell} [{100 * ci[0]:.1f}-{100 * ci[1]:.1f}]" if ci and row.get("agreement") is not None else cell
 
 
 def _svg_scatter(rows: list[dict], thread: int) -> str:
@@ -205,7 +213,7 @@ def render(out_dir: str | os.PathLike, fail_under: list[FailUnder] | None = None
     manifest, rows, evaluation, bench = collect_rows(out_dir)
     require_writable(out_dir)
     threads = sorted({t for r in rows for t in r["latency"]})
-    header = ["target", "precision", "file", "MB", "top-1", "top-5", "agreement", "SQNR dB", "cosine",
+    header = ["target", "precision", "file", "MB", "top-1", "top-5", "agreement [95 % interval]", "SQNR dB", "cosine",
               *[f"ms ({t} thr)" for t in threads]]
     body = _table_rows(rows, threads)
     img = (evaluation or {}).get("images") or {k: (manifest.data or {}).get(k) for k in ("eval_size", "seed", "root")}

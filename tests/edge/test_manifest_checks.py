@@ -16,6 +16,7 @@ from edge.checks import (
     noise_limited_agreement,
     sqnr_db,
     sqnr_for_agreement,
+    wilson_interval,
 )
 from edge.errors import ConfigError
 from edge.manifest import Manifest
@@ -137,3 +138,27 @@ def test_agreement_miss_says_what_near_ties_allow():
     tied[:, 1] = tied.max(1)  # every top-1 exactly tied: no SQNR reaches the bar, and JSON has no infinity
     rec = check_record(compare_logits(tied, got), Threshold(min_agreement=0.99), NearTies(tied))
     assert rec["near_ties"]["sqnr_db_for_min_agreement"] is None and "tied top-1s" in rec["misses"][0]
+
+
+def test_agreement_interval_is_wilsons_and_covers():
+    lo, hi = wilson_interval(99, 100)
+    assert (lo, hi) == pytest.approx((0.9455, 0.9983), abs=5e-4), (lo, hi)
+    rng = np.random.default_rng(0)
+    hits = rng.binomial(100, 0.97, size=4000)
+    covered = np.mean([a <= 0.97 <= b for a, b in (wilson_interval(int(k), 100) for k in hits)])
+    assert 0.93 <= covered <= 0.99, f"95 % interval covered the true rate in {covered:.1%} of draws"
+
+
+def test_agreement_bar_resolved_only_when_the_interval_clears_it():
+    ref = np.tile(np.arange(10.0), (100, 1))
+    got = ref.copy()
+    got[0, 0] = 20.0  # one image of 100 changes its top-1
+    m = compare_logits(ref, got)
+    assert m["top1_agreement"] == 0.99 and m["top1_agreement_ci95"] == pytest.approx([0.9455, 0.9983], abs=5e-4), m
+    bar = Threshold(min_agreement=0.99)
+    rec = check_record(m, bar)
+    assert rec["passed"] and rec["agreement_bar_resolved"] is False, "99 of 100 cannot settle a 99 % bar"
+    big = compare_logits(np.tile(ref, (8, 1)), np.concatenate([got] * 4 + [ref] * 4))
+    assert big["top1_agreement"] == pytest.approx(0.995) and check_record(big, bar)["agreement_bar_resolved"] is False
+    far = check_record({**m, "top1_agreement": 0.9662, "top1_agreement_ci95": list(wilson_interval(773, 800))}, bar)
+    assert not far["passed"] and far["agreement_bar_resolved"] is True, far
