@@ -34,15 +34,16 @@ def _by(manifest: Manifest, path_part: str):
 
 
 def test_fp32_matches_pytorch(tflite_out):
+    """Untrained weights (the shared fixture); the proxy-weight fp32 check is test_relative_output_path."""
     m = Manifest.load(tflite_out / "manifest.json")
     a = _by(m, "_fp32.tflite")
     assert a.checks["max_abs_diff"] <= 1e-4, f"fp32 TFLite logits differ from PyTorch: {a.checks}"
-    assert a.checks["top1_agreement"] == 1.0
+    assert a.checks["top1_agreement"] == 1.0, f"fp32 TFLite top-1 differs from PyTorch: {a.checks}"
 
 
 def test_fp16_sqnr(tflite_out):
     a = _by(Manifest.load(tflite_out / "manifest.json"), "_fp16.tflite")
-    assert a.checks["sqnr_db"] >= 50.0, f"fp16 TFLite SQNR {a.checks['sqnr_db']} dB < 50 dB"
+    assert a.checks["sqnr_db"] >= 63.0, f"fp16 TFLite SQNR {a.checks['sqnr_db']} dB < 63 dB (measured 66.0)"
 
 
 def test_int8_io_variant_is_integer(tflite_out):
@@ -53,7 +54,8 @@ def test_int8_io_variant_is_integer(tflite_out):
     fl = _by(m, "_int8.tflite")
     assert fl.input.dtype == "float32"
     # Same calibration, same graph: the int8-I/O file differs only by I/O rounding.
-    assert abs(io.checks["sqnr_db"] - fl.checks["sqnr_db"]) < 3.0, (io.checks, fl.checks)
+    # measured difference 0.000 dB
+    assert abs(io.checks["sqnr_db"] - fl.checks["sqnr_db"]) < 0.1, f"int8-I/O vs int8 SQNR: {io.checks} vs {fl.checks}"
     assert fl.checks["sqnr_db"] >= 24.0, f"int8 logits too far from PyTorch: {fl.checks}"
 
 
@@ -114,7 +116,7 @@ def test_dynamic_file_runs_entirely_in_xnnpack(tflite_out):
     info = inspect_tflite(tflite_out / dyn.path)
     assert info["not_delegated"] == {}, f"dynamic-range ops outside XNNPACK: {info['not_delegated']}"
     assert dyn.bytes <= 0.5 * fp32.bytes, f"dynamic file lost its int8 weights: {dyn.bytes} vs fp32 {fp32.bytes}"
-    assert dyn.checks["sqnr_db"] >= 25.0, f"dynamic logits too far from PyTorch: {dyn.checks}"
+    assert dyn.checks["sqnr_db"] >= 38.0, f"dynamic logits too far from PyTorch (measured 40.9 dB): {dyn.checks}"
     assert dyn.details["weight_rounding"]["method"].startswith("GPTQ"), dyn.details["weight_rounding"]
 
 
@@ -124,7 +126,7 @@ def test_dynamic_depthwise_weights_go_back_to_float(tmp_path):
     The tiny variant's depthwise weights are below the converter's 1024-element
     quantization threshold, so this builds a graph whose weights are not.
     """
-    tf = pytest.importorskip("tensorflow")
+    tf = pytest.importorskip("tensorflow", reason="TensorFlow (TFLite extra) not installed")
     from converters.to_tflite import worker
 
     rng = np.random.default_rng(0)
@@ -250,8 +252,13 @@ def test_int8_on_weights_whose_blocks_matter(tmp_path, samples_dir, proxy_tiny_c
     assert not res.manifest.failures, res.manifest.failures
     int8, dyn = _by(res.manifest, "_int8.tflite"), _by(res.manifest, "_dynamic.tflite")
     _check_mixed(_by(res.manifest, "_int8_mixed.tflite"), int8)
+    mixed = _by(res.manifest, "_int8_mixed.tflite")
+    # measured: int8 25.43 dB, dynamic 39.06 dB, int8-mixed 32.55 dB
     assert int8.checks["sqnr_db"] >= 23.0, f"int8 on proxy weights: {int8.checks}"
-    assert dyn.checks["sqnr_db"] >= 30.0, f"dynamic on proxy weights: {dyn.checks}"
+    assert dyn.checks["sqnr_db"] >= 36.0, f"dynamic on proxy weights: {dyn.checks}"
+    assert mixed.checks["sqnr_db"] >= 29.5, f"int8-mixed on proxy weights: {mixed.checks}"
+    assert mixed.checks["sqnr_db"] >= int8.checks["sqnr_db"] + 4.0, (
+        f"int8-mixed gains under 4 dB over int8 (measured +7.1): {mixed.checks} vs {int8.checks}")
     for a in (int8, dyn):
         assert a.details["weight_rounding"]["method"].startswith("GPTQ"), a.details["weight_rounding"]
 
@@ -270,14 +277,17 @@ def test_int8_on_weights_whose_blocks_matter(tmp_path, samples_dir, proxy_tiny_c
     assert dyn.details["weight_rounding"]["layers"] == big, (dyn.details["weight_rounding"], big)
 
 
-def test_relative_output_path(tmp_path, samples_dir, monkeypatch):
-    """README's `--output out`: onnx2tf runs in the build folder, so paths handed to it must not be relative."""
+def test_relative_output_path(tmp_path, samples_dir, monkeypatch, proxy_tiny_checkpoint):
+    """README's `--output out`: onnx2tf runs in the build folder, so paths handed to it must not be relative.
+    Also the fp32 equality check on proxy weights, whose every block reaches the logits."""
     monkeypatch.chdir(tmp_path)
-    res = convert(ConvertRequest(targets=["tflite"], model=TINY, output=Path("out"), calib_dir=str(samples_dir),
-                                 calib_size=4, eval_size=4, precisions=["fp32"]))
+    res = convert(ConvertRequest(targets=["tflite"], model=TINY, weights=str(proxy_tiny_checkpoint), output=Path("out"),
+                                 calib_dir=str(samples_dir), calib_size=4, eval_size=4, precisions=["fp32"]))
     assert not res.manifest.failures, res.manifest.failures
     a = _by(res.manifest, "_fp32.tflite")
-    assert a.checks["max_abs_diff"] <= 1e-4, a.checks
+    # measured max|d| 8.6e-7, SQNR 129.7 dB
+    assert a.checks["max_abs_diff"] <= 5e-6, f"{a.path}: fp32 TFLite logits max|d| vs PyTorch {a.checks}"
+    assert a.checks["sqnr_db"] >= 126.0, f"{a.path}: fp32 TFLite logits SQNR vs PyTorch {a.checks}"
     assert (tmp_path / "out" / a.path).is_file()
 
 
@@ -292,19 +302,24 @@ def test_sidecar_and_labels(tflite_out):
 
 
 def test_litert_logits_match_manifest_check(tflite_out, samples_dir):
-    """Re-running a file reproduces the logits the check was computed from."""
+    """Re-running the int8 file (whose error is far from zero) reproduces the manifest's check numbers."""
     from calibration.folder import scan_folder
     from calibration.splits import make_split
     from edge.checks import compare_logits
     from edge.context import torch_logits
     from edge.efficientmod import create_model
 
-    m = Manifest.load(tflite_out / "manifest.json")
+    recorded = _by(Manifest.load(tflite_out / "manifest.json"), "_int8.tflite").checks
     split = make_split(scan_folder(samples_dir), 16, 12, 0)
-    got = litert_logits(tflite_out / f"{TINY}_fp32.tflite", split.eval.nhwc(), tflite_out.parent)
+    got = litert_logits(tflite_out / f"{TINY}_int8.tflite", split.eval.nhwc(), tflite_out.parent)
     ref = torch_logits(create_model(TINY), split.eval.nchw())
     metrics = compare_logits(ref, got)
-    assert metrics["max_abs_diff"] == pytest.approx(_by(m, "_fp32.tflite").checks["max_abs_diff"], abs=1e-6)
+    assert metrics["images"] == recorded["images"] == 12, (metrics, recorded)
+    assert metrics["max_abs_diff"] == pytest.approx(recorded["max_abs_diff"], rel=1e-4), (
+        f"int8 re-run max|d| {metrics['max_abs_diff']} vs manifest {recorded['max_abs_diff']}")
+    # the manifest rounds SQNR to 0.001 dB
+    assert metrics["sqnr_db"] == pytest.approx(recorded["sqnr_db"], abs=1.5e-3), (
+        f"int8 re-run SQNR {metrics['sqnr_db']} dB vs manifest {recorded['sqnr_db']} dB")
 
 
 def test_timing_gives_every_model_its_rounds(tflite_out, tmp_path):
@@ -314,7 +329,7 @@ def test_timing_gives_every_model_its_rounds(tflite_out, tmp_path):
     fp32, dyn = tflite_out / f"{TINY}_fp32.tflite", tflite_out / f"{TINY}_dynamic.tflite"
     samples = time_tflite([fp32, dyn], tmp_path, threads=1, rounds=3, runs=4, warmup=1)
     assert {m: len(v) for m, v in samples.items()} == {fp32: 12, dyn: 12}, samples
-    assert all(0 < x < 5e3 for v in samples.values() for x in v), samples
+    assert all(x > 0 for v in samples.values() for x in v), samples
     with pytest.raises(ConversionError):
         time_tflite([fp32, tmp_path / "missing.tflite"], tmp_path, rounds=1, runs=1)
 
@@ -355,19 +370,20 @@ def test_aborting_runtime_is_reported_not_fatal(tmp_path):
         _run([sys.executable, "-c", "import os; os.abort()"], tmp_path, "LiteRT run")
 
 
-def test_failing_precision_spares_the_others(tmp_path, samples_dir, monkeypatch):
+def test_failing_precision_spares_the_others(tmp_path, samples_dir, monkeypatch, proxy_tiny_checkpoint):
     import converters.to_tflite as tfl
 
     def broken(self, out):
         raise ConversionError("simulated abort of the dynamic-range converter")
 
     monkeypatch.setattr(tfl._Builder, "dynamic", broken)
-    result = convert(ConvertRequest(targets=["tflite"], model=TINY, output=tmp_path, calib_dir=str(samples_dir),
-                                    calib_size=4, eval_size=4, precisions=["fp32", "dynamic"]))
+    result = convert(ConvertRequest(targets=["tflite"], model=TINY, weights=str(proxy_tiny_checkpoint), output=tmp_path,
+                                    calib_dir=str(samples_dir), calib_size=4, eval_size=4, precisions=["fp32", "dynamic"]))
     assert [f.precision for f in result.manifest.failures] == ["dynamic"]
     assert "simulated abort" in result.manifest.failures[0].error
     assert [a.precision for a in result.manifest.artifacts] == ["fp32"]
-    assert result.manifest.artifacts[0].checks["max_abs_diff"] <= 1e-4
+    fp32 = result.manifest.artifacts[0].checks  # proxy weights; measured max|d| 8.6e-7, SQNR 129.7 dB
+    assert fp32["max_abs_diff"] <= 5e-6 and fp32["sqnr_db"] >= 126.0, f"surviving fp32 file vs PyTorch: {fp32}"
     assert not list(tmp_path.glob(".effmod-staging-*"))
 
 
@@ -379,9 +395,14 @@ def test_all_precisions_all_variants(tmp_path, samples_dir, variant):
     assert not result.manifest.failures, result.manifest.failures
     by_precision = {a.precision: a for a in result.manifest.artifacts}
     assert set(by_precision) == {"fp32", "fp16", "dynamic", "int8", "int8-mixed"}
-    assert by_precision["fp32"].checks["max_abs_diff"] <= 1e-4
-    assert by_precision["fp16"].checks["sqnr_db"] >= 50.0
-    int8 = [a for a in result.manifest.artifacts if a.precision == "int8"]
+    checks = {p: a.checks for p, a in by_precision.items()}
+    assert checks["fp32"]["max_abs_diff"] <= 1e-4, f"{variant} fp32: {checks['fp32']}"
+    assert checks["fp16"]["sqnr_db"] >= 50.0, f"{variant} fp16: {checks['fp16']}"
+    assert checks["dynamic"]["sqnr_db"] >= 36.0, f"{variant} dynamic: {checks['dynamic']}"
+    assert checks["int8-mixed"]["sqnr_db"] >= 30.0, f"{variant} int8-mixed: {checks['int8-mixed']}"
+    int8 = [a for a in result.manifest.artifacts if a.precision == "int8"]  # float-I/O and int8-I/O files
+    for a in int8:
+        assert a.checks["sqnr_db"] >= 22.0, f"{variant} {a.path}: {a.checks}"
     fp32_bytes = by_precision["fp32"].bytes
     assert all(a.bytes <= 0.30 * fp32_bytes for a in int8), "int8 file must be <= 30 % of fp32"
 
