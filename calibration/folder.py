@@ -29,10 +29,11 @@ IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".webp", ".gif", ".
 class ImageItem:
     path: Path
     label: int
+    name: str = ""  # the path relative to the folder root (POSIX): unique, unlike the file name in <wnid>/ layout
 
-    @property
-    def name(self) -> str:
-        return self.path.name
+    def __post_init__(self) -> None:
+        if not self.name:
+            object.__setattr__(self, "name", self.path.name)
 
 
 @dataclass
@@ -75,7 +76,7 @@ def scan_folder(root: str | os.PathLike) -> ImageFolder:
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 skipped["non-image"] += 1
                 continue
-            items.append(ImageItem(path, _label_for(path, root)))
+            items.append(ImageItem(path, _label_for(path, root), path.relative_to(root).as_posix()))
     folder = ImageFolder(root, items, skipped)
     if not items:
         raise DataError(

@@ -64,7 +64,7 @@ def test_both_layouts_and_bad_files(tmp_path):
     _jpeg(nested / "n01443537" / "a.jpg")
     _jpeg(nested / "unknown.jpg")
     labels = {i.name: i.label for i in scan_folder(nested).items}
-    assert labels == {"a.jpg": 1, "unknown.jpg": -1}
+    assert labels == {"n01443537/a.jpg": 1, "unknown.jpg": -1}
 
 
 def test_empty_and_all_corrupt_folders(tmp_path):
@@ -122,3 +122,19 @@ def test_image_dir_resolution_order(tmp_path, monkeypatch):
     done.mkdir(parents=True)
     (done / ".complete").write_text("ok")
     assert resolve_image_dir(None) == done
+
+
+def test_same_file_name_in_two_class_folders_stays_two_images(tmp_path):
+    """In <wnid>/<file> layout the file name alone is ambiguous; splits and manifests name images by relative path."""
+    for wnid, color in (("n01440764", (200, 10, 10)), ("n01443537", (10, 10, 200))):
+        (tmp_path / wnid).mkdir()
+        for i in range(2):
+            _jpeg(tmp_path / wnid / f"img{i}.jpg", color=color)
+    folder = scan_folder(tmp_path)
+    names = [i.name for i in folder.items]
+    assert names == ["n01440764/img0.jpg", "n01440764/img1.jpg", "n01443537/img0.jpg", "n01443537/img1.jpg"], names
+    split = make_split(folder, 2, 2, seed=0)
+    assert not set(split.calib.names) & set(split.eval.names), (split.calib.names, split.eval.names)
+    wanted = set(split.eval.names)
+    picked = [i for i in folder.items if i.name in wanted]
+    assert sorted(i.label for i in picked) == sorted(split.eval.labels.tolist()), "eval images picked by name differ"
