@@ -59,8 +59,8 @@ def download_samples(base_url: str | None = None, timeout: float = 30.0, progres
     base = (base_url or os.environ.get(URL_ENV) or DEFAULT_BASE_URL).rstrip("/") + "/"
     parsed = urllib.parse.urlsplit(base)
     if parsed.scheme not in ("http", "https", "file") or (parsed.scheme != "file" and not parsed.netloc):
-        raise DataError(f"--url {base_url or base!r} is not an http(s) or file URL; pass e.g. --url "
-                        f"{DEFAULT_BASE_URL}")
+        where = "--url" if base_url else (URL_ENV if os.environ.get(URL_ENV) else "the default URL")
+        raise DataError(f"{where} {base!r} is not an http(s) or file URL; pass e.g. --url {DEFAULT_BASE_URL}")
     dest = cache_root() / "imagenet-samples"
     try:
         dest.mkdir(parents=True, exist_ok=True)

@@ -47,6 +47,11 @@ def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, center - half), min(1.0, center + half)
 
 
+def images_to_settle(bar: float, z: float = 1.96) -> int:
+    """Fewest images whose 95 % interval can clear ``bar`` at all (every image agreeing): n / (n + z^2) >= bar."""
+    return math.ceil(bar * z * z / (1.0 - bar)) if bar < 1.0 else math.inf
+
+
 def compare_logits(ref: np.ndarray, got: np.ndarray, labels: np.ndarray | None = None) -> dict:
     """Metrics of ``got`` against ``ref`` (both (N, classes)); labels -1 are ignored."""
     ref = np.asarray(ref, np.float32)
@@ -67,6 +72,7 @@ def compare_logits(ref: np.ndarray, got: np.ndarray, labels: np.ndarray | None =
     }
     agree = int(np.sum(ref.argmax(1) == got.argmax(1)))
     out["top1_agreement_ci95"] = [round(v, 4) for v in wilson_interval(agree, len(ref))]
+    out["top1_agreement_hits"] = agree
     if labels is not None:
         mask = np.asarray(labels) >= 0
         if mask.any():
@@ -164,10 +170,10 @@ def check_record(metrics: dict, threshold: Threshold, near_ties: NearTies | None
     """
     misses = evaluate_threshold(metrics, threshold)
     record = {**metrics, "threshold": threshold.as_dict(), "passed": not misses, "misses": misses}
-    ci = metrics.get("top1_agreement_ci95")
-    if threshold.min_agreement is not None and ci:
+    if threshold.min_agreement is not None and "top1_agreement_hits" in metrics:
         # False: the bar lies inside the 95 % interval, so these images cannot tell a pass from a miss
-        record["agreement_bar_resolved"] = bool(ci[0] >= threshold.min_agreement or ci[1] < threshold.min_agreement)
+        lo, hi = wilson_interval(metrics["top1_agreement_hits"], metrics["images"])
+        record["agreement_bar_resolved"] = bool(lo >= threshold.min_agreement or hi < threshold.min_agreement)
     ties = near_ties.record(metrics, threshold) if near_ties is not None else None
     if ties is not None:
         record["near_ties"] = ties

@@ -65,8 +65,14 @@ def _exit_on_row_errors(rows: list[dict], what: str) -> None:
     bad = [r for r in rows if r.get("error")]
     if bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        click.echo(f"error: {what} failed for {bad[0]['path'] or bad[0]['target']}: {bad[0]['error']}{more}; "
-                   f"re-run convert to rebuild the artifacts", err=True)
+        first = bad[0]["error"]
+        if first.startswith("artifact file "):
+            fix = "re-run convert to rebuild the artifacts"
+        elif "No module named" in first:
+            fix = 'install the runtime with pip install -e ".[tflite]" or ".[coreml]"'
+        else:
+            fix = "re-run with -v for the traceback"
+        click.echo(f"error: {what} failed for {bad[0]['path'] or bad[0]['target']}: {first}{more}; {fix}", err=True)
         sys.exit(1)
 
 
@@ -252,4 +258,4 @@ def inspect(model: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -40,9 +40,14 @@ def _manifest_images(manifest: Manifest, data_dir: str | os.PathLike | None, lim
             raise DataError(f"the manifest's image folder {root} is gone; pass --data DIR")
         folder = scan_folder(root)
         wanted = set(d["eval_images"][:limit] if limit else d["eval_images"])
-        items = [i for i in folder.items if i.name in wanted]
-        if not items:
-            raise DataError(f"none of the manifest's evaluation images is in {root}; pass --data DIR")
+        legacy = not any("/" in w for w in wanted)  # flat folders, and manifests that named files only
+        items = [i for i in folder.items if (i.path.name if legacy else i.name) in wanted]
+        if len(items) > len(wanted):
+            raise DataError(f"the manifest names its evaluation images by file name only, and {root} has several "
+                            f"files of one name in different class folders; re-run convert to record them by path")
+        if len(items) < len(wanted):
+            raise DataError(f"{len(wanted) - len(items)} of the manifest's {len(wanted)} evaluation images are not "
+                            f"in {root}; put them back, or pass --data DIR")
         batch = load_items(items, folder.skipped)
         source = {"split": "manifest eval split", "root": str(root), "seed": d.get("seed")}
     else:
@@ -64,8 +69,9 @@ def _checkpoint(manifest: Manifest) -> Path | None:
         return None
     path = Path(manifest.weights)
     if not path.is_file():
-        raise CheckpointError(f"the manifest's checkpoint {path} is gone; put it back there, or re-run convert "
-                              f"with --weights pointing at it")
+        where = "" if path.is_absolute() else f" (relative to {Path.cwd()}, where evaluate runs)"
+        raise CheckpointError(f"the manifest's checkpoint {path} is gone{where}; put it back there, or re-run "
+                              f"convert with --weights pointing at it")
     return path
 
 
@@ -109,16 +115,15 @@ def evaluate_manifest(
     root = manifest_path.parent
     get_config(manifest.model)
     require_writable(root)
-    _checkpoint(manifest)
     batch, images = _manifest_images(manifest, data_dir, limit)
     cache = root / CACHE_DIR
-    cache.mkdir(exist_ok=True)
     ref_key = hashlib.sha256(f"{manifest.weights}|{manifest.weights_sha256}|{manifest.model}".encode()).hexdigest()[:16]
     ref_file = cache / f"reference-{ref_key}-{images['fingerprint']}.npy"
-    if ref_file.exists():
+    if ref_file.exists():  # the checkpoint is only needed when its logits on these images are not cached
         reference = np.load(ref_file)
     else:
         reference = torch_logits(_reference_model(manifest), batch.nchw())
+        cache.mkdir(exist_ok=True)
         np.save(ref_file, reference)
     rows = [{"target": "pytorch", "precision": "fp32", "path": "", "bytes": 0,
              **compare_logits(reference, reference, batch.labels)}]

@@ -15,7 +15,7 @@ from calibration.imagenet import class_names
 from calibration.source import resolve_image_dir
 from calibration.splits import make_split
 from edge import __version__
-from edge.checks import NearTies, check_record, compare_logits
+from edge.checks import NearTies, check_record, compare_logits, images_to_settle
 from edge.context import ArtifactResult, ConvertContext, PrecisionFailure, log, torch_logits
 from edge.efficientmod import to_deploy
 from edge.errors import ConfigError, ConversionError, EffmodError
@@ -153,6 +153,10 @@ def convert(request: ConvertRequest) -> ConvertResult:
     folder = scan_folder(image_dir)
     loaded = load_model(request.model, request.weights, seed=request.seed)
     output = Path(request.output).expanduser()
+    for name in ("manifest.json", LABELS_FILE):  # the artifacts' own names are checked again before they move
+        if (output / name).is_dir():
+            raise EffmodError(f"{output / name} is a folder in the way of the {name} this run writes; move it "
+                              f"away or choose another --output (nothing was written)")
     created = not output.exists()
     staging = prepare_output(output)
     done = False
@@ -195,8 +199,9 @@ def convert(request: ConvertRequest) -> ConvertResult:
                 if checks.get("agreement_bar_resolved") is False:
                     lo, hi = checks["top1_agreement_ci95"]
                     log.warning("%s %s: %d images cannot settle the %.0f%% agreement bar (95%% interval "
-                                "%.1f-%.1f%%); a larger --eval-size measures it closer", target, r.precision,
-                                checks["images"], 100 * threshold.min_agreement, 100 * lo, 100 * hi)
+                                "%.1f-%.1f%%); --eval-size %d or more can", target, r.precision, checks["images"],
+                                100 * threshold.min_agreement, 100 * lo, 100 * hi,
+                                images_to_settle(threshold.min_agreement))
         for f in failures:
             log.error("%s %s failed after %.1fs: %s", f.target, f.precision, f.seconds, f.error)
         manifest = Manifest(

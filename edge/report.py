@@ -17,8 +17,7 @@ from pathlib import Path
 from edge.errors import ConfigError, EffmodError
 from edge.manifest import Manifest, artifact_problem, require_writable
 
-METRICS = {"agreement": "top1_agreement", "agreement_ci95": "top1_agreement_ci95", "sqnr": "sqnr_db", "top1": "top1",
-           "top5": "top5", "cosine": "cosine"}
+METRICS = {"agreement": "top1_agreement", "sqnr": "sqnr_db", "top1": "top1", "top5": "top5", "cosine": "cosine"}
 
 
 @dataclass(frozen=True)
@@ -58,6 +57,8 @@ def _load_json(path: Path, rows_key: str, command: str) -> dict | None:
         doc = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise EffmodError(f"{path} is not valid JSON ({exc}); {fix}") from None
+    except OSError as exc:
+        raise EffmodError(f"{path} cannot be read ({exc.strerror or exc}); check its permissions or {fix}") from None
     rows = doc.get(rows_key) if isinstance(doc, dict) else None
     if not isinstance(rows, list):
         raise EffmodError(f"{path} has no list {rows_key!r}; {fix}")
@@ -96,6 +97,7 @@ def collect_rows(out_dir: Path) -> tuple[Manifest, list[dict], dict | None, dict
             row["error"] = source["error"]
         else:
             row.update({k: metrics.get(v) for k, v in METRICS.items()})
+            row["agreement_ci95"] = metrics.get("top1_agreement_ci95")
         problem = None if "error" in row else artifact_problem(out_dir, a)
         if problem:
             row["error"] = problem

@@ -121,4 +121,4 @@ def load_model(model: str | None = None, weights: str | Path | None = None, seed
             raise CheckpointError(_mismatch_message(path, name, state))
     net = EfficientMod(get_config(name))
     net.load_state_dict(state, strict=True)
-    return LoadedModel(net.eval(), name, str(path), file_sha256(path))
+    return LoadedModel(net.eval(), name, str(path.resolve()), file_sha256(path))

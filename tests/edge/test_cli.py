@@ -216,3 +216,55 @@ def test_tflite_conversion_makes_no_network_connection(tmp_path, samples_dir):
                     "-o", str(tmp_path / "out")], check=True, capture_output=True, env=env)
     inet = [line for line in trace.read_text().splitlines() if "AF_INET" in line and "127.0.0.1" not in line]
     assert inet == [], f"network connections during a conversion: {inet[:3]}"
+
+
+def test_report_gate_takes_metrics_not_the_interval(copy):
+    _one_line_error(*_run("report", str(copy), "--fail-under", "agreement_ci95=0.9"), "use METRIC=VALUE")
+
+
+def test_bad_samples_url_from_the_environment_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("EFFMOD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("EFFMOD_SAMPLES_URL", "bogus")
+    _one_line_error(*_run("download-samples"), "EFFMOD_SAMPLES_URL 'bogus/'")
+    assert not (tmp_path / "cache").exists()
+
+
+def _class_folders(root: Path, samples_dir: Path, same_names: bool) -> Path:
+    """Two class folders of 3 sample images each, named img0..img2 in both (or with the class in the name)."""
+    for wnid in ("n01440764", "n01443537"):
+        (root / wnid).mkdir(parents=True)
+        for i, src in enumerate(sorted(samples_dir.glob(f"{wnid}_*"))[:1] * 3):
+            os.symlink(src, root / wnid / (f"img{i}.JPEG" if same_names else f"{wnid}_img{i}.JPEG"))
+    return root
+
+
+@pytest.mark.parametrize("same_names", [False, True])
+def test_manifests_that_named_images_by_file_name_still_evaluate(tmp_path, samples_dir, same_names):
+    """Before 16fd2e9 eval images were recorded by file name; in <wnid>/<file> layout that can be ambiguous."""
+    images = _class_folders(tmp_path / "images", samples_dir, same_names)
+    out = tmp_path / "out"
+    convert(ConvertRequest(targets=["onnx"], model=TINY, output=out, calib_dir=str(images), calib_size=2,
+                           eval_size=4))
+    _edit_manifest(out, lambda d: d["data"].update(eval_images=[n.split("/")[-1] for n in d["data"]["eval_images"]]))
+    rc, err = _run("evaluate", str(out))
+    if same_names:
+        _one_line_error(rc, err, "names its evaluation images by file name only", "re-run convert")
+    else:
+        assert rc == 0, err
+        assert json.loads((out / "evaluation.json").read_text())["images"]["count"] == 4
+
+
+def test_evaluate_needs_the_checkpoint_only_without_cached_reference_logits(tmp_path, samples_dir,
+                                                                           proxy_tiny_checkpoint):
+    ckpt = tmp_path / "ckpt.pth"
+    shutil.copyfile(proxy_tiny_checkpoint, ckpt)
+    out = tmp_path / "out"
+    convert(ConvertRequest(targets=["onnx"], model=TINY, weights=str(ckpt), output=out, calib_dir=str(samples_dir),
+                           calib_size=2, eval_size=3))
+    assert Manifest.load(out / "manifest.json").weights == str(ckpt.resolve()), "the manifest should hold an absolute path"
+    assert _run("evaluate", str(out))[0] == 0
+    ckpt.unlink()
+    rc, err = _run("evaluate", str(out))
+    assert rc == 0, f"cached reference logits should make the checkpoint unnecessary: {err}"
+    rc, err = _run("evaluate", str(out), "--limit", "2")
+    _one_line_error(rc, err, f"checkpoint {ckpt.resolve()} is gone", "put it back")

@@ -15,6 +15,7 @@ from edge.checks import (
     evaluate_threshold,
     noise_limited_agreement,
     sqnr_db,
+    images_to_settle,
     sqnr_for_agreement,
     wilson_interval,
 )
@@ -160,5 +161,10 @@ def test_agreement_bar_resolved_only_when_the_interval_clears_it():
     assert rec["passed"] and rec["agreement_bar_resolved"] is False, "99 of 100 cannot settle a 99 % bar"
     big = compare_logits(np.tile(ref, (8, 1)), np.concatenate([got] * 4 + [ref] * 4))
     assert big["top1_agreement"] == pytest.approx(0.995) and check_record(big, bar)["agreement_bar_resolved"] is False
-    far = check_record({**m, "top1_agreement": 0.9662, "top1_agreement_ci95": list(wilson_interval(773, 800))}, bar)
+    far = check_record({**m, "top1_agreement": 773 / 800, "images": 800, "top1_agreement_hits": 773}, bar)
     assert not far["passed"] and far["agreement_bar_resolved"] is True, far
+    n = images_to_settle(0.99)
+    assert wilson_interval(n, n)[0] >= 0.99 > wilson_interval(n - 1, n - 1)[0], n
+    for copies, settled in ((3, False), (4, True)):  # 300 of 300 agreeing cannot settle 99 %, 400 of 400 can
+        same = np.tile(ref, (copies, 1))
+        assert check_record(compare_logits(same, same), bar)["agreement_bar_resolved"] is settled, copies
