@@ -179,6 +179,7 @@ def convert(request: ConvertRequest) -> ConvertResult:
         failures: list[Failure] = []
         all_results: list[ArtifactResult] = []
         near_ties = NearTies(reference)
+        unsettled: list[tuple[str, int]] = []
         for target, precisions in plan.items():
             log.info("%s: converting %s", target, ", ".join(precisions))
             results, fails = run_target(ctx, target, precisions)
@@ -198,10 +199,12 @@ def convert(request: ConvertRequest) -> ConvertResult:
                 )
                 if checks.get("agreement_bar_resolved") is False:
                     lo, hi = checks["top1_agreement_ci95"]
-                    log.warning("%s %s: %d images cannot settle the %.0f%% agreement bar (95%% interval "
-                                "%.1f-%.1f%%); --eval-size %d or more can", target, r.precision, checks["images"],
-                                100 * threshold.min_agreement, 100 * lo, 100 * hi,
-                                images_to_settle(threshold.min_agreement))
+                    unsettled.append((f"{target} {r.precision} {100 * lo:.1f}-{100 * hi:.1f}%",
+                                      images_to_settle(threshold.min_agreement)))
+        if unsettled:
+            log.warning("%d evaluation images cannot settle the agreement bars of %s (95%% intervals); "
+                        "settling them takes --eval-size %d or more", len(split.eval),
+                        ", ".join(u for u, _ in unsettled), max(n for _, n in unsettled))
         for f in failures:
             log.error("%s %s failed after %.1fs: %s", f.target, f.precision, f.seconds, f.error)
         manifest = Manifest(
