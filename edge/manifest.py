@@ -176,18 +176,22 @@ def require_writable(folder: Path) -> None:
     os.unlink(tmp)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a temp file in the same folder, then rename into place."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` through a temp file in the same folder, then rename into place."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, allow_nan=True)
-            f.write("\n")
+            f.write(text)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON through a temp file in the same folder, then rename into place."""
+    write_text_atomic(path, json.dumps(data, indent=2, allow_nan=True) + "\n")
 
 
 def _check_type(value: Any, tp: Any, where: str) -> Any:

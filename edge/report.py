@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge.errors import ConfigError, EffmodError
-from edge.manifest import Manifest, artifact_problem, require_writable
+from edge.manifest import Manifest, artifact_problem, require_writable, write_text_atomic
 
 METRICS = {"agreement": "top1_agreement", "sqnr": "sqnr_db", "top1": "top1", "top5": "top5", "cosine": "cosine"}
 
@@ -239,8 +239,10 @@ def render(out_dir: str | os.PathLike, fail_under: list[FailUnder] | None = None
         md.append(f"\nFailed: {f.target}/{f.precision} after {f.seconds:.0f}s: {f.error}")
     if misses:
         md += ["", "## Gate misses", *[f"- {m}" for m in misses]]
-    md_path = out_dir / "report.md"
-    md_path.write_text("\n".join(md) + "\n")
+    md_path, html_path = out_dir / "report.md", out_dir / "report.html"
+    for p in (md_path, html_path):
+        if p.is_dir():
+            raise EffmodError(f"{p} is a folder in the way of the report; move it away (nothing was written)")
 
     esc = html.escape
     table = ["<table id='artifacts'><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr></thead><tbody>"]
@@ -267,6 +269,6 @@ def render(out_dir: str | os.PathLike, fail_under: list[FailUnder] | None = None
 {''.join(sections)}
 </body></html>
 """
-    html_path = out_dir / "report.html"
-    html_path.write_text(page)
+    write_text_atomic(md_path, "\n".join(md) + "\n")
+    write_text_atomic(html_path, page)
     return md_path, html_path, misses

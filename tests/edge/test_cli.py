@@ -268,3 +268,9 @@ def test_evaluate_needs_the_checkpoint_only_without_cached_reference_logits(tmp_
     assert rc == 0, f"cached reference logits should make the checkpoint unnecessary: {err}"
     rc, err = _run("evaluate", str(out), "--limit", "2")
     _one_line_error(rc, err, f"checkpoint {ckpt.resolve()} is gone", "put it back")
+
+
+def test_report_refuses_a_folder_in_the_way_and_writes_neither_file(copy):
+    (copy / "report.html").mkdir()
+    _one_line_error(*_run("report", str(copy)), "report.html is a folder in the way", "nothing was written")
+    assert not (copy / "report.md").exists(), "report.md written although report.html could not be"
