@@ -23,7 +23,7 @@ from pathlib import Path
 from calibration.folder import scan_folder
 from calibration.source import resolve_image_dir
 from calibration.splits import make_split
-from edge.checks import compare_logits, noise_limited_agreement
+from edge.checks import compare_logits, interval_text, noise_limited_agreement
 from edge.context import torch_logits
 from edge.errors import EffmodError
 from edge.evaluate import artifact_logits
@@ -59,8 +59,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as work:
                 got = artifact_logits(f.parent, art, split.eval, Path(work))
             m = compare_logits(reference, got, split.eval.labels)
-            lo, hi = m["top1_agreement_ci95"]
-            print(f"| {f.name} | {m['sqnr_db']:.1f} | {100 * m['top1_agreement']:.1f} % | {100 * lo:.1f}-{100 * hi:.1f} | "
+            print(f"| {f.name} | {m['sqnr_db']:.1f} | {100 * m['top1_agreement']:.1f} % | {interval_text(m['top1_agreement_ci95'])} | "
                   f"{100 * noise_limited_agreement(reference, m['sqnr_db']):.1f} % | {time.perf_counter() - start:.0f} |",
                   flush=True)
     except EffmodError as exc:

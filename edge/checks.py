@@ -47,6 +47,11 @@ def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, center - half), min(1.0, center + half)
 
 
+def interval_text(ci: list[float] | tuple[float, float]) -> str:
+    """An agreement interval in percent, e.g. ``94.6-99.8``."""
+    return f"{100 * ci[0]:.1f}-{100 * ci[1]:.1f}"
+
+
 def images_to_settle(bar: float, z: float = 1.96) -> int:
     """Fewest images whose 95 % interval can clear ``bar`` at all (every image agreeing): n / (n + z^2) >= bar."""
     return math.ceil(bar * z * z / (1.0 - bar)) if bar < 1.0 else math.inf
@@ -62,17 +67,17 @@ def compare_logits(ref: np.ndarray, got: np.ndarray, labels: np.ndarray | None =
     num = np.sum(ref.astype(np.float64) * got, axis=1)
     den = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
     cosine = np.where(den > 0, num / np.maximum(den, 1e-30), 0.0)
+    agree = int(np.sum(ref.argmax(1) == got.argmax(1)))
     out = {
         "images": int(ref.shape[0]),
         "max_abs_diff": float(diff.max()) if diff.size else 0.0,
         "mean_abs_diff": float(diff.mean()) if diff.size else 0.0,
         "sqnr_db": round(sqnr_db(ref, got), 3),
         "cosine": float(cosine.mean()) if cosine.size else 1.0,
-        "top1_agreement": float(np.mean(ref.argmax(1) == got.argmax(1))) if len(ref) else 1.0,
+        "top1_agreement": agree / len(ref) if len(ref) else 1.0,
+        "top1_agreement_ci95": [round(v, 4) for v in wilson_interval(agree, len(ref))],
+        "top1_agreement_hits": agree,
     }
-    agree = int(np.sum(ref.argmax(1) == got.argmax(1)))
-    out["top1_agreement_ci95"] = [round(v, 4) for v in wilson_interval(agree, len(ref))]
-    out["top1_agreement_hits"] = agree
     if labels is not None:
         mask = np.asarray(labels) >= 0
         if mask.any():

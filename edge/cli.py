@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from edge.checks import interval_text
 from edge.errors import EffmodError
 from edge.targets import OPTIONS, TARGETS, parse_option_pairs
 
@@ -57,7 +58,7 @@ class _Group(click.Group):
 def _interval(metrics: dict) -> str:
     """`` [lo-hi]``: the 95 % interval of the top-1 agreement, from the number of images."""
     ci = metrics.get("top1_agreement_ci95")
-    return f" [{100 * ci[0]:.1f}-{100 * ci[1]:.1f}]" if ci else ""
+    return f" [{interval_text(ci)}]" if ci else ""
 
 
 def _exit_on_row_errors(rows: list[dict], what: str) -> None:

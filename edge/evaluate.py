@@ -80,7 +80,7 @@ def _reference_model(manifest: Manifest):
     path = _checkpoint(manifest)
     if path is None:
         return load_model(manifest.model, None, seed=seed).model
-    if manifest.weights_sha256 and path.is_file() and file_sha256(path) != manifest.weights_sha256:
+    if manifest.weights_sha256 and file_sha256(path) != manifest.weights_sha256:
         raise EffmodError(f"checkpoint {path} changed since the conversion (sha256 differs); re-run convert")
     return load_model(manifest.model, path).model
 

@@ -165,6 +165,13 @@ def artifact_problem(root: Path, artifact: Artifact) -> str | None:
     return None
 
 
+def refuse_in_the_way(dest: Path, what: str, fix: str, want_dir: bool = False) -> None:
+    """Fail, before anything is written, when ``dest`` exists as a folder where a file goes (or the reverse)."""
+    if dest.exists() and dest.is_dir() != want_dir:
+        kind = "a folder" if dest.is_dir() else "a file"
+        raise ConfigError(f"{dest} is {kind} in the way of {what}; {fix} (nothing was written)")
+
+
 def require_writable(folder: Path) -> None:
     """Fail up front, with the fix, when results cannot be written into ``folder``."""
     try:

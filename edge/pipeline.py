@@ -15,11 +15,11 @@ from calibration.imagenet import class_names
 from calibration.source import resolve_image_dir
 from calibration.splits import make_split
 from edge import __version__
-from edge.checks import NearTies, check_record, compare_logits, images_to_settle
+from edge.checks import NearTies, check_record, compare_logits, images_to_settle, interval_text
 from edge.context import ArtifactResult, ConvertContext, PrecisionFailure, log, torch_logits
 from edge.efficientmod import to_deploy
 from edge.errors import ConfigError, ConversionError, EffmodError
-from edge.manifest import Artifact, Failure, Manifest, artifact_digest
+from edge.manifest import Artifact, Failure, Manifest, artifact_digest, refuse_in_the_way
 from edge.targets import TARGETS, get_target, resolve_precisions, validate_options
 from edge.weights import load_model
 
@@ -117,12 +117,8 @@ def _move_into_place(src: Path, dest: Path) -> None:
 def _check_destinations(staging: Path, output: Path, entries: list[str]) -> None:
     """Refuse, before anything moves, a destination that is a folder where a file goes (or the reverse)."""
     for entry in entries + ["manifest.json"]:
-        src, dest = staging / entry, output / entry
-        src_is_dir = src.is_dir() if src.exists() else False
-        if dest.exists() and dest.is_dir() != src_is_dir:
-            kind = "a folder" if dest.is_dir() else "a file"
-            raise EffmodError(f"{dest} is {kind} in the way of the {entry} this run writes; move it away or "
-                              f"choose another --output (nothing was written)")
+        refuse_in_the_way(output / entry, f"the {entry} this run writes", "move it away or choose another --output",
+                          want_dir=(staging / entry).is_dir())
 
 
 def run_target(ctx: ConvertContext, target: str, precisions: list[str]) -> tuple[list[ArtifactResult], list[Failure]]:
@@ -154,9 +150,7 @@ def convert(request: ConvertRequest) -> ConvertResult:
     loaded = load_model(request.model, request.weights, seed=request.seed)
     output = Path(request.output).expanduser()
     for name in ("manifest.json", LABELS_FILE):  # the artifacts' own names are checked again before they move
-        if (output / name).is_dir():
-            raise EffmodError(f"{output / name} is a folder in the way of the {name} this run writes; move it "
-                              f"away or choose another --output (nothing was written)")
+        refuse_in_the_way(output / name, f"the {name} this run writes", "move it away or choose another --output")
     created = not output.exists()
     staging = prepare_output(output)
     done = False
@@ -198,8 +192,7 @@ def convert(request: ConvertRequest) -> ConvertResult:
                     100 * checks["top1_agreement"], "ok" if checks["passed"] else "; ".join(checks["misses"]),
                 )
                 if checks.get("agreement_bar_resolved") is False:
-                    lo, hi = checks["top1_agreement_ci95"]
-                    unsettled.append((f"{target} {r.precision} {100 * lo:.1f}-{100 * hi:.1f}%",
+                    unsettled.append((f"{target} {r.precision} {interval_text(checks['top1_agreement_ci95'])}%",
                                       images_to_settle(threshold.min_agreement)))
         if unsettled:
             log.warning("%d evaluation images cannot settle the agreement bars of %s (95%% intervals); "

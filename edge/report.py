@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge.errors import ConfigError, EffmodError
-from edge.manifest import Manifest, artifact_problem, require_writable, write_text_atomic
+from edge.checks import interval_text
+from edge.manifest import Manifest, artifact_problem, refuse_in_the_way, require_writable, write_text_atomic
 
 METRICS = {"agreement": "top1_agreement", "sqnr": "sqnr_db", "top1": "top1", "top5": "top5", "cosine": "cosine"}
 
@@ -156,7 +157,7 @@ def _agreement_cell(row: dict) -> str:
     """Top-1 agreement with its 95 % interval, e.g. ``99.0% [94.6-99.8]``."""
     ci = row.get("agreement_ci95")
     cell = _fmt(row.get("agreement"), True)
-    return f"{cell} [{100 * ci[0]:.1f}-{100 * ci[1]:.1f}]" if ci and row.get("agreement") is not None else cell
+    return f"{cell} [{interval_text(ci)}]" if ci and row.get("agreement") is not None else cell
 
 
 def _svg_scatter(rows: list[dict], thread: int) -> str:
@@ -241,8 +242,7 @@ def render(out_dir: str | os.PathLike, fail_under: list[FailUnder] | None = None
         md += ["", "## Gate misses", *[f"- {m}" for m in misses]]
     md_path, html_path = out_dir / "report.md", out_dir / "report.html"
     for p in (md_path, html_path):
-        if p.is_dir():
-            raise EffmodError(f"{p} is a folder in the way of the report; move it away (nothing was written)")
+        refuse_in_the_way(p, "the report", "move it away")
 
     esc = html.escape
     table = ["<table id='artifacts'><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr></thead><tbody>"]
