@@ -53,6 +53,7 @@ class Split:
             "eval_size": len(self.eval),
             "calib_fingerprint": self.calib.fingerprint(),
             "eval_fingerprint": self.eval.fingerprint(),
+            "calib_images": list(self.calib.names),
             "eval_images": list(self.eval.names),
             "skipped": dict(self.folder.skipped),
         }
@@ -101,6 +102,12 @@ def pick_balanced(folder: ImageFolder, n: int | None = None, seed: int = 0) -> B
     """Up to ``n`` usable images of ``folder`` in class-balanced order."""
     order = balanced_order(folder.items, seed)
     batch, _ = _take(order, 0, n or len(order), folder.skipped)
+    return batch
+
+
+def calibration_batch(folder: ImageFolder, calib_size: int, seed: int = 0) -> Batch:
+    """The calibration images ``make_split`` takes from ``folder`` for this size and seed."""
+    batch, _ = _take(balanced_order(folder.items, seed), 0, calib_size, folder.skipped)
     return batch
 
 

@@ -204,16 +204,20 @@ def bench(manifest: str, runs: int, warmup: int, rounds: int, threads: str | Non
 
 @main.command()
 @click.argument("manifest", type=click.Path())
-@click.option("--data", default=None, type=click.Path(), help="Image folder (default: the manifest's eval split).")
+@click.option("--data", default=None, type=click.Path(),
+              help="Image folder to pick from, calibration images left out (default: the manifest's eval split).")
+@click.option("--heldout", is_flag=True,
+              help="Every image of the conversion's folder that calibration did not use (with --limit, a balanced N).")
 @click.option("--limit", default=None, type=int, help="At most N images.")
-def evaluate(manifest: str, data: str | None, limit: int | None) -> None:
+def evaluate(manifest: str, data: str | None, heldout: bool, limit: int | None) -> None:
     """Run every artifact and PyTorch fp32 on the same images; writes evaluation.json."""
     from edge.bench import require_manifest
     from edge.evaluate import evaluate_manifest
 
-    result = evaluate_manifest(require_manifest(manifest), data, limit)
+    result = evaluate_manifest(require_manifest(manifest), data, limit, heldout=heldout)
     img = result["images"]
-    click.echo(f"{img['count']} images ({img['split']}, {img['root']})")
+    left_out = f", {img['excluded_calibration']} calibration images left out" if img.get("excluded_calibration") else ""
+    click.echo(f"{img['count']} images ({img['split']}, {img['root']}{left_out})")
     for r in result["rows"]:
         if "error" in r:
             click.echo(f"  {r['target']:7s} {r['precision']:10s} {r['path']:40s} ERROR: {r['error']}")

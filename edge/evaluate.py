@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from calibration.folder import scan_folder
-from calibration.splits import Batch, load_items, pick_balanced
+from calibration.folder import ImageFolder, scan_folder
+from calibration.splits import Batch, calibration_batch, load_items, pick_balanced
 from edge.bench import machine_info
 from edge.checks import compare_logits
 from edge.context import log, torch_logits
@@ -27,40 +27,87 @@ from edge.weights import file_sha256, load_model
 CACHE_DIR = ".effmod-cache"
 
 
-def _manifest_images(manifest: Manifest, data_dir: str | os.PathLike | None, limit: int | None) -> tuple[Batch, dict]:
-    """The manifest's own evaluation split, or a class-balanced pick from ``data_dir``."""
+def _calibration_names(manifest: Manifest) -> set[str] | None:
+    """Relative names of the images convert calibrated on; None when they cannot be known.
+
+    Manifests before ``calib_images`` was recorded name only the calibration images' fingerprint: the
+    split is re-created from the recorded folder, size and seed, and used only if the fingerprint matches.
+    """
+    d = manifest.data or {}
+    if "calib_images" in d:
+        return set(d["calib_images"])
+    if d.get("calib_size") == 0:
+        return set()
+    root = Path(d.get("root", ""))
+    if not ({"calib_size", "seed", "calib_fingerprint"} <= set(d) and root.is_dir()):
+        return None
+    calib = calibration_batch(scan_folder(root), d["calib_size"], d["seed"])
+    return set(calib.names) if calib.fingerprint() == d["calib_fingerprint"] else None
+
+
+def _manifest_eval_split(manifest: Manifest, limit: int | None) -> tuple[Batch, dict]:
+    """The evaluation images convert recorded, from the folder convert read them in."""
+    d = manifest.data or {}
+    if "root" not in d:
+        raise DataError("the manifest records evaluation images but not their folder (data.root); pass --data DIR")
+    root = Path(d["root"])
+    if not root.is_dir():
+        raise DataError(f"the manifest's image folder {root} is gone; pass --data DIR")
+    folder = scan_folder(root)
+    wanted = set(d["eval_images"][:limit] if limit else d["eval_images"])
+    legacy = not any("/" in w for w in wanted)  # flat folders, and manifests that named files only
+    items = [i for i in folder.items if (i.path.name if legacy else i.name) in wanted]
+    if len(items) > len(wanted):
+        raise DataError(f"the manifest names its evaluation images by file name only, and {root} has several "
+                        f"files of one name in different class folders; re-run convert to record them by path")
+    if len(items) < len(wanted):
+        raise DataError(f"{len(wanted) - len(items)} of the manifest's {len(wanted)} evaluation images are not "
+                        f"in {root}; put them back, or pass --data DIR")
+    return load_items(items, folder.skipped), {"split": "manifest eval split", "root": str(root),
+                                                "seed": d.get("seed"), "skipped": dict(folder.skipped)}
+
+
+def _held_out_pick(manifest: Manifest, data_dir: str | os.PathLike, limit: int | None, strict: bool) -> tuple[Batch, dict]:
+    """A class-balanced pick from ``data_dir`` that leaves out every image convert calibrated on."""
+    folder = scan_folder(data_dir)
+    calib = _calibration_names(manifest)
+    if calib is None:
+        if strict:
+            raise DataError("the manifest does not say which images calibration used, so none can be called held "
+                            "out; re-run convert to record them, or pass --data DIR without --heldout")
+        log.warning("the manifest does not say which images calibration used; this evaluation may include them "
+                    "(re-run convert to record them)")
+    kept = [i for i in folder.items if i.name not in calib] if calib else list(folder.items)
+    batch = pick_balanced(ImageFolder(folder.root, kept, folder.skipped), limit, seed=0)
+    excluded = None if calib is None else len(folder.items) - len(kept)
+    if excluded:
+        log.info("left out %d calibration images of %s", excluded, folder.root)
+    return batch, {"split": "balanced pick", "root": str(folder.root), "seed": 0, "excluded_calibration": excluded,
+                   "skipped": dict(folder.skipped)}
+
+
+def _manifest_images(manifest: Manifest, data_dir: str | os.PathLike | None, limit: int | None,
+                     heldout: bool = False) -> tuple[Batch, dict]:
+    """The manifest's evaluation split; with ``heldout`` or ``data_dir``, a balanced pick without calibration images."""
     d = manifest.data or {}
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be >= 1 (got {limit}); leave it out to use every image")
-    if data_dir is None and d.get("eval_images"):
+    if heldout and data_dir is None:
         if "root" not in d:
-            raise DataError("the manifest records evaluation images but not their folder (data.root); pass --data DIR")
-        root = Path(d["root"])
-        if not root.is_dir():
-            raise DataError(f"the manifest's image folder {root} is gone; pass --data DIR")
-        folder = scan_folder(root)
-        wanted = set(d["eval_images"][:limit] if limit else d["eval_images"])
-        legacy = not any("/" in w for w in wanted)  # flat folders, and manifests that named files only
-        items = [i for i in folder.items if (i.path.name if legacy else i.name) in wanted]
-        if len(items) > len(wanted):
-            raise DataError(f"the manifest names its evaluation images by file name only, and {root} has several "
-                            f"files of one name in different class folders; re-run convert to record them by path")
-        if len(items) < len(wanted):
-            raise DataError(f"{len(wanted) - len(items)} of the manifest's {len(wanted)} evaluation images are not "
-                            f"in {root}; put them back, or pass --data DIR")
-        batch = load_items(items, folder.skipped)
-        source = {"split": "manifest eval split", "root": str(root), "seed": d.get("seed")}
-    else:
-        if data_dir is None:
+            raise DataError("the manifest does not record its image folder (data.root); pass --data DIR")
+        data_dir = d["root"]
+        if not Path(data_dir).is_dir():
+            raise DataError(f"the manifest's image folder {data_dir} is gone; pass --data DIR")
+    if data_dir is None:
+        if not d.get("eval_images"):
             raise DataError("the manifest records no evaluation images; pass --data DIR")
-        folder = scan_folder(data_dir)
-        batch = pick_balanced(folder, limit, seed=0)
-        source = {"split": "balanced pick", "root": str(folder.root), "seed": 0}
+        batch, source = _manifest_eval_split(manifest, limit)
+    else:
+        batch, source = _held_out_pick(manifest, data_dir, limit, strict=heldout)
     if not len(batch):
-        raise DataError(f"no usable image in {folder.root} ({folder.summary()}); pass --data with a folder of "
-                        f"valid JPEG/PNG images")
-    return batch, {**source, "count": len(batch), "fingerprint": batch.fingerprint(),
-                   "skipped": dict(folder.skipped)}
+        raise DataError(f"no usable image left in {source['root']} (calibration images are left out); pass --data "
+                        f"with a folder of valid JPEG/PNG images")
+    return batch, {**source, "count": len(batch), "fingerprint": batch.fingerprint()}
 
 
 def _checkpoint(manifest: Manifest) -> Path | None:
@@ -108,14 +155,19 @@ def evaluate_manifest(
     data_dir: str | os.PathLike | None = None,
     limit: int | None = None,
     progress: bool = True,
+    heldout: bool = False,
 ) -> dict:
-    """Evaluate all artifacts and PyTorch fp32; writes ``evaluation.json`` beside the manifest."""
+    """Evaluate all artifacts and PyTorch fp32; writes ``evaluation.json`` beside the manifest.
+
+    Images: the manifest's evaluation split by default. ``heldout`` (every image of the manifest's folder)
+    or ``data_dir`` picks class-balanced images instead, never one that convert calibrated on.
+    """
     manifest_path = Path(manifest_path)
     manifest = Manifest.load(manifest_path)
     root = manifest_path.parent
     get_config(manifest.model)
     require_writable(root)
-    batch, images = _manifest_images(manifest, data_dir, limit)
+    batch, images = _manifest_images(manifest, data_dir, limit, heldout)
     cache = root / CACHE_DIR
     ref_key = hashlib.sha256(f"{manifest.weights}|{manifest.weights_sha256}|{manifest.model}".encode()).hexdigest()[:16]
     ref_file = cache / f"reference-{ref_key}-{images['fingerprint']}.npy"

@@ -1,0 +1,107 @@
+"""evaluate's image choice: the recorded eval split, or a balanced pick that never includes a calibration image."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from calibration.folder import ImageFolder, scan_folder
+from calibration.splits import pick_balanced
+from edge.cli import main
+from edge.evaluate import evaluate_manifest
+from edge.manifest import Manifest
+from edge.pipeline import ConvertRequest, convert
+
+TINY = "efficientmod_test_tiny"
+
+
+@pytest.fixture(scope="module")
+def twelve_images(tmp_path_factory, samples_dir) -> Path:
+    """Twelve sample photos of twelve classes (links), so 'every held-out image' is a short run."""
+    root = tmp_path_factory.mktemp("twelve") / "images"
+    root.mkdir()
+    for src in sorted(samples_dir.glob("n*.JPEG"))[:12]:
+        os.symlink(src, root / src.name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, twelve_images, proxy_tiny_checkpoint) -> Path:
+    out = tmp_path_factory.mktemp("heldout") / "out"
+    convert(ConvertRequest(targets=["onnx"], model=TINY, weights=str(proxy_tiny_checkpoint), output=out,
+                           calib_dir=str(twelve_images), calib_size=4, eval_size=3))
+    return out
+
+
+def _without_calibration(root: Path, calib: set[str], limit: int | None = None) -> str:
+    """Fingerprint of the balanced pick of ``root`` minus ``calib``, computed independently of evaluate."""
+    folder = scan_folder(root)
+    kept = [i for i in folder.items if i.name not in calib]
+    return pick_balanced(ImageFolder(folder.root, kept), limit, seed=0).fingerprint()
+
+
+def _edit_data(out: Path, edit) -> None:
+    path = out / "manifest.json"
+    d = json.loads(path.read_text())
+    edit(d["data"])
+    path.write_text(json.dumps(d))
+
+
+def test_manifest_records_the_calibration_images(converted, twelve_images):
+    import hashlib
+
+    data = Manifest.load(converted / "manifest.json").data
+    calib = data["calib_images"]
+    assert len(calib) == 4 and not set(calib) & set(data["eval_images"]), data
+    assert hashlib.sha256("\n".join(calib).encode()).hexdigest()[:16] == data["calib_fingerprint"], \
+        "calib_images are not the images the calibration fingerprint was taken of"
+
+
+def test_heldout_evaluates_every_image_calibration_left(converted, twelve_images):
+    calib = set(Manifest.load(converted / "manifest.json").data["calib_images"])
+    result = evaluate_manifest(converted / "manifest.json", heldout=True, progress=False)
+    img = result["images"]
+    assert img["count"] == 8 and img["excluded_calibration"] == 4, img
+    assert img["fingerprint"] == _without_calibration(twelve_images, calib), "evaluate used other images"
+    onnx = next(r for r in result["rows"] if r["target"] == "onnx" and r["precision"] == "fp32")
+    # measured on these 8 images: max|d| ~1e-6 (proxy weights)
+    assert onnx["max_abs_diff"] <= 1e-4 and onnx["top1_agreement"] == 1.0, f"fp32 ONNX on held-out images: {onnx}"
+
+
+def test_data_on_the_calibration_folder_leaves_calibration_out(converted, twelve_images):
+    calib = set(Manifest.load(converted / "manifest.json").data["calib_images"])
+    result = evaluate_manifest(converted / "manifest.json", data_dir=twelve_images, limit=5, progress=False)
+    img = result["images"]
+    assert img["count"] == 5 and img["excluded_calibration"] == 4, img
+    assert img["fingerprint"] == _without_calibration(twelve_images, calib, 5)
+    assert img["fingerprint"] != pick_balanced(scan_folder(twelve_images), 5, seed=0).fingerprint(), \
+        "the test cannot tell exclusion from a plain pick"
+
+
+def test_older_manifests_recreate_the_calibration_split(converted, twelve_images, tmp_path):
+    """Manifests before calib_images: the split is re-created from root, size and seed, checked by fingerprint."""
+    out = tmp_path / "old"
+    shutil.copytree(converted, out)
+    calib = set(Manifest.load(out / "manifest.json").data["calib_images"])
+    _edit_data(out, lambda d: d.pop("calib_images"))
+    img = evaluate_manifest(out / "manifest.json", heldout=True, progress=False)["images"]
+    assert img["count"] == 8 and img["fingerprint"] == _without_calibration(twelve_images, calib), img
+
+    _edit_data(out, lambda d: d.update(calib_fingerprint="0" * 16))
+    res = CliRunner().invoke(main, ["evaluate", str(out / "manifest.json"), "--heldout"])
+    assert res.exit_code == 2 and "does not say which images calibration used" in res.stderr, res.stderr
+    assert "re-run convert" in res.stderr.strip().splitlines()[-1]
+    img = evaluate_manifest(out / "manifest.json", data_dir=twelve_images, progress=False)["images"]
+    assert img["excluded_calibration"] is None and img["count"] == 12, \
+        f"unknown calibration images must be recorded as unknown, not as zero: {img}"
+
+
+def test_heldout_cli_says_how_many_were_left_out(converted):
+    res = CliRunner().invoke(main, ["evaluate", str(converted / "manifest.json"), "--heldout", "--limit", "6"])
+    assert res.exit_code == 0, res.stderr
+    assert "6 images (balanced pick" in res.stdout and "4 calibration images left out" in res.stdout, res.stdout
