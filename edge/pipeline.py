@@ -196,8 +196,9 @@ def convert(request: ConvertRequest) -> ConvertResult:
                                       images_to_settle(threshold.min_agreement)))
         if unsettled:
             log.warning("%d evaluation images cannot settle the agreement bars of %s (95%% intervals); "
-                        "settling them takes --eval-size %d or more", len(split.eval),
-                        ", ".join(u for u, _ in unsettled), max(n for _, n in unsettled))
+                        "settling them takes --eval-size %d or more, or `effmod-edge evaluate %s --heldout` "
+                        "on every image calibration left", len(split.eval),
+                        ", ".join(u for u, _ in unsettled), max(n for _, n in unsettled), output / "manifest.json")
         for f in failures:
             log.error("%s %s failed after %.1fs: %s", f.target, f.precision, f.seconds, f.error)
         manifest = Manifest(

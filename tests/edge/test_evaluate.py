@@ -105,3 +105,22 @@ def test_heldout_cli_says_how_many_were_left_out(converted):
     res = CliRunner().invoke(main, ["evaluate", str(converted / "manifest.json"), "--heldout", "--limit", "6"])
     assert res.exit_code == 0, res.stderr
     assert "6 images (balanced pick" in res.stdout and "4 calibration images left out" in res.stdout, res.stdout
+
+
+def test_convert_names_the_heldout_command_that_settles_its_bars(tmp_path, twelve_images, caplog):
+    """3 evaluation images cannot settle an agreement bar; the warning's command evaluates the 8 images left."""
+    import logging
+    import re
+    import shlex
+
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="effmod_edge"):  # Core ML w8: a 99 % agreement bar, data-free
+        convert(ConvertRequest(targets=["coreml"], precisions=["w8"], model=TINY, output=out,
+                               calib_dir=str(twelve_images), calib_size=4, eval_size=3))
+    warning = next((r.getMessage() for r in caplog.records if "cannot settle" in r.getMessage()), None)
+    assert warning is not None, [r.getMessage() for r in caplog.records]
+    command = re.search(r"`effmod-edge (evaluate [^`]+)`", warning)
+    assert command, warning
+    res = CliRunner().invoke(main, shlex.split(command.group(1)))
+    assert res.exit_code == 0, res.stderr
+    assert json.loads((out / "evaluation.json").read_text())["images"]["count"] == 8
