@@ -209,12 +209,18 @@ def bench(manifest: str, runs: int, warmup: int, rounds: int, threads: str | Non
 @click.option("--heldout", is_flag=True,
               help="Every image of the conversion's folder that calibration did not use (with --limit, a balanced N).")
 @click.option("--limit", default=None, type=int, help="At most N images.")
-def evaluate(manifest: str, data: str | None, heldout: bool, limit: int | None) -> None:
-    """Run every artifact and PyTorch fp32 on the same images; writes evaluation.json."""
+@click.option("--target", "targets", multiple=True, type=click.Choice(list(TARGETS)),
+              help="Only this target's artifacts (repeatable; default: all).")
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(ALL_PRECISIONS),
+              help="Only artifacts of this precision (repeatable; default: all).")
+def evaluate(manifest: str, data: str | None, heldout: bool, limit: int | None, targets: tuple[str, ...],
+             precisions: tuple[str, ...]) -> None:
+    """Run the artifacts and PyTorch fp32 on the same images; writes evaluation.json."""
     from edge.bench import require_manifest
     from edge.evaluate import evaluate_manifest
 
-    result = evaluate_manifest(require_manifest(manifest), data, limit, heldout=heldout)
+    result = evaluate_manifest(require_manifest(manifest), data, limit, heldout=heldout, targets=targets,
+                               precisions=precisions)
     img = result["images"]
     left_out = f", {img['excluded_calibration']} calibration images left out" if img.get("excluded_calibration") else ""
     click.echo(f"{img['count']} images ({img['split']}, {img['root']}{left_out})")

@@ -110,6 +110,18 @@ def _manifest_images(manifest: Manifest, data_dir: str | os.PathLike | None, lim
     return batch, {**source, "count": len(batch), "fingerprint": batch.fingerprint()}
 
 
+def select_artifacts(manifest: Manifest, targets: list[str] | tuple[str, ...] = (),
+                     precisions: list[str] | tuple[str, ...] = ()) -> list[Artifact]:
+    """The manifest's artifacts of ``targets`` and ``precisions`` (empty: any); none matching is an error."""
+    chosen = [a for a in manifest.artifacts
+              if (not targets or a.target in targets) and (not precisions or a.precision in precisions)]
+    if (targets or precisions) and not chosen:
+        have = ", ".join(sorted({f"{a.target}/{a.precision}" for a in manifest.artifacts})) or "none"
+        raise ConfigError(f"no artifact of the manifest matches --target {'/'.join(targets) or 'any'} --precision "
+                          f"{'/'.join(precisions) or 'any'}; it has {have}")
+    return chosen
+
+
 def _checkpoint(manifest: Manifest) -> Path | None:
     """The manifest's checkpoint file (None for random weights); it must still be where convert read it."""
     if manifest.weights == "untrained":
@@ -156,16 +168,20 @@ def evaluate_manifest(
     limit: int | None = None,
     progress: bool = True,
     heldout: bool = False,
+    targets: list[str] | tuple[str, ...] = (),
+    precisions: list[str] | tuple[str, ...] = (),
 ) -> dict:
-    """Evaluate all artifacts and PyTorch fp32; writes ``evaluation.json`` beside the manifest.
+    """Evaluate the artifacts (all, or those of ``targets`` / ``precisions``) and PyTorch fp32.
 
-    Images: the manifest's evaluation split by default. ``heldout`` (every image of the manifest's folder)
-    or ``data_dir`` picks class-balanced images instead, never one that convert calibrated on.
+    Writes ``evaluation.json`` beside the manifest. Images: the manifest's evaluation split by default.
+    ``heldout`` (every image of the manifest's folder) or ``data_dir`` picks class-balanced images
+    instead, never one that convert calibrated on.
     """
     manifest_path = Path(manifest_path)
     manifest = Manifest.load(manifest_path)
     root = manifest_path.parent
     get_config(manifest.model)
+    artifacts = select_artifacts(manifest, targets, precisions)
     require_writable(root)
     batch, images = _manifest_images(manifest, data_dir, limit, heldout)
     cache = root / CACHE_DIR
@@ -181,7 +197,7 @@ def evaluate_manifest(
              **compare_logits(reference, reference, batch.labels)}]
     work = cache / "work"
     work.mkdir(exist_ok=True)
-    for a in tqdm(manifest.artifacts, desc="evaluate", unit="artifact", disable=not progress):
+    for a in tqdm(artifacts, desc="evaluate", unit="artifact", disable=not progress):
         row = {"target": a.target, "precision": a.precision, "path": a.path, "bytes": a.bytes}
         problem = artifact_problem(root, a)
         if problem:

@@ -137,9 +137,16 @@ def _fmt(v, pct: bool = False, digits: int = 1) -> str:
     return f"{100 * v:.{digits}f}%" if pct else f"{v:.{digits}f}"
 
 
-def _table_rows(rows: list[dict], threads: list[int]) -> list[list[str]]:
+CHECKS_MARK = " *"  # a row whose metrics come from convert's checks while evaluation.json has the others'
+CHECKS_NOTE = ("* not in evaluation.json (evaluate ran on other artifacts): metrics from convert's checks on its "
+               "own evaluation images")
+
+
+def _table_rows(rows: list[dict], threads: list[int], mark_checks: bool = False) -> list[list[str]]:
     out = []
     for r in rows:
+        if mark_checks and r.get("metrics_from") == "manifest checks":
+            r = {**r, "path": r["path"] + CHECKS_MARK}
         lat = [_fmt(r["latency"].get(t), digits=2) for t in threads]
         if r.get("no_latency") and threads:
             lat = ["n/a: " + r["no_latency"]] + [""] * (len(threads) - 1)
@@ -218,7 +225,8 @@ def render(out_dir: str | os.PathLike, fail_under: list[FailUnder] | None = None
     threads = sorted({t for r in rows for t in r["latency"]})
     header = ["target", "precision", "file", "MB", "top-1", "top-5", "agreement [95 % interval]", "SQNR dB", "cosine",
               *[f"ms ({t} thr)" for t in threads]]
-    body = _table_rows(rows, threads)
+    mixed_sources = evaluation is not None and any(r.get("metrics_from") == "manifest checks" for r in rows)
+    body = _table_rows(rows, threads, mark_checks=mixed_sources)
     img = (evaluation or {}).get("images") or {k: (manifest.data or {}).get(k) for k in ("eval_size", "seed", "root")}
     machine = (bench or evaluation or {}).get("machine", {})
     misses = gate(rows, fail_under or [])
@@ -228,6 +236,8 @@ def render(out_dir: str | os.PathLike, fail_under: list[FailUnder] | None = None
           f"Machine: {machine.get('cpu', '-')}, {machine.get('cores', '-')} cores; runtimes {json.dumps(machine.get('versions', {}))}.",
           "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in body]
+    if mixed_sources:
+        md += ["", CHECKS_NOTE]
     mixed = [r for r in rows if r["details"].get("sensitivity")]
     for r in mixed:
         d = r["details"]
@@ -250,6 +260,8 @@ def render(out_dir: str | os.PathLike, fail_under: list[FailUnder] | None = None
         cls = "error" if "error" in r else "ok"
         table.append(f"<tr class='{cls}'>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>")
     table.append("</tbody></table>")
+    if mixed_sources:
+        table.append(f"<p>{esc(CHECKS_NOTE)}</p>")
     plot_thread = max(threads) if threads else 1
     sections = [f"<h2>Latency vs fidelity</h2>{_svg_scatter(rows, plot_thread)}"]
     for r in mixed:
