@@ -27,6 +27,7 @@ fewer elements stay float; 2048), ``coreml_float_ops`` (op names kept float),
 ``coreml_palette_budget`` (fraction of palettized weights the layer search of
 :mod:`converters.coreml_palette` may keep int8; 0.15, 0 turns it off),
 ``coreml_weight_rounding`` (w8a8 and palette weights: ``gptq`` default, ``nearest``),
+``coreml_w8_rounding`` (w8 weights: ``nearest`` default, data-free; ``gptq`` uses w8a8's GPTQ weights),
 ``coreml_w8a8_float_budget`` (fraction of w8a8's quantized conv inputs the search
 of :mod:`converters.coreml_act_search` may leave fp16; 0 turns it off).
 
@@ -37,7 +38,8 @@ palettized weight is GPTQ-rounded onto its own per-tensor k-means palette (iOS 1
 ``pal4``: one palette per group of ``PALETTE_GROUP`` output channels, as
 coremltools' grouped-channel palettes), the layers the search keeps onto the
 int8 grid, and coremltools' ``unique`` mode stores those values. ``w8`` stays
-data-free (nearest rounding), as its name promises.
+data-free (nearest rounding) unless ``coreml_w8_rounding=gptq`` asks for the
+GPTQ int8 weights of w8a8.
 
 Every reported logit is computed by the interpreter from the *saved* package.
 """
@@ -454,6 +456,11 @@ class _Builder:
         self.threshold = int(opts["coreml_weight_threshold"])
         self.palette_budget = float(opts["coreml_palette_budget"])
         self.rounding = opts["coreml_weight_rounding"]
+        self.w8_gptq = opts["coreml_w8_rounding"] == "gptq"
+        if self.w8_gptq and len(ctx.split.calib) == 0:
+            log.warning("coreml w8: no calibration images, so nearest weight rounding instead of GPTQ "
+                        "(use --calib-size > 0)")
+            self.w8_gptq = False
         self.w8a8_float_budget = float(opts["coreml_w8a8_float_budget"])
         self.act_search: ActivationSearch | None = None
         self._rounder: LayerRounder | None = None
@@ -586,7 +593,7 @@ def palette_group_size(target: str, precision: str) -> int | None:
 
 def _weights(b: _Builder, precision: str) -> str:
     """The network ``precision`` is converted from (a key of :meth:`_Builder.weights_net`)."""
-    if precision == "w8a8" and b.rounding == "gptq":
+    if (precision == "w8a8" and b.rounding == "gptq") or (precision == "w8" and b.w8_gptq):
         return "int8"
     if precision in b.plans:
         return b.plans[precision].weights

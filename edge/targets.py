@@ -199,8 +199,12 @@ OPTIONS: dict[str, OptionSpec] = {
                    ("gptq", "nearest")),
         OptionSpec("coreml_weight_rounding", "coreml", "choice", "gptq",
                    "w8a8 and pal6/pal4 weights: GPTQ rounding on calibration images, or coremltools' nearest / k-means "
-                   "(w8 is always nearest)",
+                   "(w8: see coreml_w8_rounding)",
                    ("gptq", "nearest")),
+        OptionSpec("coreml_w8_rounding", "coreml", "choice", "nearest",
+                   "w8 weights: nearest (data-free) or GPTQ rounding on the calibration images (w8a8's int8 "
+                   "weights, with fp16 activations)",
+                   ("nearest", "gptq")),
         OptionSpec("tflite_ranges", "tflite", "choice", "mse",
                    "int8 activation ranges: MSE-optimal clipping of the calibration histogram, or plain min/max",
                    ("mse", "minmax")),

@@ -82,6 +82,7 @@ def test_w8_agreement_and_compression(ane_out):
     assert a.checks["sqnr_db"] >= 36.0, f"w8 package SQNR (measured 39.4 dB): {a.checks}"
     assert a.details["weight_ops"].get("constexpr_affine_dequantize", 0) >= 30
     assert a.bytes < 0.7 * _artifact(m, "fp16").bytes
+    assert a.details["weight_rounding"]["method"].startswith("nearest"), "w8 is data-free by default"
 
 
 def test_w8a8_has_int8_activations(ane_out):
@@ -246,7 +247,8 @@ def proxy_out(tmp_path_factory, samples_dir, proxy_tiny_checkpoint) -> tuple[Pat
     out = tmp_path_factory.mktemp("coreml_proxy")
     res = convert(ConvertRequest(targets=["coreml"], model=TINY, weights=str(proxy_tiny_checkpoint), output=out,
                                  calib_dir=str(samples_dir), calib_size=8, eval_size=6,
-                                 precisions=["fp32", "fp16", "w8a8", "pal4"], options=dict(OPTS)))
+                                 precisions=["fp32", "fp16", "w8", "w8a8", "pal4"],
+                                 options={**OPTS, "coreml_w8_rounding": "gptq"}))
     return out, res.manifest
 
 
@@ -264,7 +266,8 @@ def test_checkpoint_with_layernorm_affines_converts(proxy_out):
     assert "MSE-optimal" in w8a8.details["activation_calibration"]["ranges_from"]
 
 
-def test_w8a8_stores_the_gptq_weights(proxy_out, samples_dir, proxy_tiny_checkpoint):
+@pytest.mark.parametrize("precision", ["w8a8", "w8"])  # w8 with coreml_w8_rounding=gptq
+def test_int8_packages_store_the_gptq_weights(proxy_out, samples_dir, proxy_tiny_checkpoint, precision):
     """coremltools re-derives each row's scale and rounds: the package must hold the GPTQ levels unchanged."""
     from calibration.folder import scan_folder
     from calibration.gptq import GPTQ_IMAGES, gptq_round
@@ -273,7 +276,7 @@ def test_w8a8_stores_the_gptq_weights(proxy_out, samples_dir, proxy_tiny_checkpo
     from edge.weights import load_model
 
     out, manifest = proxy_out
-    w8a8 = _artifact(manifest, "w8a8")
+    w8a8 = _artifact(manifest, precision)
     rounding = w8a8.details["weight_rounding"]
     assert rounding["method"].startswith("GPTQ") and rounding["layers"] > 0, rounding
     split = make_split(scan_folder(samples_dir), 8, 6, 0)
