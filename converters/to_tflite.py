@@ -249,6 +249,7 @@ class _Builder:
         self._calibrated: Path | None = None
         opts = validate_options(ctx.options)
         self.ranges = opts["tflite_ranges"]
+        self.mixed_priority = opts["tflite_mixed_priority"]
         self.rounding = opts["tflite_weight_rounding"]
         self.ranges_summary: dict = {}
         self.rounding_summary: dict[str, dict] = {}
@@ -370,7 +371,8 @@ class _Builder:
         return ArtifactResult(precision, path.name, inp, out, logits, det, extra_files=[side])
 
 
-def search_steps(steps: tuple[MixedStep, ...], evaluate: Callable[[MixedStep], dict]) -> tuple[int, list[dict]]:
+def search_steps(steps: tuple[MixedStep, ...], evaluate: Callable[[MixedStep], dict],
+                 priority: str = "accuracy") -> tuple[int, list[dict]]:
     """Walk ``steps`` (each keeps more in float, so is slower and bigger); return the chosen index and the record.
 
     ``evaluate(step)`` measures a step on calibration images (``top1_agreement``,
@@ -378,7 +380,8 @@ def search_steps(steps: tuple[MixedStep, ...], evaluate: Callable[[MixedStep], d
     target, or when a kept-nodes step gains less than ``MIN_STEP_GAIN_DB`` over
     the step before it (the sensitivity ranking has stopped paying). A step is
     chosen over the best earlier one only if it meets the target or gains at
-    least ``MIN_GAIN_DB``.
+    least ``MIN_GAIN_DB``. With ``priority="speed"`` the walk stops at the first
+    (fastest) step whose SQNR meets the int8 SQNR bar, whatever its agreement.
     """
     tried: list[dict] = []
     best = None
@@ -388,6 +391,9 @@ def search_steps(steps: tuple[MixedStep, ...], evaluate: Callable[[MixedStep], d
         tried.append({"layernorm_stats_float": step.layernorm_stats, "adds_float": step.adds,
                       "kept_nodes": step.kept_nodes, "calib_agreement": m["top1_agreement"],
                       "calib_sqnr_db": m["sqnr_db"], "bytes": m["bytes"], "meets_target": ok})
+        if priority == "speed" and m["sqnr_db"] >= (MIXED_BAR.min_sqnr_db or 0.0):
+            tried[-1]["ended_search"] = f"fastest step meeting the {MIXED_BAR.min_sqnr_db} dB SQNR bar (priority speed)"
+            return i, tried
         if best is None or ok or m["sqnr_db"] >= tried[best]["calib_sqnr_db"] + MIN_GAIN_DB:
             best = i
         if ok:
@@ -452,7 +458,7 @@ def _mixed(b: _Builder, stem: str) -> ArtifactResult:
                  "float" if step.adds else "int8", step.kept_nodes, 100 * m["top1_agreement"], m["sqnr_db"])
         return {**m, "bytes": path.stat().st_size}
 
-    chosen, tried = search_steps(steps, evaluate)
+    chosen, tried = search_steps(steps, evaluate, b.mixed_priority)
     best = steps[chosen]
     latency = _search_latency(b, [paths[s] for s in steps[: len(tried)]], tried)
     final = ctx.work_dir / f"{stem}_int8_mixed.tflite"
@@ -469,6 +475,7 @@ def _mixed(b: _Builder, stem: str) -> ArtifactResult:
         "kept_float_nodes": [{"tensor": r["tensor"], "op": r["op"], "drop_db": r["drop_db"]}
                              for r in ranked[: best.kept_nodes]],
         "target_met_on_calibration": tried[chosen]["meets_target"],
+        "search_priority": b.mixed_priority,
         "latency_cost_vs_first_step": (round(tried[chosen]["latency_vs_first_step"] - 1, 3)
                                        if "latency_vs_first_step" in tried[chosen] else None),
         "search_latency": latency,

@@ -205,6 +205,10 @@ OPTIONS: dict[str, OptionSpec] = {
                    "w8 weights: nearest (data-free) or GPTQ rounding on the calibration images (w8a8's int8 "
                    "weights, with fp16 activations)",
                    ("nearest", "gptq")),
+        OptionSpec("tflite_mixed_priority", "tflite", "choice", "accuracy",
+                   "int8-mixed search: keep ops float until the agreement target is met (accuracy), or ship the "
+                   "fastest step that meets the int8 SQNR bar (speed)",
+                   ("accuracy", "speed")),
         OptionSpec("tflite_ranges", "tflite", "choice", "mse",
                    "int8 activation ranges: MSE-optimal clipping of the calibration histogram, or plain min/max",
                    ("mse", "minmax")),

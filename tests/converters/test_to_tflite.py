@@ -424,12 +424,22 @@ def _metrics(sqnr: float, agreement: float = 0.9) -> dict:
     return {"top1_agreement": agreement, "sqnr_db": sqnr, "bytes": 1}
 
 
-def _walk(sqnrs: list[float], agreements: list[float] | None = None):
+def _walk(sqnrs: list[float], agreements: list[float] | None = None, priority: str = "accuracy"):
     from converters.to_tflite import MIXED_STEPS, search_steps
 
     agreements = agreements or [0.9] * len(sqnrs)
     table = dict(zip(MIXED_STEPS, (_metrics(s, a) for s, a in zip(sqnrs, agreements))))
-    return search_steps(MIXED_STEPS[: len(sqnrs)], table.__getitem__)
+    return search_steps(MIXED_STEPS[: len(sqnrs)], table.__getitem__, priority)
+
+
+def test_speed_priority_ships_the_fastest_step_meeting_the_sqnr_bar():
+    """Proxy xxs's recorded steps (29.0 / 29.7 / 32.9 dB): accuracy takes the float ADDs, speed the first step."""
+    sqnrs, agreements = [29.0, 29.7, 32.9, 32.8], [0.953, 0.984, 0.922, 0.953]
+    assert _walk(sqnrs, agreements)[0] == 2
+    chosen, tried = _walk(sqnrs, agreements, "speed")
+    assert chosen == 0 and len(tried) == 1 and "priority speed" in tried[0]["ended_search"], tried
+    chosen, tried = _walk([20.0, 24.0, 26.0, 40.0], priority="speed")
+    assert chosen == 2 and len(tried) == 3, f"steps under the 25 dB bar must be passed over: {tried}"
 
 
 def test_mixed_search_stops_at_the_first_step_that_meets_the_target():
