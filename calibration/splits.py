@@ -47,7 +47,7 @@ class Split:
 
     def describe(self) -> dict:
         return {
-            "root": str(self.folder.root),
+            "root": str(self.folder.root.resolve()),  # evaluate may run from another directory
             "seed": self.seed,
             "calib_size": len(self.calib),
             "eval_size": len(self.eval),

@@ -152,3 +152,13 @@ def test_a_filter_that_matches_nothing_names_what_the_manifest_has(converted):
     assert res.exit_code == 2, res.stderr
     line = res.stderr.strip().splitlines()[-1]
     assert line.startswith("error: no artifact of the manifest matches") and "coreml/fp32, onnx/fp32" in line, line
+
+
+def test_a_relative_calib_dir_still_evaluates_from_another_directory(twelve_images, tmp_path, monkeypatch):
+    monkeypatch.chdir(twelve_images.parent)
+    out = tmp_path / "out"
+    convert(ConvertRequest(targets=["onnx"], model=TINY, output=out, calib_dir="images", calib_size=4, eval_size=3))
+    assert Manifest.load(out / "manifest.json").data["root"] == str(twelve_images.resolve())
+    monkeypatch.chdir(tmp_path)
+    img = evaluate_manifest(out / "manifest.json", heldout=True, progress=False)["images"]
+    assert img["count"] == 8 and img["excluded_calibration"] == 4, img
