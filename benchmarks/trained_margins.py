@@ -174,9 +174,9 @@ class Lite0(nn.Module):
         """Activation ranges from ``x``: min/max, or the MSE-optimal clipping convert uses (calibration.ranges)."""
         self._sweep(x, batch, _min_max)
         if ranges == "mse":
-            index = {id(q): str(i) for i, q in enumerate(self.quant)}
-            hist = HistogramObserver({index[id(q)]: (q.lo, q.hi) for q in self.quant})
-            self._sweep(x, batch, lambda q, t: hist.update(index[id(q)], t.numpy()))
+            index = {q: str(i) for i, q in enumerate(self.quant)}
+            hist = HistogramObserver({index[q]: (q.lo, q.hi) for q in self.quant})
+            self._sweep(x, batch, lambda q, t: hist.update(index[q], t.numpy()))
             for name, (lo, hi) in hist.mse_ranges(levels=2 ** self.quant[0].bits - 1).items():
                 self.quant[int(name)].lo, self.quant[int(name)].hi = lo, hi
 

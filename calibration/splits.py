@@ -105,18 +105,23 @@ def pick_balanced(folder: ImageFolder, n: int | None = None, seed: int = 0) -> B
     return batch
 
 
+def _calibration(folder: ImageFolder, calib_size: int, seed: int) -> tuple[list[ImageItem], Batch, int]:
+    """The balanced order, the calibration batch taken from its start, and the index after it."""
+    order = balanced_order(folder.items, seed)
+    calib, nxt = _take(order, 0, calib_size, folder.skipped)
+    return order, calib, nxt
+
+
 def calibration_batch(folder: ImageFolder, calib_size: int, seed: int = 0) -> Batch:
     """The calibration images ``make_split`` takes from ``folder`` for this size and seed."""
-    batch, _ = _take(balanced_order(folder.items, seed), 0, calib_size, folder.skipped)
-    return batch
+    return _calibration(folder, calib_size, seed)[1]
 
 
 def make_split(folder: ImageFolder, calib_size: int, eval_size: int, seed: int = 0) -> Split:
     """Calibration set then a disjoint evaluation set, both class-balanced."""
     if calib_size < 0 or eval_size < 1:
         raise DataError(f"calib size must be >= 0 and eval size >= 1, got {calib_size} and {eval_size}")
-    order = balanced_order(folder.items, seed)
-    calib, nxt = _take(order, 0, calib_size, folder.skipped)
+    order, calib, nxt = _calibration(folder, calib_size, seed)
     evaluation, _ = _take(order, nxt, eval_size, folder.skipped)
     if len(calib) + len(evaluation) == 0:
         raise DataError(

@@ -45,14 +45,21 @@ def _calibration_names(manifest: Manifest) -> set[str] | None:
     return set(calib.names) if calib.fingerprint() == d["calib_fingerprint"] else None
 
 
-def _manifest_eval_split(manifest: Manifest, limit: int | None) -> tuple[Batch, dict]:
-    """The evaluation images convert recorded, from the folder convert read them in."""
+def _manifest_root(manifest: Manifest) -> Path:
+    """The image folder convert read, which must still be there."""
     d = manifest.data or {}
     if "root" not in d:
-        raise DataError("the manifest records evaluation images but not their folder (data.root); pass --data DIR")
+        raise DataError("the manifest does not record its image folder (data.root); pass --data DIR")
     root = Path(d["root"])
     if not root.is_dir():
         raise DataError(f"the manifest's image folder {root} is gone; pass --data DIR")
+    return root
+
+
+def _manifest_eval_split(manifest: Manifest, limit: int | None) -> tuple[Batch, dict]:
+    """The evaluation images convert recorded, from the folder convert read them in."""
+    d = manifest.data or {}
+    root = _manifest_root(manifest)
     folder = scan_folder(root)
     wanted = set(d["eval_images"][:limit] if limit else d["eval_images"])
     legacy = not any("/" in w for w in wanted)  # flat folders, and manifests that named files only
@@ -93,11 +100,7 @@ def _manifest_images(manifest: Manifest, data_dir: str | os.PathLike | None, lim
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be >= 1 (got {limit}); leave it out to use every image")
     if heldout and data_dir is None:
-        if "root" not in d:
-            raise DataError("the manifest does not record its image folder (data.root); pass --data DIR")
-        data_dir = d["root"]
-        if not Path(data_dir).is_dir():
-            raise DataError(f"the manifest's image folder {data_dir} is gone; pass --data DIR")
+        data_dir = _manifest_root(manifest)
     if data_dir is None:
         if not d.get("eval_images"):
             raise DataError("the manifest records no evaluation images; pass --data DIR")
