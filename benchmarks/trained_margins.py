@@ -23,7 +23,7 @@ On the held-out images of convert's split (same folder, --calib-size and seed) i
 
 Usage: python benchmarks/trained_margins.py --lite0 PTH [--calib-dir DIR] [--calib-size 200]
        [--eval-size 800] [--seed 0] [--model efficientmod_xxs --weights CKPT] [--sqnr 32.4 ...]
-       [--act-bits 8 6] [--ranges minmax mse] [--rounding nearest gptq]
+       [--act-bits 8 6] [--ranges minmax mse] [--rounding nearest gptq]  (--act-bits 0: float activations)
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ class Lite0(nn.Module):
 
     def quantized(self, calib: torch.Tensor, weights: str, act_bits: int, ranges: str) -> "Lite0":
         """A copy with per-channel int8 weights (nearest or GPTQ, as convert rounds them) and per-tensor
-        ``act_bits``-bit activations at every conv/linear input, ranges from ``calib`` (min/max or MSE)."""
+        ``act_bits``-bit activations at every conv/linear input (0: float), ranges from ``calib`` (min/max or MSE)."""
         if weights == "gptq":
             net, _ = gptq_round(self, calib[:GPTQ_IMAGES].numpy())
         else:
@@ -164,9 +164,10 @@ class Lite0(nn.Module):
             with torch.no_grad():
                 for layer in [*net.convs, net.fc]:
                     layer.weight.copy_(nearest_grid(layer.weight))
-        for q in net.quant:
-            q.bits = act_bits
-        net.calibrate(calib, ranges)
+        if act_bits:  # 0: float activations, the weights' error alone
+            for q in net.quant:
+                q.bits = act_bits
+            net.calibrate(calib, ranges)
         return net.eval()
 
     @torch.no_grad()
@@ -244,7 +245,8 @@ def main() -> None:
         for rounding, bits, ranges in itertools.product(args.rounding, args.act_bits, args.ranges):
             q = float_net.quantized(calib, rounding, bits, ranges)
             m = compare_logits(ref, run(q, held), split.eval.labels)
-            print(f"| int8 weights ({rounding}), {bits}-bit activations, {ranges} ranges | {m['sqnr_db']:.1f} | "
+            acts = f"{bits}-bit activations, {ranges} ranges" if bits else "float activations"
+            print(f"| int8 weights ({rounding}), {acts} | {m['sqnr_db']:.1f} | "
                   f"{100 * m['top1_agreement']:.1f} % | {interval_text(m['top1_agreement_ci95'])} | "
                   f"{100 * noise_limited_agreement(ref, m['sqnr_db']):.1f} % |", flush=True)
         for s in args.sqnr:

@@ -107,8 +107,9 @@ def test_fake_quantization_error_falls_with_bits(lite0_and_images):
     with torch.no_grad():
         ref = net(x).numpy()
         db = {(b, r): sqnr_db(ref, net.quantized(x, "nearest", b, r)(x).numpy())
-              for b, r in ((16, "minmax"), (4, "minmax"), (4, "mse"))}
+              for b, r in ((16, "minmax"), (4, "minmax"), (4, "mse"), (0, "minmax"))}
     assert db[(16, "minmax")] > db[(4, "minmax")] + 10, db
+    assert db[(0, "minmax")] >= db[(16, "minmax")] - 1.0, f"0 bits means float activations (weights' error only): {db}"
     assert np.isfinite(list(db.values())).all() and db[(4, "mse")] > 0, db
 
 
