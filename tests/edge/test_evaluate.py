@@ -162,3 +162,11 @@ def test_a_relative_calib_dir_still_evaluates_from_another_directory(twelve_imag
     monkeypatch.chdir(tmp_path)
     img = evaluate_manifest(out / "manifest.json", heldout=True, progress=False)["images"]
     assert img["count"] == 8 and img["excluded_calibration"] == 4, img
+
+
+def test_a_missing_data_folder_names_evaluates_own_option(converted, tmp_path):
+    missing = tmp_path / "no-such-folder"
+    res = CliRunner().invoke(main, ["evaluate", str(converted / "manifest.json"), "--data", str(missing)])
+    line = res.stderr.strip().splitlines()[-1]
+    assert res.exit_code == 2 and line.startswith(f"error: --data {missing} does not exist"), res.stderr
+    assert "--calib-dir" not in line, line
