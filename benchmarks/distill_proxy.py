@@ -23,6 +23,9 @@ Steps:
                 Writes DIR/student_*.pt (shards under 16 MiB) and DIR/train_log.json.
   merge  (CPU)  python -m benchmarks.distill_proxy merge DIR OUT.pth --model efficientmod_xxs
                 joins the shards and loads the result strictly, as convert will.
+  check  (CPU)  python -m benchmarks.distill_proxy check --data LINKS/heldout --lite0 PTH --model M --weights OUT.pth
+                what kind of stand-in the student is, on the held-out photos: its and the teacher's
+                top-1, their agreement, and the student's logit margins (the SQNR 99 % agreement needs).
 """
 
 from __future__ import annotations
@@ -40,10 +43,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from benchmarks.trained_margins import Lite0
+from benchmarks.trained_margins import Lite0, lite0_input, margins, run
 from calibration.folder import scan_folder
 from calibration.preprocess import MEAN, STD
 from calibration.source import resolve_image_dir
+from calibration.splits import load_items
+from edge.checks import compare_logits, sqnr_for_agreement
+from edge.context import torch_logits
 from edge.efficientmod import create_model
 from edge.errors import EffmodError
 from edge.weights import load_model
@@ -229,6 +235,22 @@ def merge(shard_dir: Path, out: Path, model: str) -> None:
     load_model(model, out)
 
 
+def check(data: Path, lite0: Path, model: str, weights: Path) -> list[str]:
+    """Lines describing the student against its teacher on the photos in ``data`` (see module docstring)."""
+    batch = load_items(scan_folder(data).items)
+    teacher = run(Lite0(torch.load(lite0, map_location="cpu", weights_only=True)).eval(), lite0_input(batch.pixels))
+    student = torch_logits(load_model(model, weights).model, batch.nchw())
+    vs_teacher = compare_logits(teacher, student)
+    lines = [f"{len(batch)} photos from {data}"]
+    for name, logits in (("EfficientNet-Lite0 (teacher)", teacher), (f"{model} (student)", student)):
+        top1 = float(np.mean(logits.argmax(1) == batch.labels))
+        lines.append(f"{name}: top-1 {100 * top1:.1f} % against the labels; {margins(logits)}; "
+                     f"99 % agreement needs {sqnr_for_agreement(logits, 0.99):.1f} dB by the near-tie model")
+    lines.append(f"student vs teacher: top-1 agreement {100 * vs_teacher['top1_agreement']:.1f} %, "
+                 f"logit SQNR {vs_teacher['sqnr_db']:.1f} dB")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="step", required=True)
@@ -258,6 +280,11 @@ def main() -> None:
     m.add_argument("shards", type=Path)
     m.add_argument("out", type=Path)
     m.add_argument("--model", default="efficientmod_xxs")
+    c = sub.add_parser("check")
+    c.add_argument("--data", type=Path, required=True)
+    c.add_argument("--lite0", type=Path, required=True)
+    c.add_argument("--model", default="efficientmod_xxs")
+    c.add_argument("--weights", type=Path, required=True)
     args = ap.parse_args()
     try:
         if args.step == "pack":
@@ -267,9 +294,11 @@ def main() -> None:
             log = train(args)
             print(f"{log['steps']} steps, {log['images_seen']} views in {log['seconds']} s; training crops' "
                   f"top-1 agreement with the teacher {100 * log['train_crops_top1_agreement_with_teacher']:.1f} %")
-        else:
+        elif args.step == "merge":
             merge(args.shards, args.out, args.model)
             print(f"wrote {args.out}")
+        else:
+            print("\n".join(check(args.data, args.lite0, args.model, args.weights)))
     except EffmodError as exc:
         sys.exit(f"error: {exc}")
 
