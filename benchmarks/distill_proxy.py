@@ -244,7 +244,8 @@ def check(data: Path, lite0: Path, model: str, weights: Path) -> list[str]:
     lines = [f"{len(batch)} photos from {data}"]
     for name, logits in (("EfficientNet-Lite0 (teacher)", teacher), (f"{model} (student)", student)):
         top1 = float(np.mean(logits.argmax(1) == batch.labels))
-        lines.append(f"{name}: top-1 {100 * top1:.1f} % against the labels; {margins(logits)}; "
+        lines.append(f"{name}: top-1 {100 * top1:.1f} % against the labels; logit rms "
+                     f"{float(np.sqrt(np.mean(logits**2))):.2f}; {margins(logits)}; "
                      f"99 % agreement needs {sqnr_for_agreement(logits, 0.99):.1f} dB by the near-tie model")
     lines.append(f"student vs teacher: top-1 agreement {100 * vs_teacher['top1_agreement']:.1f} %, "
                  f"logit SQNR {vs_teacher['sqnr_db']:.1f} dB")
