@@ -24,8 +24,9 @@ Steps:
   merge  (CPU)  python -m benchmarks.distill_proxy merge DIR OUT.pth --model efficientmod_xxs
                 joins the shards and loads the result strictly, as convert will.
   check  (CPU)  python -m benchmarks.distill_proxy check --data LINKS/heldout --lite0 PTH --model M --weights OUT.pth
-                what kind of stand-in the student is, on the held-out photos: its and the teacher's
-                top-1, their agreement, and the student's logit margins (the SQNR 99 % agreement needs).
+                [--sqnr 29.0 ...]  what kind of stand-in the student is on a photo folder: its and the
+                teacher's top-1, their agreement, the student's logit margins (the SQNR 99 % agreement
+                needs), and the agreement its margins keep at each --sqnr.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from calibration.folder import scan_folder
 from calibration.preprocess import MEAN, STD
 from calibration.source import resolve_image_dir
 from calibration.splits import load_items
-from edge.checks import compare_logits, sqnr_for_agreement
+from edge.checks import compare_logits, noise_limited_agreement, sqnr_for_agreement
 from edge.context import torch_logits
 from edge.efficientmod import create_model
 from edge.errors import EffmodError
@@ -235,7 +236,7 @@ def merge(shard_dir: Path, out: Path, model: str) -> None:
     load_model(model, out)
 
 
-def check(data: Path, lite0: Path, model: str, weights: Path) -> list[str]:
+def check(data: Path, lite0: Path, model: str, weights: Path, sqnrs: tuple[float, ...] = ()) -> list[str]:
     """Lines describing the student against its teacher on the photos in ``data`` (see module docstring)."""
     batch = load_items(scan_folder(data).items)
     teacher = run(Lite0(torch.load(lite0, map_location="cpu", weights_only=True)).eval(), lite0_input(batch.pixels))
@@ -249,6 +250,8 @@ def check(data: Path, lite0: Path, model: str, weights: Path) -> list[str]:
                      f"99 % agreement needs {sqnr_for_agreement(logits, 0.99):.1f} dB by the near-tie model")
     lines.append(f"student vs teacher: top-1 agreement {100 * vs_teacher['top1_agreement']:.1f} %, "
                  f"logit SQNR {vs_teacher['sqnr_db']:.1f} dB")
+    lines += [f"at {db:.1f} dB the student's margins keep {100 * noise_limited_agreement(student, db):.1f} % "
+              "agreement by the near-tie model" for db in sqnrs]
     return lines
 
 
@@ -286,6 +289,7 @@ def main() -> None:
     c.add_argument("--lite0", type=Path, required=True)
     c.add_argument("--model", default="efficientmod_xxs")
     c.add_argument("--weights", type=Path, required=True)
+    c.add_argument("--sqnr", type=float, nargs="*", default=[])
     args = ap.parse_args()
     try:
         if args.step == "pack":
@@ -299,7 +303,7 @@ def main() -> None:
             merge(args.shards, args.out, args.model)
             print(f"wrote {args.out}")
         else:
-            print("\n".join(check(args.data, args.lite0, args.model, args.weights)))
+            print("\n".join(check(args.data, args.lite0, args.model, args.weights, tuple(args.sqnr))))
     except EffmodError as exc:
         sys.exit(f"error: {exc}")
 
