@@ -44,9 +44,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from benchmarks.trained_margins import Lite0, lite0_input, margins, run
+from benchmarks.trained_margins import Lite0, lite0_input, margins
 from calibration.folder import scan_folder
-from calibration.preprocess import MEAN, STD
+from calibration.preprocess import MEAN, STD, resize_and_crop
 from calibration.source import resolve_image_dir
 from calibration.splits import load_items
 from edge.checks import compare_logits, noise_limited_agreement, sqnr_for_agreement
@@ -72,13 +72,8 @@ def pack(calib_dir: str | None, out: Path, links: Path | None) -> dict:
     train, heldout = split_names(list(by_name))
     (out / "train").mkdir(parents=True, exist_ok=True)
     for name in train:
-        with Image.open(by_name[name]) as img:
-            img = img.convert("RGB")
-            scale = PACK_SIZE / min(img.size)
-            img = img.resize((max(PACK_SIZE, round(img.width * scale)), max(PACK_SIZE, round(img.height * scale))),
-                             Image.Resampling.BICUBIC)
-            left, top = (img.width - PACK_SIZE) // 2, (img.height - PACK_SIZE) // 2
-            img.crop((left, top, left + PACK_SIZE, top + PACK_SIZE)).save(out / "train" / f"{name}.jpg", quality=92)
+        with Image.open(by_name[name]) as img:  # the evaluation preprocessing, cropped at 256 instead of 224
+            resize_and_crop(img, PACK_SIZE, PACK_SIZE).save(out / "train" / f"{name}.jpg", quality=92)
     split = {"root": str(folder.root), "rule": "sorted file names: even positions train, odd positions held out",
              "train": train, "heldout": heldout}
     (out / "split.json").write_text(json.dumps(split, indent=1))
@@ -190,7 +185,7 @@ def train(args: argparse.Namespace) -> dict:
         idx = torch.randint(images.shape[0], (args.batch,), generator=g, device=dev)
         x = jitter(random_views(images[idx], args.res, g), g)
         if torch.rand(1, generator=g, device=dev).item() < args.mixup:
-            lam = float(np.random.default_rng(args.seed + step).beta(1.0, 1.0))
+            lam = torch.rand(1, generator=g, device=dev)  # Beta(1, 1), mixup's usual weight
             x = lam * x + (1 - lam) * x.flip(0)
         with amp:
             with torch.no_grad():
@@ -239,7 +234,8 @@ def merge(shard_dir: Path, out: Path, model: str) -> None:
 def check(data: Path, lite0: Path, model: str, weights: Path, sqnrs: tuple[float, ...] = ()) -> list[str]:
     """Lines describing the student against its teacher on the photos in ``data`` (see module docstring)."""
     batch = load_items(scan_folder(data).items)
-    teacher = run(Lite0(torch.load(lite0, map_location="cpu", weights_only=True)).eval(), lite0_input(batch.pixels))
+    teacher = torch_logits(Lite0(torch.load(lite0, map_location="cpu", weights_only=True)).eval(),
+                           lite0_input(batch.pixels).numpy())
     student = torch_logits(load_model(model, weights).model, batch.nchw())
     vs_teacher = compare_logits(teacher, student)
     lines = [f"{len(batch)} photos from {data}"]

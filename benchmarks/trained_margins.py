@@ -197,11 +197,6 @@ def lite0_input(pixels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(((pixels.astype(np.float32) - 127.0) / 128.0).transpose(0, 3, 1, 2).copy())
 
 
-def run(model: nn.Module, x: torch.Tensor, batch: int = 50) -> np.ndarray:
-    with torch.no_grad():
-        return np.concatenate([model(x[s : s + batch]).numpy() for s in range(0, len(x), batch)])
-
-
 def margins(logits: np.ndarray) -> str:
     top2 = np.sort(logits, 1)[:, -2:]
     gap = (top2[:, 1] - top2[:, 0]) / np.sqrt(np.mean(logits**2))
@@ -229,7 +224,7 @@ def main() -> None:
         sd = torch.load(args.lite0, map_location="cpu", weights_only=True)
         split = make_split(scan_folder(resolve_image_dir(args.calib_dir)), args.calib_size, args.eval_size, args.seed)
         calib, held = lite0_input(split.calib.pixels), lite0_input(split.eval.pixels)
-        ref = run(Lite0(sd).eval(), held)
+        ref = torch_logits(Lite0(sd).eval(), held.numpy())
         top1 = float(np.mean(ref.argmax(1) == split.eval.labels))
         print(f"{len(held)} held-out images after {len(calib)} calibration images (seed {args.seed})")
         print(f"EfficientNet-Lite0 fp32: top-1 {100 * top1:.1f} % against the labels; {margins(ref)}")
@@ -244,7 +239,7 @@ def main() -> None:
         float_net = Lite0(sd).eval()
         for rounding, bits, ranges in itertools.product(args.rounding, args.act_bits, args.ranges):
             q = float_net.quantized(calib, rounding, bits, ranges)
-            m = compare_logits(ref, run(q, held), split.eval.labels)
+            m = compare_logits(ref, torch_logits(q, held.numpy()), split.eval.labels)
             acts = f"{bits}-bit activations, {ranges} ranges" if bits else "float activations"
             print(f"| int8 weights ({rounding}), {acts} | {m['sqnr_db']:.1f} | "
                   f"{100 * m['top1_agreement']:.1f} % | {interval_text(m['top1_agreement_ci95'])} | "
