@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from benchmarks.trained_margins import Lite0, lite0_input, margins
+from benchmarks.trained_margins import Lite0, lite0_input, load_lite0_state, margins
 from calibration.folder import scan_folder
 from calibration.preprocess import MEAN, STD, resize_and_crop
 from calibration.source import resolve_image_dir
@@ -167,7 +167,7 @@ def train(args: argparse.Namespace) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     g = torch.Generator(device=dev).manual_seed(args.seed)
     images = load_pack(args.pack).to(dev)
-    teacher = Lite0(torch.load(args.lite0, map_location="cpu", weights_only=True)).to(dev).eval()
+    teacher = Lite0(load_lite0_state(args.lite0)).to(dev).eval()
     student = create_model(args.model, seed=args.seed).to(dev).train()
     opt = torch.optim.AdamW(_param_groups(student, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
     mean = torch.tensor(MEAN, device=dev).reshape(1, 3, 1, 1)
@@ -234,7 +234,7 @@ def merge(shard_dir: Path, out: Path, model: str) -> None:
 def check(data: Path, lite0: Path, model: str, weights: Path, sqnrs: tuple[float, ...] = ()) -> list[str]:
     """Lines describing the student against its teacher on the photos in ``data`` (see module docstring)."""
     batch = load_items(scan_folder(data).items)
-    teacher = torch_logits(Lite0(torch.load(lite0, map_location="cpu", weights_only=True)).eval(),
+    teacher = torch_logits(Lite0(load_lite0_state(lite0)).eval(),
                            lite0_input(batch.pixels).numpy())
     student = torch_logits(load_model(model, weights).model, batch.nchw())
     vs_teacher = compare_logits(teacher, student)
@@ -300,7 +300,7 @@ def main() -> None:
             print(f"wrote {args.out}")
         else:
             print("\n".join(check(args.data, args.lite0, args.model, args.weights, tuple(args.sqnr))))
-    except EffmodError as exc:
+    except (EffmodError, OSError) as exc:  # OSError: an unwritable --out, a file gone mid-run
         sys.exit(f"error: {exc}")
 
 

@@ -192,6 +192,13 @@ class Lite0(nn.Module):
                 q.observer = None
 
 
+def load_lite0_state(path: Path) -> dict:
+    """The EfficientNet-Lite0 state dict at ``path``; a missing file names the download."""
+    if not Path(path).is_file():
+        raise EffmodError(f"{path} is not a file; see benchmarks/trained_margins.py's docstring for the download")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def lite0_input(pixels: np.ndarray) -> torch.Tensor:
     """uint8 NHWC crops (convert's preprocessing) -> the TF-Lite convention (x - 127) / 128, NCHW."""
     return torch.from_numpy(((pixels.astype(np.float32) - 127.0) / 128.0).transpose(0, 3, 1, 2).copy())
@@ -219,9 +226,7 @@ def main() -> None:
     ap.add_argument("--rounding", nargs="*", choices=["nearest", "gptq"], default=["nearest", "gptq"])
     args = ap.parse_args()
     try:
-        if not args.lite0.is_file():
-            raise EffmodError(f"{args.lite0} is not a file; see this script's docstring for the download")
-        sd = torch.load(args.lite0, map_location="cpu", weights_only=True)
+        sd = load_lite0_state(args.lite0)
         split = make_split(scan_folder(resolve_image_dir(args.calib_dir)), args.calib_size, args.eval_size, args.seed)
         calib, held = lite0_input(split.calib.pixels), lite0_input(split.eval.pixels)
         ref = torch_logits(Lite0(sd).eval(), held.numpy())
