@@ -233,7 +233,7 @@ def merge(shard_dir: Path, out: Path, model: str) -> None:
 
 def check(data: Path, lite0: Path, model: str, weights: Path, sqnrs: tuple[float, ...] = ()) -> list[str]:
     """Lines describing the student against its teacher on the photos in ``data`` (see module docstring)."""
-    batch = load_items(scan_folder(data).items)
+    batch = load_items(scan_folder(data, flag="--data").items)
     teacher = torch_logits(Lite0(load_lite0_state(lite0)).eval(),
                            lite0_input(batch.pixels).numpy())
     student = torch_logits(load_model(model, weights).model, batch.nchw())

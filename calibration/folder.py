@@ -57,14 +57,16 @@ def _label_for(path: Path, root: Path) -> int:
     return index.get(path.name.split("_", 1)[0], -1)
 
 
-def scan_folder(root: str | os.PathLike) -> ImageFolder:
-    """List the image files under ``root`` (sorted, deterministic) with their labels."""
+def scan_folder(root: str | os.PathLike, flag: str = "--calib-dir") -> ImageFolder:
+    """List the image files under ``root`` (sorted, deterministic) with their labels.
+
+    ``flag`` is the option the user passed the folder with; error messages name it.
+    """
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DataError(
-            f"image folder {root} does not exist or is not a directory; "
-            "pass --calib-dir DIR or set EFFMOD_CALIB_DIR to a folder of images"
-        )
+        fix = ("pass --calib-dir DIR or set EFFMOD_CALIB_DIR to a folder of images" if flag == "--calib-dir"
+               else f"pass {flag} with a folder of images")
+        raise DataError(f"{flag} {root} does not exist or is not a folder; {fix}")
     items: list[ImageItem] = []
     skipped: Counter = Counter()
     for dirpath, dirnames, filenames in os.walk(root):
@@ -80,7 +82,7 @@ def scan_folder(root: str | os.PathLike) -> ImageFolder:
     folder = ImageFolder(root, items, skipped)
     if not items:
         raise DataError(
-            f"no images in {root} ({folder.summary()}); point --calib-dir at a folder of "
+            f"no images in {root} ({folder.summary()}); point {flag} at a folder of "
             "JPEG/PNG files (flat <wnid>_<name>.JPEG or <wnid>/<file>)"
         )
     return folder

@@ -76,9 +76,7 @@ def _manifest_eval_split(manifest: Manifest, limit: int | None) -> tuple[Batch, 
 
 def _held_out_pick(manifest: Manifest, data_dir: str | os.PathLike, limit: int | None, strict: bool) -> tuple[Batch, dict]:
     """A class-balanced pick from ``data_dir`` that leaves out every image convert calibrated on."""
-    if not Path(data_dir).expanduser().is_dir():  # scan_folder's own message names convert's --calib-dir
-        raise DataError(f"--data {data_dir} does not exist or is not a folder; pass --data with a folder of images")
-    folder = scan_folder(data_dir)
+    folder = scan_folder(data_dir, flag="--data")
     calib = _calibration_names(manifest)
     if calib is None:
         if strict:

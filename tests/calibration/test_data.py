@@ -77,6 +77,15 @@ def test_empty_and_all_corrupt_folders(tmp_path):
         scan_folder(tmp_path / "missing")
 
 
+def test_folder_errors_name_the_option_the_folder_came_from(tmp_path):
+    for flag in ("--calib-dir", "--data"):
+        for root in (tmp_path / "missing", tmp_path):
+            with pytest.raises(DataError) as err:
+                scan_folder(root, flag=flag)
+            others = {"--calib-dir", "--data"} - {flag}
+            assert flag in str(err.value) and not any(o in str(err.value) for o in others), (flag, str(err.value))
+
+
 def test_split_is_balanced_disjoint_deterministic(samples_dir):
     folder = scan_folder(samples_dir)
     a = make_split(folder, 200, 50, seed=0)

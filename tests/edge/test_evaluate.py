@@ -170,3 +170,9 @@ def test_a_missing_data_folder_names_evaluates_own_option(converted, tmp_path):
     line = res.stderr.strip().splitlines()[-1]
     assert res.exit_code == 2 and line.startswith(f"error: --data {missing} does not exist"), res.stderr
     assert "--calib-dir" not in line, line
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = CliRunner().invoke(main, ["evaluate", str(converted / "manifest.json"), "--data", str(empty)])
+    line = res.stderr.strip().splitlines()[-1]
+    assert res.exit_code == 2 and line.startswith(f"error: no images in {empty}") and "--data" in line, res.stderr
+    assert "--calib-dir" not in line, line
