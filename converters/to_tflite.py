@@ -45,6 +45,8 @@ weights, whose rounding errors largely cancel on the calibration images.
 onnx2tf runs in a private working folder that holds the sample-image .npy it
 would otherwise download, with the venv's ``onnxsim`` on PATH. Every
 TensorFlow/LiteRT step runs in a subprocess (``converters.litert_worker``).
+A conversion starts all its onnx2tf runs (up to three LayerNorm/rounding forms)
+before the first precision, so they run beside each other and beside GPTQ.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -126,15 +129,42 @@ _LOG_NOISE = re.compile(r"^([IW]\d{4} |WARNING: All log messages before absl)")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
+class _Started:
+    """A subprocess started now and awaited later; a failure raises ConversionError naming its cause."""
+
+    def __init__(self, cmd: list[str], cwd: Path, what: str, timeout: float = WORKER_TIMEOUT_S):
+        self.what, self.timeout = what, timeout
+        self.deadline = time.monotonic() + timeout
+        self._logs = (tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+"))  # files, not pipes: no deadlock
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=self._logs[0], stderr=self._logs[1], text=True)
+
+    def wait(self) -> None:
+        try:
+            rc = self.proc.wait(timeout=max(self.deadline - time.monotonic(), 0.0))
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise ConversionError(f"{self.what} timed out after {self.timeout:.0f}s") from None
+        try:
+            if rc != 0:
+                text = ""
+                for f in self._logs:
+                    f.seek(0)
+                    text += f.read() + "\n"
+                lines = [l for l in _ANSI.sub("", text).splitlines() if l.strip() and not _LOG_NOISE.match(l)]
+                raise ConversionError(f"{self.what} failed ({_describe_exit(rc)}): {(lines or [''])[-1][:300]}")
+        finally:
+            for f in self._logs:
+                f.close()
+
+    def kill(self) -> None:
+        """Stop the process if it still runs (a conversion that ends early leaves no orphans)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
 def _run(cmd: list[str], cwd: Path, what: str, timeout: float = WORKER_TIMEOUT_S) -> None:
-    try:
-        proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise ConversionError(f"{what} timed out after {timeout:.0f}s") from None
-    if proc.returncode != 0:
-        text = _ANSI.sub("", f"{proc.stdout}\n{proc.stderr}")
-        lines = [l for l in text.splitlines() if l.strip() and not _LOG_NOISE.match(l)]
-        raise ConversionError(f"{what} failed ({_describe_exit(proc.returncode)}): {(lines or [''])[-1][:300]}")
+    _Started(cmd, cwd, what, timeout).wait()
 
 
 def worker(command: str, args: dict, build_dir: Path, timeout: float = WORKER_TIMEOUT_S) -> None:
@@ -168,8 +198,6 @@ def time_tflite(models: list[Path], build_dir: Path, threads: int = 2, rounds: i
 
 def inspect_tflite(model: Path, build_dir: Path | None = None) -> dict:
     """Op histogram, float ops, ops outside the XNNPACK delegate, I/O quantization."""
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(build_dir or tmp)
         out = d / f"inspect-{model.stem}.json"
@@ -191,24 +219,45 @@ def tflite_deploy(ctx: ConvertContext, norm_impl: str) -> EfficientModDeploy:
     return to_deploy(ctx.loaded.model, ctx.input_size, norm_impl=norm_impl, dw_impl="split")
 
 
-def build_saved_model(ctx: ConvertContext, build_dir: Path, norm_impl: str = "conv",
-                      deploy: nn.Module | None = None) -> Path:
-    """Deploy form (or ``deploy``) -> ONNX (opset 20) -> onnx2tf saved_model with float32/float16 .tflite."""
-    build_dir.mkdir(parents=True, exist_ok=True)
-    if deploy is None:
-        deploy = tflite_deploy(ctx, norm_impl)
-    onnx_path = export_onnx(deploy, build_dir / "model.onnx", ctx.input_size, opset=ONNX_OPSET)
-    _sample_npy(ctx, build_dir / SAMPLE_NPY)
-    if shutil.which("onnxsim", path=_env()["PATH"]) is None:
-        raise ConversionError("onnxsim is not on PATH; install it with pip install -e \".[tflite]\"")
-    log.info("tflite: onnx2tf (about 30 s for xxs)")
-    cmd = [sys.executable, "-c", "from onnx2tf.onnx2tf import main; main()",
-           "-i", str(onnx_path), "-o", str(build_dir / "saved_model"), "-n"]
-    _run(cmd, build_dir, "onnx2tf")
-    saved = build_dir / "saved_model"
-    if not (saved / "model_float32.tflite").is_file():
-        raise ConversionError(f"onnx2tf wrote no model_float32.tflite in {saved}")
-    return saved
+class SavedModelRun:
+    """One onnx2tf run (deploy form -> ONNX -> saved_model with float32/float16 .tflite), started in the background.
+
+    The conversion starts every run it needs early, so the onnx2tf processes
+    (about 30 s each for xxs, one core each) overlap each other and the torch work.
+    """
+
+    def __init__(self, ctx: ConvertContext, build_dir: Path, norm_impl: str = "conv", deploy: nn.Module | None = None):
+        build_dir.mkdir(parents=True, exist_ok=True)
+        if deploy is None:
+            deploy = tflite_deploy(ctx, norm_impl)
+        onnx_path = export_onnx(deploy, build_dir / "model.onnx", ctx.input_size, opset=ONNX_OPSET)
+        _sample_npy(ctx, build_dir / SAMPLE_NPY)
+        if shutil.which("onnxsim", path=_env()["PATH"]) is None:
+            raise ConversionError("onnxsim is not on PATH; install it with pip install -e \".[tflite]\"")
+        log.info("tflite: onnx2tf started (%s)", build_dir.name)
+        self.saved = build_dir / "saved_model"
+        self._proc: _Started | None = _Started(
+            [sys.executable, "-c", "from onnx2tf.onnx2tf import main; main()",
+             "-i", str(onnx_path), "-o", str(self.saved), "-n"], build_dir, "onnx2tf")
+        self._error: ConversionError | None = None
+
+    def result(self) -> Path:
+        """Wait for the run (once); the saved_model folder, or the run's error again on every call."""
+        if self._proc is not None:
+            proc, self._proc = self._proc, None
+            try:
+                proc.wait()
+                if not (self.saved / "model_float32.tflite").is_file():
+                    raise ConversionError(f"onnx2tf wrote no model_float32.tflite in {self.saved}")
+            except ConversionError as exc:
+                self._error = exc
+        if self._error is not None:
+            raise self._error
+        return self.saved
+
+    def kill(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
 
 
 def _io_specs(model_info: dict, input_size: int) -> tuple[TensorSpec, TensorSpec]:
@@ -243,7 +292,7 @@ class _Builder:
     def __init__(self, ctx: ConvertContext, build: Path):
         self.ctx, self.build = ctx, build
         build.mkdir(parents=True, exist_ok=True)
-        self._saved: dict[str, Path] = {}
+        self._runs: dict[tuple[str, bool], SavedModelRun] = {}
         self.eval_nhwc = ctx.split.eval.nhwc()
         self.calib_npy = build / "calib.npy"
         self._calibrated: Path | None = None
@@ -257,8 +306,8 @@ class _Builder:
         if len(ctx.split.calib):
             np.save(self.calib_npy, ctx.split.calib.nhwc())
 
-    def saved(self, norm_impl: str, rounded: bool = False) -> Path:
-        """The onnx2tf saved model of one LayerNorm form, built on first use.
+    def start(self, norm_impl: str, rounded: bool = False) -> None:
+        """Start the onnx2tf run of one LayerNorm form, unless it was started before.
 
         Float files use ``reduce`` (MEAN ops: measured faster in float, e.g. s
         19.6 vs 21.4 ms at 2 threads); int8 files use ``conv`` (1x1-conv
@@ -266,11 +315,42 @@ class _Builder:
         the GPTQ-rounded deploy form (see :meth:`_gptq_deploy`).
         """
         key = (norm_impl, rounded)
-        if key not in self._saved:
+        if key not in self._runs:
             deploy = self._gptq_deploy(norm_impl) if rounded else None
             folder = self.build / (norm_impl + ("-gptq" if rounded else ""))
-            self._saved[key] = build_saved_model(self.ctx, folder, norm_impl, deploy)
-        return self._saved[key]
+            self._runs[key] = SavedModelRun(self.ctx, folder, norm_impl, deploy)
+
+    def saved(self, norm_impl: str, rounded: bool = False) -> Path:
+        """The onnx2tf saved model of one LayerNorm form (started on first use, awaited here)."""
+        self.start(norm_impl, rounded)
+        return self._runs[(norm_impl, rounded)].result()
+
+    def dynamic_rounded(self) -> bool:
+        return self.rounding == "gptq" and len(self.ctx.split.calib) > 0
+
+    def prefetch(self, precisions: list[str]) -> None:
+        """Start every onnx2tf run ``precisions`` need, unrounded forms first (they wait for no GPTQ).
+
+        Best effort: a form that cannot start here is started again by the
+        precision that needs it, which then fails with the error, alone.
+        """
+        keys = []
+        if {"fp32", "fp16"} & set(precisions):
+            keys.append((FLOAT_NORM, False))
+        if "dynamic" in precisions:
+            keys.append((FLOAT_NORM, self.dynamic_rounded()))
+        if {"int8", "int8-mixed"} & set(precisions) and len(self.ctx.split.calib):
+            keys.append((INT8_NORM, self.rounding == "gptq"))
+        for key in sorted(set(keys), key=lambda k: (k[1], k[0])):
+            try:
+                self.start(*key)
+            except Exception as exc:  # reported by the precision that needs this form
+                log.debug("tflite: could not start onnx2tf for %s early: %s", key, exc)
+
+    def close(self) -> None:
+        """Stop onnx2tf runs still going (a precision list that ended early)."""
+        for run in self._runs.values():
+            run.kill()
 
     def int8_saved(self) -> Path:
         """The saved model the full-integer files are quantized from."""
@@ -320,7 +400,7 @@ class _Builder:
 
     def dynamic(self, out: Path) -> tuple[Path, dict]:
         """Dynamic-range int8 (int8 weights, float activations) and how its weights were rounded."""
-        rounded = self.rounding == "gptq" and len(self.ctx.split.calib) > 0
+        rounded = self.dynamic_rounded()
         if self.rounding == "gptq" and not rounded:
             log.warning("tflite dynamic: no calibration images, so nearest weight rounding instead of GPTQ "
                         "(use --calib-size > 0)")
@@ -523,7 +603,16 @@ def convert(ctx: ConvertContext, precisions: list[str]) -> list[ArtifactResult |
         "int8": int8,
         "int8-mixed": lambda: _mixed(b, stem),
     }
-    for p in precisions:
-        log.info("tflite: %s", p)
-        attempt(p, steps[p])
+    try:
+        start = time.perf_counter()
+        b.prefetch(precisions)
+        shared = round(time.perf_counter() - start, 1)  # GPTQ and ONNX exports, before any precision's own time
+        for p in precisions:
+            log.info("tflite: %s", p)
+            attempt(p, steps[p])
+    finally:
+        b.close()
+    for r in out:
+        if isinstance(r, ArtifactResult):
+            r.details["shared_seconds"] = shared
     return out

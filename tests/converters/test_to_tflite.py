@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("onnx2tf", reason="TFLite extra not installed (pip install -e '.[tflite]')")
 
-from converters.to_tflite import _run, inspect_tflite, litert_logits  # noqa: E402
+from converters.to_tflite import _run, _Started, inspect_tflite, litert_logits  # noqa: E402
 from edge.checks import sqnr_db  # noqa: E402
 from edge.errors import ConversionError  # noqa: E402
 from edge.manifest import Manifest  # noqa: E402
@@ -370,17 +370,33 @@ def test_aborting_runtime_is_reported_not_fatal(tmp_path):
         _run([sys.executable, "-c", "import os; os.abort()"], tmp_path, "LiteRT run")
 
 
+def test_background_run_can_be_stopped_and_times_out(tmp_path):
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    run = _Started(sleeper, tmp_path, "onnx2tf")
+    run.kill()
+    assert run.proc.returncode is not None and run.proc.returncode < 0, run.proc.returncode
+    slow = _Started(sleeper, tmp_path, "onnx2tf", timeout=1)
+    with pytest.raises(ConversionError, match="onnx2tf timed out after 1s"):
+        slow.wait()
+    assert slow.proc.returncode is not None, "a timed-out run must not be left running"
+
+
 def test_failing_precision_spares_the_others(tmp_path, samples_dir, monkeypatch, proxy_tiny_checkpoint):
+    """The dynamic file's onnx2tf run (started early, beside the fp32 one) aborts: only dynamic fails."""
     import converters.to_tflite as tfl
 
-    def broken(self, out):
-        raise ConversionError("simulated abort of the dynamic-range converter")
+    real = tfl._Started
 
-    monkeypatch.setattr(tfl._Builder, "dynamic", broken)
+    def abort_dynamic_form(cmd, cwd, what, timeout=tfl.WORKER_TIMEOUT_S):
+        if what == "onnx2tf" and Path(cwd).name == f"{tfl.FLOAT_NORM}-gptq":
+            cmd = [sys.executable, "-c", "import os; os.abort()"]
+        return real(cmd, cwd, what, timeout)
+
+    monkeypatch.setattr(tfl, "_Started", abort_dynamic_form)
     result = convert(ConvertRequest(targets=["tflite"], model=TINY, weights=str(proxy_tiny_checkpoint), output=tmp_path,
                                     calib_dir=str(samples_dir), calib_size=4, eval_size=4, precisions=["fp32", "dynamic"]))
     assert [f.precision for f in result.manifest.failures] == ["dynamic"]
-    assert "simulated abort" in result.manifest.failures[0].error
+    assert "onnx2tf failed (killed by SIGABRT)" in result.manifest.failures[0].error, result.manifest.failures[0].error
     assert [a.precision for a in result.manifest.artifacts] == ["fp32"]
     fp32 = result.manifest.artifacts[0].checks  # proxy weights; measured max|d| 8.6e-7, SQNR 129.7 dB
     assert fp32["max_abs_diff"] <= 5e-6 and fp32["sqnr_db"] >= 126.0, f"surviving fp32 file vs PyTorch: {fp32}"
