@@ -136,31 +136,45 @@ class _Started:
         self.what, self.timeout = what, timeout
         self.deadline = time.monotonic() + timeout
         self._logs = (tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+"))  # files, not pipes: no deadlock
-        self.proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=self._logs[0], stderr=self._logs[1], text=True)
+        try:
+            self.proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=self._logs[0], stderr=self._logs[1],
+                                         text=True)
+        except OSError:
+            self._close_logs()
+            raise
 
     def wait(self) -> None:
         try:
-            rc = self.proc.wait(timeout=max(self.deadline - time.monotonic(), 0.0))
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise ConversionError(f"{self.what} timed out after {self.timeout:.0f}s") from None
-        try:
+            try:
+                rc = self.proc.wait(timeout=max(self.deadline - time.monotonic(), 0.0))
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise ConversionError(f"{self.what} timed out after {self.timeout:.0f}s") from None
             if rc != 0:
-                text = ""
-                for f in self._logs:
-                    f.seek(0)
-                    text += f.read() + "\n"
-                lines = [l for l in _ANSI.sub("", text).splitlines() if l.strip() and not _LOG_NOISE.match(l)]
+                lines = [l for l in _ANSI.sub("", self._read_logs()).splitlines()
+                         if l.strip() and not _LOG_NOISE.match(l)]
                 raise ConversionError(f"{self.what} failed ({_describe_exit(rc)}): {(lines or [''])[-1][:300]}")
         finally:
-            for f in self._logs:
-                f.close()
+            self._close_logs()
 
     def kill(self) -> None:
         """Stop the process if it still runs (a conversion that ends early leaves no orphans)."""
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self._close_logs()
+
+    def _read_logs(self) -> str:
+        text = ""
+        for f in self._logs:
+            if not f.closed:
+                f.seek(0)
+                text += f.read() + "\n"
+        return text
+
+    def _close_logs(self) -> None:
+        for f in self._logs:
+            f.close()
 
 
 def _run(cmd: list[str], cwd: Path, what: str, timeout: float = WORKER_TIMEOUT_S) -> None:
@@ -223,7 +237,7 @@ class SavedModelRun:
     """One onnx2tf run (deploy form -> ONNX -> saved_model with float32/float16 .tflite), started in the background.
 
     The conversion starts every run it needs early, so the onnx2tf processes
-    (about 30 s each for xxs, one core each) overlap each other and the torch work.
+    (about 30 s each for xxs, mostly on one core) overlap each other and the torch work.
     """
 
     def __init__(self, ctx: ConvertContext, build_dir: Path, norm_impl: str = "conv", deploy: nn.Module | None = None):
