@@ -134,14 +134,57 @@ def _widen_add_inputs(model, ranges: dict[str, tuple[float, float]]) -> int:
     return widened
 
 
+def _recorded_ranges(model) -> dict[str, tuple[float, float]]:
+    """Each calibrated tensor's recorded (min, max)."""
+    return {
+        t.name.decode(): (float(t.quantization.min[0]), float(t.quantization.max[0]))
+        for t in model.subgraphs[0].tensors
+        if t.quantization is not None and t.quantization.min is not None and len(t.quantization.min) == 1
+    }
+
+
+def cmd_histograms(args: dict) -> None:
+    """Histograms of every recorded tensor of a calibrated (float) model over its calibration images.
+
+    Runs images ``start::step`` of the calibration file (after ``limit``), so
+    several workers can share the images: the counts of shards add up to the
+    counts of one pass, exactly. Writes ``out`` (tensors x bins, int64) and
+    ``out``.json (tensor names, image count).
+    """
+    from ai_edge_litert import interpreter as lit
+    from tensorflow.lite.tools import flatbuffer_utils as fu
+
+    from calibration.ranges import HistogramObserver
+
+    obs = HistogramObserver(_recorded_ranges(fu.read_model(args["calibrated"])))
+    it = lit.Interpreter(
+        model_path=args["calibrated"],
+        experimental_preserve_all_tensors=True,
+        experimental_op_resolver_type=lit.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+    )
+    it.allocate_tensors()
+    index = {t["name"]: t["index"] for t in it.get_tensor_details() if t["name"] in obs.hist}
+    inp = it.get_input_details()[0]
+    images = np.load(args["calib"])[: args.get("limit") or None][args.get("start", 0) :: args.get("step", 1)]
+    for x in images:
+        it.set_tensor(inp["index"], x[None].astype(np.float32))
+        it.invoke()
+        for name, idx in index.items():
+            obs.update(name, it.get_tensor(idx))
+    names = sorted(index)
+    np.save(args["out"], np.stack([obs.hist[n] for n in names]) if names else np.zeros((0, obs.bins), np.int64))
+    with open(args["out"] + ".json", "w") as f:
+        json.dump({"names": names, "images": int(len(images))}, f)
+
+
 def cmd_refine_ranges(args: dict) -> None:
     """Final int8 activation ranges of a calibrated model: MSE-optimal (or min/max), delegate-safe.
 
-    With ``method="mse"`` runs the calibrated (still float) model on the
-    calibration images, histograms each recorded tensor over its min/max and
-    takes ``calibration.ranges.mse_range`` of that histogram. Either way ADD
-    inputs are widened (``_widen_add_inputs``). Writes a copy with the new
-    min/max; ``mlir_quantize`` then derives scales from them.
+    With ``method="mse"`` histograms each recorded tensor over its min/max on
+    the calibration images (``cmd_histograms``; the shards named in
+    ``histograms``, else one pass here) and takes ``calibration.ranges.mse_range``
+    of that histogram. Either way ADD inputs are widened (``_widen_add_inputs``).
+    Writes a copy with the new min/max; ``mlir_quantize`` then derives scales from them.
     """
     from tensorflow.lite.tools import flatbuffer_utils as fu
 
@@ -149,40 +192,34 @@ def cmd_refine_ranges(args: dict) -> None:
 
     model = fu.read_model(args["calibrated"])
     tensors = {t.name.decode(): t for t in model.subgraphs[0].tensors}
-    recorded = {
-        n: (float(t.quantization.min[0]), float(t.quantization.max[0]))
-        for n, t in tensors.items()
-        if t.quantization is not None and t.quantization.min is not None and len(t.quantization.min) == 1
-    }
+    recorded = _recorded_ranges(model)
     ranges = dict(recorded)
     summary: dict = {"method": args.get("method", "mse")}
     if summary["method"] == "mse":
-        from ai_edge_litert import interpreter as lit
-
+        shards = args.get("histograms")
+        if not shards:
+            shards = [args["out"] + ".hist.npy"]
+            cmd_histograms({"calibrated": args["calibrated"], "calib": args["calib"], "limit": args.get("limit"),
+                            "out": shards[0]})
         obs = HistogramObserver(recorded)
-        it = lit.Interpreter(
-            model_path=args["calibrated"],
-            experimental_preserve_all_tensors=True,
-            experimental_op_resolver_type=lit.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
-        )
-        it.allocate_tensors()
-        index = {t["name"]: t["index"] for t in it.get_tensor_details() if t["name"] in obs.hist}
-        inp = it.get_input_details()[0]
-        images = np.load(args["calib"])[: args.get("limit") or None]
-        for x in images:
-            it.set_tensor(inp["index"], x[None].astype(np.float32))
-            it.invoke()
-            for name, idx in index.items():
-                obs.update(name, it.get_tensor(idx))
+        seen: set[str] = set()
+        images = 0
+        for shard in shards:
+            with open(shard + ".json") as f:
+                meta = json.load(f)
+            for name, counts in zip(meta["names"], np.load(shard)):
+                obs.hist[name] += counts
+            seen.update(meta["names"])
+            images += meta["images"]
         # the model's input and output keep min/max: clipping the largest logits
         # would tie exactly the classes top-1 is decided between
         graph = model.subgraphs[0]
         io = {graph.tensors[i].name.decode() for i in list(graph.inputs) + list(graph.outputs)}
-        mse = {n: r for n, r in obs.mse_ranges().items() if n in index and n not in io}
+        mse = {n: r for n, r in obs.mse_ranges().items() if n in seen and n not in io}
         ranges.update(mse)
         ratios = [(hi - lo) / (recorded[n][1] - recorded[n][0]) for n, (lo, hi) in mse.items()]
         summary.update({
-            "images": int(len(images)), "tensors": len(ratios),
+            "images": images, "tensors": len(ratios),
             "median_range_ratio": round(float(np.median(ratios)), 3) if ratios else 1.0,
         })
     summary["widened_add_inputs"] = _widen_add_inputs(model, ranges)
@@ -446,6 +483,7 @@ def cmd_bench(args: dict) -> None:
 COMMANDS = {
     "convert": cmd_convert,
     "quantize": cmd_quantize,
+    "histograms": cmd_histograms,
     "refine_ranges": cmd_refine_ranges,
     "sensitivity": cmd_sensitivity,
     "run": cmd_run,

@@ -101,6 +101,7 @@ MIN_STEP_GAIN_DB = 0.2  # a kept-nodes step gaining less than this over the step
 MIXED_BAR = TARGETS["tflite"].precision("int8-mixed").threshold  # what a step must meet on calibration images
 SEARCH_BENCH_THREADS, SEARCH_BENCH_ROUNDS, SEARCH_BENCH_RUNS = 2, 5, 20  # timing of the tried int8-mixed steps
 WORKER_TIMEOUT_S = 900
+HISTOGRAM_WORKERS = 2  # processes sharing the MSE-range histogram pass
 FLOAT_NORM, INT8_NORM = "reduce", "conv"  # LayerNorm form of the float and of the int8 files
 DYNAMIC_MIN_ELEMENTS = 1024  # the dynamic-range converter leaves smaller weight tensors float
 NEAREST = {"method": "nearest (the converter's own rounding)"}
@@ -181,12 +182,39 @@ def _run(cmd: list[str], cwd: Path, what: str, timeout: float = WORKER_TIMEOUT_S
     _Started(cmd, cwd, what, timeout).wait()
 
 
-def worker(command: str, args: dict, build_dir: Path, timeout: float = WORKER_TIMEOUT_S) -> None:
-    """Run one ``converters.litert_worker`` command in a fresh Python process."""
+def start_worker(command: str, args: dict, build_dir: Path, timeout: float = WORKER_TIMEOUT_S) -> _Started:
+    """Start one ``converters.litert_worker`` command in a fresh Python process."""
     build_dir.mkdir(parents=True, exist_ok=True)
     arg_file = build_dir / f"{command}-{time.monotonic_ns()}.json"
     arg_file.write_text(json.dumps(args))
-    _run([sys.executable, "-m", "converters.litert_worker", command, str(arg_file)], build_dir, f"LiteRT {command}", timeout)
+    return _Started([sys.executable, "-m", "converters.litert_worker", command, str(arg_file)], build_dir,
+                    f"LiteRT {command}", timeout)
+
+
+def worker(command: str, args: dict, build_dir: Path, timeout: float = WORKER_TIMEOUT_S) -> None:
+    """Run one ``converters.litert_worker`` command in a fresh Python process."""
+    start_worker(command, args, build_dir, timeout).wait()
+
+
+def histogram_shards(calibrated: Path, calib_npy: Path, build_dir: Path, workers: int) -> list[str]:
+    """Activation histograms of a calibrated model, the calibration images shared among ``workers`` processes.
+
+    The shards' counts add up exactly to one pass's, so the ranges (and the
+    files) do not depend on ``workers``; on 2 cores two workers take about half
+    the time of one (the interpreter runs reference kernels to keep every tensor).
+    """
+    runs: list[_Started] = []
+    outs = [str(build_dir / f"hist-{i}-of-{workers}.npy") for i in range(workers)]
+    try:
+        for i, out in enumerate(outs):
+            runs.append(start_worker("histograms", {"calibrated": str(calibrated), "calib": str(calib_npy),
+                                                    "start": i, "step": workers, "out": out}, build_dir))
+        for run in runs:
+            run.wait()
+    finally:
+        for run in runs:
+            run.kill()
+    return outs
 
 
 def litert_logits(model: Path, images_nhwc: np.ndarray, build_dir: Path, threads: int = 2) -> np.ndarray:
@@ -441,8 +469,10 @@ class _Builder:
                                "calib": str(self.calib_npy)}, self.build)
             refined, summary = self.build / "calibrated_ranges.tflite", self.build / "ranges.json"
             log.info("tflite: %s activation ranges", "MSE-optimal" if self.ranges == "mse" else "min/max")
+            shards = (histogram_shards(out, self.calib_npy, self.build, min(HISTOGRAM_WORKERS, os.cpu_count() or 1))
+                      if self.ranges == "mse" else None)
             worker("refine_ranges", {"calibrated": str(out), "calib": str(self.calib_npy), "method": self.ranges,
-                                     "out": str(refined), "summary": str(summary)}, self.build)
+                                     "histograms": shards, "out": str(refined), "summary": str(summary)}, self.build)
             self.ranges_summary = json.loads(summary.read_text())
             self._calibrated = refined
         return self._calibrated

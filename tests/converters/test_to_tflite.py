@@ -159,6 +159,38 @@ def test_dynamic_depthwise_weights_go_back_to_float(tmp_path):
     assert sqnr >= 30.0, f"dynamic depthwise+pointwise output SQNR {sqnr:.1f} dB < 30 dB"
 
 
+def test_histogram_shards_add_up_to_one_pass(tmp_path):
+    """The MSE-range histograms split over worker processes equal one pass over all images, count for count."""
+    tf = pytest.importorskip("tensorflow", reason="TensorFlow (TFLite extra) not installed")
+    from converters.to_tflite import histogram_shards, worker
+
+    rng = np.random.default_rng(0)
+
+    class ConvGelu(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = tf.constant(rng.normal(size=(3, 3, 3, 8)).astype(np.float32) / 3)
+
+        @tf.function(input_signature=[tf.TensorSpec([1, 16, 16, 3], tf.float32)])
+        def __call__(self, x):
+            return tf.nn.gelu(tf.nn.conv2d(x, self.w, 1, "SAME"))
+
+    tf.saved_model.save(ConvGelu(), str(tmp_path / "sm"))
+    calib = tmp_path / "calib.npy"
+    np.save(calib, rng.normal(size=(7, 16, 16, 3)).astype(np.float32))
+    calibrated = tmp_path / "calibrated.tflite"
+    worker("convert", {"saved_model": str(tmp_path / "sm"), "mode": "calibrate", "out": str(calibrated),
+                       "calib": str(calib)}, tmp_path)
+    one = histogram_shards(calibrated, calib, tmp_path, workers=1)
+    three = histogram_shards(calibrated, calib, tmp_path, workers=3)
+    meta = [json.loads(Path(f + ".json").read_text()) for f in one + three]
+    assert meta[0]["images"] == 7 and [m["images"] for m in meta[1:]] == [3, 2, 2], meta
+    assert all(m["names"] == meta[0]["names"] for m in meta) and len(meta[0]["names"]) >= 2, meta
+    total, parts = np.load(one[0]), sum(np.load(f) for f in three)
+    assert total.sum() > 0 and np.array_equal(total, parts), \
+        f"sharded histograms differ from one pass in {int((total != parts).sum())} bins"
+
+
 _DUMP_INT8_WEIGHTS = """
 import sys, numpy as np
 from ai_edge_litert.interpreter import Interpreter
