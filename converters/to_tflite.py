@@ -46,7 +46,8 @@ onnx2tf runs in a private working folder that holds the sample-image .npy it
 would otherwise download, with the venv's ``onnxsim`` on PATH. Every
 TensorFlow/LiteRT step runs in a subprocess (``converters.litert_worker``).
 A conversion starts all its onnx2tf runs (up to three LayerNorm/rounding forms)
-before the first precision, so they run beside each other and beside GPTQ.
+and the int8 calibration before the first precision, so they run beside each
+other, beside GPTQ and beside the float files' checks.
 """
 
 from __future__ import annotations
@@ -338,6 +339,7 @@ class _Builder:
         self.eval_nhwc = ctx.split.eval.nhwc()
         self.calib_npy = build / "calib.npy"
         self._calibrated: Path | None = None
+        self._calibration: _Started | None = None
         opts = validate_options(ctx.options)
         self.ranges = opts["tflite_ranges"]
         self.mixed_priority = opts["tflite_mixed_priority"]
@@ -371,7 +373,7 @@ class _Builder:
         return self.rounding == "gptq" and len(self.ctx.split.calib) > 0
 
     def prefetch(self, precisions: list[str]) -> None:
-        """Start every onnx2tf run ``precisions`` need, unrounded forms first (they wait for no GPTQ).
+        """Start every onnx2tf run ``precisions`` need, unrounded forms first (they wait for no GPTQ), then calibration.
 
         Best effort: a form that cannot start here is started again by the
         precision that needs it, which then fails with the error, alone.
@@ -388,11 +390,18 @@ class _Builder:
                 self.start(*key)
             except Exception as exc:  # reported by the precision that needs this form
                 log.debug("tflite: could not start onnx2tf for %s early: %s", key, exc)
+        if {"int8", "int8-mixed"} & set(precisions) and self.calib_npy.exists():
+            try:  # waits for the int8 form's onnx2tf run; calibration then runs beside the float files' steps
+                self.start_calibration()
+            except Exception as exc:
+                log.debug("tflite: could not start calibration early: %s", exc)
 
     def close(self) -> None:
         """Stop onnx2tf runs still going (a precision list that ended early)."""
         for run in self._runs.values():
             run.kill()
+        if self._calibration is not None:
+            self._calibration.kill()
 
     def int8_saved(self) -> Path:
         """The saved model the full-integer files are quantized from."""
@@ -453,6 +462,15 @@ class _Builder:
     def int8_rounding(self) -> dict:
         return self.rounding_summary.get(INT8_NORM, NEAREST)
 
+    def start_calibration(self) -> None:
+        """Start the converter's calibration pass in the background, once the int8 saved model is there."""
+        if self._calibration is None and self._calibrated is None:
+            saved = self.int8_saved()
+            log.info("tflite: calibrating on %d images", len(self.ctx.split.calib))
+            self._calibration = start_worker("convert", {"saved_model": str(saved), "mode": "calibrate",
+                                                         "out": str(self.build / "calibrated.tflite"),
+                                                         "calib": str(self.calib_npy)}, self.build)
+
     def calibrated(self) -> Path:
         """The float model with activation ranges from the calibration images (once).
 
@@ -462,11 +480,10 @@ class _Builder:
         if self._calibrated is None:
             if not self.calib_npy.exists():
                 raise ConversionError("int8 needs calibration images: use --calib-size > 0")
+            self.start_calibration()
+            run, self._calibration = self._calibration, None
+            run.wait()
             out = self.build / "calibrated.tflite"
-            saved = self.int8_saved()
-            log.info("tflite: calibrating on %d images", len(self.ctx.split.calib))
-            worker("convert", {"saved_model": str(saved), "mode": "calibrate", "out": str(out),
-                               "calib": str(self.calib_npy)}, self.build)
             refined, summary = self.build / "calibrated_ranges.tflite", self.build / "ranges.json"
             log.info("tflite: %s activation ranges", "MSE-optimal" if self.ranges == "mse" else "min/max")
             shards = (histogram_shards(out, self.calib_npy, self.build, min(HISTOGRAM_WORKERS, os.cpu_count() or 1))
@@ -650,7 +667,7 @@ def convert(ctx: ConvertContext, precisions: list[str]) -> list[ArtifactResult |
     try:
         start = time.perf_counter()
         b.prefetch(precisions)
-        shared = round(time.perf_counter() - start, 1)  # GPTQ and ONNX exports, before any precision's own time
+        shared = round(time.perf_counter() - start, 1)  # GPTQ, ONNX exports, the int8 form's onnx2tf run
         for p in precisions:
             log.info("tflite: %s", p)
             attempt(p, steps[p])

@@ -413,22 +413,31 @@ def test_background_run_can_be_stopped_and_times_out(tmp_path):
     assert slow.proc.returncode is not None, "a timed-out run must not be left running"
 
 
-def test_failing_precision_spares_the_others(tmp_path, samples_dir, monkeypatch, proxy_tiny_checkpoint):
-    """The dynamic file's onnx2tf run (started early, beside the fp32 one) aborts: only dynamic fails."""
+def _is_calibration(cmd: list[str], what: str) -> bool:
+    return what == "LiteRT convert" and json.loads(Path(cmd[-1]).read_text())["mode"] == "calibrate"
+
+
+@pytest.mark.parametrize("broken, message", [
+    ("dynamic", "onnx2tf failed (killed by SIGABRT)"),
+    ("int8", "LiteRT convert failed (killed by SIGABRT)"),
+])
+def test_failing_precision_spares_the_others(tmp_path, samples_dir, monkeypatch, proxy_tiny_checkpoint, broken, message):
+    """A background step aborts (the dynamic form's onnx2tf run, or int8 calibration): only its precision fails."""
     import converters.to_tflite as tfl
 
     real = tfl._Started
 
-    def abort_dynamic_form(cmd, cwd, what, timeout=tfl.WORKER_TIMEOUT_S):
-        if what == "onnx2tf" and Path(cwd).name == f"{tfl.FLOAT_NORM}-gptq":
+    def abort(cmd, cwd, what, timeout=tfl.WORKER_TIMEOUT_S):
+        dynamic_form = what == "onnx2tf" and Path(cwd).name == f"{tfl.FLOAT_NORM}-gptq"
+        if dynamic_form if broken == "dynamic" else _is_calibration(cmd, what):
             cmd = [sys.executable, "-c", "import os; os.abort()"]
         return real(cmd, cwd, what, timeout)
 
-    monkeypatch.setattr(tfl, "_Started", abort_dynamic_form)
+    monkeypatch.setattr(tfl, "_Started", abort)
     result = convert(ConvertRequest(targets=["tflite"], model=TINY, weights=str(proxy_tiny_checkpoint), output=tmp_path,
-                                    calib_dir=str(samples_dir), calib_size=4, eval_size=4, precisions=["fp32", "dynamic"]))
-    assert [f.precision for f in result.manifest.failures] == ["dynamic"]
-    assert "onnx2tf failed (killed by SIGABRT)" in result.manifest.failures[0].error, result.manifest.failures[0].error
+                                    calib_dir=str(samples_dir), calib_size=4, eval_size=4, precisions=["fp32", broken]))
+    assert [f.precision for f in result.manifest.failures] == [broken]
+    assert message in result.manifest.failures[0].error, result.manifest.failures[0].error
     assert [a.precision for a in result.manifest.artifacts] == ["fp32"]
     fp32 = result.manifest.artifacts[0].checks  # proxy weights; measured max|d| 8.6e-7, SQNR 129.7 dB
     assert fp32["max_abs_diff"] <= 5e-6 and fp32["sqnr_db"] >= 126.0, f"surviving fp32 file vs PyTorch: {fp32}"
