@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -26,11 +27,17 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
+def _terminated(signum: int, frame: object) -> None:
+    """SIGTERM ends the command like an exception, so staging folders and worker processes are cleaned up."""
+    raise SystemExit(128 + signum)
+
+
 class _Group(click.Group):
     """Turns user errors, ours and click's usage errors alike, into one line on stderr and exit code 2."""
 
     def main(self, *args, **kwargs):
         kwargs["standalone_mode"] = False
+        previous = signal.signal(signal.SIGTERM, _terminated)
         try:
             return super().main(*args, **kwargs)
         except click.exceptions.NoArgsIsHelpError as exc:
@@ -46,6 +53,8 @@ class _Group(click.Group):
         except click.Abort:
             click.echo("aborted", err=True)
             sys.exit(1)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     def invoke(self, ctx: click.Context):
         try:

@@ -513,3 +513,36 @@ def test_mixed_search_keeps_a_slower_step_only_for_a_real_gain():
 def test_mixed_search_goes_on_while_sensitive_ops_pay():
     chosen, tried = _walk([20.0, 20.1, 20.2, 21.0, 22.5, 22.6])
     assert len(tried) == 6 and chosen == 4, tried
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="lists processes through /proc (Linux)")
+def test_sigterm_during_convert_leaves_no_staging_and_no_workers(tmp_path, samples_dir):
+    """SIGTERM while onnx2tf runs in the background: exit 143, staging folder gone, no worker left running."""
+    import subprocess
+    import time
+
+    out = tmp_path / "out"
+    cli = subprocess.Popen([sys.executable, "-m", "edge.cli", "convert", "--target", "tflite", "--model", TINY,
+                            "--calib-dir", str(samples_dir), "--calib-size", "4", "--eval-size", "4",
+                            "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not [p for p in _processes_mentioning(str(out)) if p != cli.pid] and time.monotonic() < deadline:
+        assert cli.poll() is None, f"convert ended before any worker started: {cli.stderr.read()}"
+        time.sleep(0.2)
+    assert [p for p in _processes_mentioning(str(out)) if p != cli.pid], "no onnx2tf/LiteRT worker seen in 120 s"
+    cli.terminate()
+    assert cli.wait(timeout=60) == 143, cli.stderr.read()
+    time.sleep(0.5)
+    assert not _processes_mentioning(str(out)), "worker processes outlived convert"
+    assert not out.exists() or not list(out.glob(".effmod-staging-*")), list(out.iterdir())
