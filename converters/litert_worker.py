@@ -146,9 +146,9 @@ def _recorded_ranges(model) -> dict[str, tuple[float, float]]:
 def cmd_histograms(args: dict) -> None:
     """Histograms of every recorded tensor of a calibrated (float) model over its calibration images.
 
-    Runs images ``start::step`` of the calibration file (after ``limit``), so
-    several workers can share the images: the counts of shards add up to the
-    counts of one pass, exactly. Writes ``out`` (tensors x bins, int64) and
+    Runs images ``start::step`` of the calibration file, so several workers
+    can share the images: the counts of shards add up to the counts of one
+    pass, exactly. Writes ``out`` (tensors x bins, int64) and
     ``out``.json (tensor names, image count).
     """
     from ai_edge_litert import interpreter as lit
@@ -165,7 +165,7 @@ def cmd_histograms(args: dict) -> None:
     it.allocate_tensors()
     index = {t["name"]: t["index"] for t in it.get_tensor_details() if t["name"] in obs.hist}
     inp = it.get_input_details()[0]
-    images = np.load(args["calib"])[: args.get("limit") or None][args.get("start", 0) :: args.get("step", 1)]
+    images = np.load(args["calib"])[args.get("start", 0) :: args.get("step", 1)]
     for x in images:
         it.set_tensor(inp["index"], x[None].astype(np.float32))
         it.invoke()
@@ -180,10 +180,10 @@ def cmd_histograms(args: dict) -> None:
 def cmd_refine_ranges(args: dict) -> None:
     """Final int8 activation ranges of a calibrated model: MSE-optimal (or min/max), delegate-safe.
 
-    With ``method="mse"`` histograms each recorded tensor over its min/max on
-    the calibration images (``cmd_histograms``; the shards named in
-    ``histograms``, else one pass here) and takes ``calibration.ranges.mse_range``
-    of that histogram. Either way ADD inputs are widened (``_widen_add_inputs``).
+    With ``method="mse"`` sums the histogram shards named in ``histograms``
+    (``cmd_histograms``: each recorded tensor over its min/max on the
+    calibration images) and takes ``calibration.ranges.mse_range`` of each
+    tensor's histogram. Either way ADD inputs are widened (``_widen_add_inputs``).
     Writes a copy with the new min/max; ``mlir_quantize`` then derives scales from them.
     """
     from tensorflow.lite.tools import flatbuffer_utils as fu
@@ -196,15 +196,10 @@ def cmd_refine_ranges(args: dict) -> None:
     ranges = dict(recorded)
     summary: dict = {"method": args.get("method", "mse")}
     if summary["method"] == "mse":
-        shards = args.get("histograms")
-        if not shards:
-            shards = [args["out"] + ".hist.npy"]
-            cmd_histograms({"calibrated": args["calibrated"], "calib": args["calib"], "limit": args.get("limit"),
-                            "out": shards[0]})
         obs = HistogramObserver(recorded)
         seen: set[str] = set()
         images = 0
-        for shard in shards:
+        for shard in args["histograms"]:
             with open(shard + ".json") as f:
                 meta = json.load(f)
             for name, counts in zip(meta["names"], np.load(shard)):

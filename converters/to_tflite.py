@@ -373,24 +373,25 @@ class _Builder:
         return self.rounding == "gptq" and len(self.ctx.split.calib) > 0
 
     def prefetch(self, precisions: list[str]) -> None:
-        """Start every onnx2tf run ``precisions`` need, unrounded forms first (they wait for no GPTQ), then calibration.
+        """Start every onnx2tf run ``precisions`` need (unrounded forms first), then calibration.
 
         Best effort: a form that cannot start here is started again by the
         precision that needs it, which then fails with the error, alone.
         """
+        int8 = bool({"int8", "int8-mixed"} & set(precisions)) and self.calib_npy.exists()
         keys = []
         if {"fp32", "fp16"} & set(precisions):
             keys.append((FLOAT_NORM, False))
         if "dynamic" in precisions:
             keys.append((FLOAT_NORM, self.dynamic_rounded()))
-        if {"int8", "int8-mixed"} & set(precisions) and len(self.ctx.split.calib):
+        if int8:
             keys.append((INT8_NORM, self.rounding == "gptq"))
         for key in sorted(set(keys), key=lambda k: (k[1], k[0])):
             try:
                 self.start(*key)
             except Exception as exc:  # reported by the precision that needs this form
                 log.debug("tflite: could not start onnx2tf for %s early: %s", key, exc)
-        if {"int8", "int8-mixed"} & set(precisions) and self.calib_npy.exists():
+        if int8:
             try:  # waits for the int8 form's onnx2tf run; calibration then runs beside the float files' steps
                 self.start_calibration()
             except Exception as exc:
