@@ -11,7 +11,14 @@ ct = pytest.importorskip("coremltools", reason="Core ML extra not installed (pip
 
 from coremltools.converters.mil import Builder as mb  # noqa: E402
 
-from converters.mil_interp import Interpreter, UnsupportedOpError, precision_histogram, unpack_bits  # noqa: E402
+from converters.mil_interp import (  # noqa: E402
+    Interpreter,
+    UnsupportedOpError,
+    cast_float,
+    observe_tensors,
+    precision_histogram,
+    unpack_bits,
+)
 
 RNG = np.random.default_rng(0)
 IOS17 = ct.target.iOS17
@@ -235,6 +242,14 @@ def test_constexpr_weight_decompression_matches_coremltools():
     _close("conv (constexpr_affine_dequantize weight)", y1, F.conv2d(torch.from_numpy(x), torch.from_numpy(w1)), 1e-5)
     _close("conv (constexpr_lut_to_dense weight)", y2, F.conv2d(torch.from_numpy(x), torch.from_numpy(w2)), 1e-5)
     assert int(np.abs(unpack_bits(packed, 4, idx.size).astype(np.int64) - idx).max()) == 0
+    seen: dict[str, list[np.ndarray]] = {}
+    observe_tensors(prog, [{"x_in": x}] * 2, lambda name, v: seen.setdefault(name, []).append(np.asarray(v)))
+    dense = [name for name, vs in seen.items() if vs[0].shape == w1.shape]
+    assert len(dense) == 2, f"the observer saw {len(dense)} decompressed weights per run, want 2 (folded once, reported every run)"
+    for name in dense:
+        assert len(seen[name]) == 2, f"{name}: reported {len(seen[name])} times over 2 runs"
+        err = min(_maxdiff(seen[name][1], w1), _maxdiff(seen[name][1], w2))
+        assert err < 1e-6, f"decompressed weight {name} on the second run is neither weight (max|d| {err:.3g})"
     hist = precision_histogram(prog)
     assert hist["conv"] == {"fp32": 2}
 
@@ -276,3 +291,30 @@ def test_fp16_mode_rounds_every_intermediate():
     assert got != pytest.approx(3.003, abs=1e-5)
     ignored = float(next(iter(Interpreter(prog16, fp16=False).run({"x_in": x}).values()))[0, 0])
     assert abs(ignored - (1.0 + float(np.float16(1e-3))) * 3.0) < 1e-6
+
+
+def test_cast_float_matches_numpy_bit_for_bit():
+    every_half = np.arange(65536, dtype=np.uint16).view(np.float16).reshape(256, 256)
+    want = every_half.astype(np.float32)
+    got = cast_float(every_half, np.float32)
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan), "float16 -> float32: NaN positions differ"
+    bad = int((got.view(np.uint32) != want.view(np.uint32))[~nan].sum())
+    assert bad == 0, f"float16 -> float32: {bad} of 65536 bit patterns differ from NumPy"
+
+    bits = RNG.integers(0, 2**32, size=(1, 64, 32, 32), dtype=np.uint64).astype(np.uint32)
+    singles = np.concatenate([bits.view(np.float32).ravel(), _randn(50_000), _randn(50_000) * 1e-5,
+                              np.float32([65504, 65519.99, 65520, -70000, 2**-24, 2**-25, 3 * 2**-26])])
+    singles = singles[~np.isnan(singles)]
+    with np.errstate(over="ignore"):
+        want16, got16 = singles.astype(np.float16), cast_float(singles, np.float16)
+    bad = int((got16.view(np.uint16) != want16.view(np.uint16)).sum())
+    assert bad == 0, f"float32 -> float16: {bad} of {singles.size} values round differently from NumPy"
+
+    channels_last = _randn(1, 8, 16, 16).transpose(0, 2, 3, 1)
+    for src, dst in ((channels_last, np.float16), (channels_last.astype(np.float16), np.float32)):
+        out = cast_float(src, dst)
+        assert out.strides == src.astype(dst).strides, "cast_float changed the memory layout (reductions would sum in another order)"
+        assert np.array_equal(out, src.astype(dst))
+    reversed_view = _randn(4, 100)[:, ::-1]
+    assert np.array_equal(cast_float(reversed_view, np.float16), reversed_view.astype(np.float16))
