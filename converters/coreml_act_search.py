@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from converters.coreml_palette import match_parameters, op_weights
+from converters.coreml_palette import BlockCache, match_parameters, op_weights
 from edge.checks import sqnr_db
 
 
@@ -98,11 +98,13 @@ def search(
     x = torch.from_numpy(np.ascontiguousarray(images_nchw, np.float32))
     net.eval()
 
+    cache = BlockCache(net, x)
+
     def logits(quantize: set[str]) -> np.ndarray:
         handles = [hooks[op][0].register_forward_pre_hook(_fake_quant(hooks[op][1])) for op in quantize]
         try:
-            with torch.no_grad():
-                return net(x).numpy()
+            only = next(iter(quantize)) if len(quantize) == 1 else None
+            return cache.logits(res.module[only] if only is not None else None)
         finally:
             for h in handles:
                 h.remove()

@@ -27,6 +27,50 @@ from calibration.gptq import nearest_grid
 from edge.checks import sqnr_db
 
 WEIGHT_OPS = ("conv", "linear")
+
+
+class BlockCache:
+    """Logits of ``net`` on fixed images when only one block's weights (or hooks) differ from now.
+
+    The searches change one layer at a time and run the network again. For a
+    net with ``patch_embed``, ``blocks`` (``nn.Sequential``) and ``tail``, the
+    input of every block is computed once, with the weights ``net`` has at
+    construction; :meth:`logits` then reruns only the blocks from the changed
+    one on. The blocks before it see the same inputs and weights, so the logits
+    are those of a full forward. Other nets, and layers outside the blocks, run whole.
+    """
+
+    def __init__(self, net: nn.Module, x: torch.Tensor):
+        self.net, self.x = net, x
+        blocks = getattr(net, "blocks", None)
+        self.inputs: list[torch.Tensor] = []
+        if isinstance(blocks, nn.Sequential) and hasattr(net, "patch_embed") and hasattr(net, "tail"):
+            with torch.no_grad():
+                h = net.patch_embed(x)
+                for block in blocks:
+                    self.inputs.append(h)
+                    h = block(h)
+                self.inputs.append(h)
+
+    def start(self, name: str) -> int | None:
+        """Index of the block holding module or parameter ``name``; past the blocks for the tail; None: run whole."""
+        if not self.inputs:
+            return None
+        head, _, rest = name.partition(".")
+        if head == "blocks":
+            return int(rest.partition(".")[0])
+        return None if head == "patch_embed" else len(self.inputs) - 1
+
+    def logits(self, changed: str | None = None) -> np.ndarray:
+        """Logits with the net as it is now, where only ``changed`` (a module/parameter name) may differ."""
+        start = self.start(changed) if changed is not None else None
+        with torch.no_grad():
+            if start is None:
+                return self.net(self.x).numpy()
+            h = self.inputs[start]
+            for block in list(self.net.blocks)[start:]:
+                h = block(h)
+            return self.net.tail(h).numpy()
 FP16_SUBNORMAL_STEP = 2.0**-24
 
 
@@ -145,9 +189,10 @@ def search(
     try:
         with torch.no_grad():
             ref = net(x).numpy()
+            cache = BlockCache(net, x)
             for n, w in targets.items():
                 params[n].copy_(w)
-                res.noise_share[n] = float(((net(x).numpy() - ref) ** 2).sum())
+                res.noise_share[n] = float(((cache.logits(n) - ref) ** 2).sum())
                 params[n].copy_(saved[n])
                 res.elements[n] = int(w.numel())
             total = sum(res.noise_share.values()) or 1.0

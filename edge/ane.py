@@ -107,10 +107,13 @@ class EfficientModANE(nn.Module):
             self.head.bias.copy_(lin.bias)
         self.num_classes = lin.out_features
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(self.blocks(self.patch_embed(x)))
-        x = self.head(x.mean(dim=(2, 3), keepdim=True))
+    def tail(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits from the output of :attr:`blocks`."""
+        x = self.head(self.norm(x).mean(dim=(2, 3), keepdim=True))
         return x.reshape(-1, self.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tail(self.blocks(self.patch_embed(x)))
 
 
 def to_ane(model: EfficientMod | EfficientModDeploy | EfficientModANE, input_size: int = 224) -> EfficientModANE:

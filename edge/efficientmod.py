@@ -512,9 +512,12 @@ class EfficientModDeploy(nn.Module):
         self.head = copy.deepcopy(src.head)
         _fold_norm_affine(self.head, src.norm)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(self.patch_embed(x))
+    def tail(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits from the output of :attr:`blocks`."""
         return self.head(self.norm(x).mean(dim=(2, 3)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tail(self.blocks(self.patch_embed(x)))
 
 
 def to_deploy(

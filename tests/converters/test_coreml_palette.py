@@ -86,3 +86,29 @@ def test_kept_layers_sharing_a_const_with_palettized_ones():
     model = compress_weights(base, "pal6", "iOS17", threshold=64, int8_weights=consts)
     kinds = [op.op_type for op in model._mil_program.functions["main"].operations]
     assert kinds.count("constexpr_affine_dequantize") == 1 and kinds.count("constexpr_lut_to_dense") == 2, kinds
+
+
+@pytest.mark.parametrize("form", ["ane", "deploy"])
+def test_block_cache_gives_the_full_forward_bit_for_bit(form, proxy_tiny_checkpoint):
+    from converters.coreml_palette import BlockCache
+
+    net = to_deploy(load_model(TINY, proxy_tiny_checkpoint).model, 224).eval()
+    net = to_ane(net, 224).eval() if form == "ane" else net
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32))
+    cache = BlockCache(net, x)
+    assert len(cache.inputs) == len(net.blocks) + 1, "the cache did not engage for this form"
+    params = dict(net.named_parameters())
+    last = len(net.blocks) - 1
+    names = [n for n in params if n.startswith(("blocks.0.", f"blocks.{last}.", "head.", "patch_embed."))]
+    firsts = {n.split(".")[0] + (("." + n.split(".")[1]) if n.startswith("blocks.") else ""): n for n in names}
+    assert len(firsts) == 4, firsts
+    for name in firsts.values():
+        with torch.no_grad():
+            saved = params[name].detach().clone()
+            params[name].mul_(1.5)
+            full = net(x).numpy()
+            got = cache.logits(name)
+            params[name].copy_(saved)
+        assert np.abs(full - cache.logits(None)).max() > 0, f"{name}: the perturbation did not reach the logits"
+        assert np.array_equal(got, full), (
+            f"{name}: cached-prefix logits differ from a full forward by max|d| {np.abs(got - full).max():.3g}")
