@@ -632,20 +632,17 @@ class Interpreter:
         for op in self.ops:
             if op.op_type == "const":
                 self._consts[op.outputs[0].name] = self._round(op.outputs[0].val, op.outputs[0])
-        self._folded: dict[int, list[Any]] = {}
-        for i, op in enumerate(self.ops):
-            if op.op_type.startswith("constexpr_"):
-                self._folded[i] = self._fold(op)
+        self._folded = {i for i, op in enumerate(self.ops) if op.op_type.startswith("constexpr_")}
+        for i in sorted(self._folded):
+            self._fold(self.ops[i])
         self.output_names = [v.name for v in self.func.outputs]
 
-    def _fold(self, op: Any) -> list[Any]:
-        """Outputs of a ``constexpr_*`` op (weight decompression), computed once: its inputs are constants."""
+    def _fold(self, op: Any) -> None:
+        """Store the outputs of a ``constexpr_*`` op (weight decompression) as constants: its inputs are constants."""
         args = {k: self._resolve(v, {}) for k, v in op.inputs.items()}
         out = KERNELS[op.op_type](args)
-        outs = [self._round(o, var) for o, var in zip(out if isinstance(out, list) else [out], op.outputs)]
-        for var, o in zip(op.outputs, outs):
-            self._consts[var.name] = o
-        return outs
+        for var, o in zip(op.outputs, out if isinstance(out, list) else [out]):
+            self._consts[var.name] = self._round(o, var)
 
     def _target_dtype(self, var: Any, value: np.ndarray) -> Any:
         if not np.issubdtype(value.dtype, np.floating):
@@ -690,7 +687,7 @@ class Interpreter:
                 continue
             if i in self._folded:
                 if observer is not None:
-                    observer(op, self._folded[i])
+                    observer(op, [self._consts[var.name] for var in op.outputs])
                 continue
             args = {k: self._resolve(v, env) for k, v in op.inputs.items()}
             out = KERNELS[op.op_type](args)
