@@ -22,6 +22,12 @@ from converters.to_tflite import time_tflite
 from edge.errors import EffmodError
 
 
+def round_ratios(samples: dict[Path, list[float]], baseline: Path, rounds: int, runs: int) -> dict[Path, np.ndarray]:
+    """Per file, the baseline's per-round median latency over the file's: one speed-up per round."""
+    per_round = {f: np.median(np.asarray(v).reshape(rounds, runs), axis=1) for f, v in samples.items()}
+    return {f: per_round[baseline] / m for f, m in per_round.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("files", nargs="+", type=Path)
@@ -41,13 +47,12 @@ def main() -> None:
                                   warmup=args.warmup)
     except EffmodError as exc:
         sys.exit(f"error: {exc}")
-    per_round = {f: np.median(np.asarray(samples[f]).reshape(args.rounds, args.runs), axis=1) for f in args.files}
-    base = per_round[args.files[0]]
+    ratios = round_ratios(samples, args.files[0], args.rounds, args.runs)
     print(f"{args.threads} threads, {args.rounds} rounds x {args.runs} runs, one worker")
     print("| file | median ms | speed-up vs first (rounds: median, min-max) |")
     print("|---|---:|---|")
     for f in args.files:
-        r = base / per_round[f]
+        r = ratios[f]
         print(f"| {f} | {np.median(samples[f]):.2f} | {np.median(r):.2f}x ({r.min():.2f}-{r.max():.2f}) |")
 
 

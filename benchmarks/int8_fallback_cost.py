@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.ab_latency import round_ratios
 from converters.to_tflite import inspect_tflite, time_tflite
 from edge.errors import EffmodError
 
@@ -90,12 +91,12 @@ def main() -> None:
             samples = time_tflite(files, work_dir, threads=args.threads, rounds=args.rounds, runs=args.runs, warmup=5)
     except EffmodError as exc:
         sys.exit(f"error: {exc}")
-    per_round = {f: np.median(np.asarray(samples[f]).reshape(args.rounds, args.runs), axis=1) for f in files}
+    ratios = round_ratios(samples, fp32, args.rounds, args.runs)
     print(f"{args.threads} threads, {args.rounds} rounds x {args.runs} runs, one worker")
     print("| file | not delegated | median ms | speed-up vs fp32 (rounds: median, min-max) |")
     print("|---|---|---:|---|")
     for f, label, nd in zip(files, labels, outside):
-        r = per_round[fp32] / per_round[f]
+        r = ratios[f]
         names = ", ".join(f"{k} {v}" for k, v in nd.items()) or "none"
         print(f"| {label} | {names} | {np.median(samples[f]):.2f} | {np.median(r):.2f}x ({r.min():.2f}-{r.max():.2f}) |")
 

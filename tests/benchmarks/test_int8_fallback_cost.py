@@ -43,3 +43,13 @@ def test_swapped_ops_run_in_xnnpack(tmp_path):
     pixels = np.random.default_rng(1).normal(size=(2, 16, 16, 3)).astype(np.float32)
     out = litert_logits(both, pixels, tmp_path)
     assert out.shape[0] == 2 and np.isfinite(out).all(), "the swapped file does not run"
+
+
+def test_round_ratios_pair_each_round_with_the_baselines():
+    from benchmarks.ab_latency import round_ratios
+
+    base, other = Path("base.tflite"), Path("other.tflite")
+    samples = {base: [10.0, 12.0, 11.0, 20.0, 22.0, 21.0], other: [5.0, 6.0, 7.0, 20.0, 10.0, 11.0]}
+    got = round_ratios(samples, base, rounds=2, runs=3)
+    assert np.array_equal(got[base], [1.0, 1.0]), got[base]
+    assert np.allclose(got[other], [11.0 / 6.0, 21.0 / 11.0]), f"per-round median ratios: {got[other]}"
