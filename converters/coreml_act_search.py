@@ -109,7 +109,7 @@ def search(
             for h in handles:
                 h.remove()
 
-    ref = logits(set())
+    ref = cache.reference
     for op in hooks:
         res.noise_share[op] = float(((logits({op}) - ref) ** 2).sum())
     total = sum(res.noise_share.values()) or 1.0

@@ -38,6 +38,7 @@ class BlockCache:
     construction; :meth:`logits` then reruns only the blocks from the changed
     one on. The blocks before it see the same inputs and weights, so the logits
     are those of a full forward. Other nets, and layers outside the blocks, run whole.
+    :attr:`reference` holds the logits at construction.
     """
 
     def __init__(self, net: nn.Module, x: torch.Tensor):
@@ -51,6 +52,10 @@ class BlockCache:
                     self.inputs.append(h)
                     h = block(h)
                 self.inputs.append(h)
+                self.reference = net.tail(h).numpy()
+        else:
+            with torch.no_grad():
+                self.reference = net(x).numpy()
 
     def start(self, name: str) -> int | None:
         """Index of the block holding module or parameter ``name``; past the blocks for the tail; None: run whole."""
@@ -188,8 +193,8 @@ def search(
     net.eval()
     try:
         with torch.no_grad():
-            ref = net(x).numpy()
             cache = BlockCache(net, x)
+            ref = cache.reference
             for n, w in targets.items():
                 params[n].copy_(w)
                 res.noise_share[n] = float(((cache.logits(n) - ref) ** 2).sum())

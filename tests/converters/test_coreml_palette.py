@@ -97,6 +97,8 @@ def test_block_cache_gives_the_full_forward_bit_for_bit(form, proxy_tiny_checkpo
     x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32))
     cache = BlockCache(net, x)
     assert len(cache.inputs) == len(net.blocks) + 1, "the cache did not engage for this form"
+    with torch.no_grad():
+        assert np.array_equal(cache.reference, net(x).numpy()), "reference logits differ from a full forward"
     params = dict(net.named_parameters())
     last = len(net.blocks) - 1
     names = [n for n in params if n.startswith(("blocks.0.", f"blocks.{last}.", "head.", "patch_embed."))]
