@@ -776,25 +776,65 @@ def observe_tensors(
         interp.run(feed, observer)
 
 
+class TensorCache:
+    """Copies of the named tensors from the first feeds of one pass, up to ``budget`` bytes.
+
+    A second pass over the same feeds replays ``tensors`` (one dict per feed, the
+    first ``cached`` feeds, each complete) and runs the interpreter only on the
+    feeds after them. Values are kept in the dtype the program computed them in.
+    """
+
+    def __init__(self, names: Iterable[str], budget: int):
+        self.names, self.budget = set(names), int(budget)
+        self.tensors: list[dict[str, np.ndarray]] = []
+        self.nbytes = 0
+        self._open = True
+
+    @property
+    def cached(self) -> int:
+        return len(self.tensors)
+
+    def wrap(self, feeds: Iterable[dict[str, np.ndarray]]) -> Iterable[dict[str, np.ndarray]]:
+        """``feeds`` unchanged, opening one record per feed while the budget lasts."""
+        for feed in feeds:
+            if self._open:
+                self.tensors.append({})
+            yield feed
+
+    def record(self, name: str, arr: np.ndarray) -> None:
+        if not self._open or name not in self.names:
+            return
+        if self.nbytes + arr.nbytes > self.budget:  # this feed does not fit: drop its partial record, stop caching
+            self._open = False
+            self.nbytes -= sum(a.nbytes for a in self.tensors.pop().values())
+            return
+        self.tensors[-1][name] = arr.copy()
+        self.nbytes += arr.nbytes
+
+
 def activation_stats(
-    program: Any, feeds: Iterable[dict[str, np.ndarray]], fp16: bool | None = None
+    program: Any, feeds: Iterable[dict[str, np.ndarray]], fp16: bool | None = None, cache: TensorCache | None = None
 ) -> dict[str, dict[str, float]]:
     """Per-tensor ``{"rmin", "rmax"}`` of every function input and non-const op output.
 
     The format coremltools' activation-quantization passes take (``activation_stats``).
+    ``cache`` keeps copies of its tensors for a second pass (:func:`activation_histograms`).
     """
     stats: dict[str, dict[str, float]] = defaultdict(dict)
 
     def update(name: str, value: Any) -> None:
         arr = np.asarray(value)
+        if cache is not None:
+            cache.record(name, arr)
         if not np.issubdtype(arr.dtype, np.floating) or arr.size == 0:
             return
+        arr = _f32(arr) if arr.dtype == _F16 else arr  # exact; NumPy's float16 min/max is a scalar loop, 15x slower
         lo, hi = float(arr.min()), float(arr.max())
         s = stats[name]
         s["rmin"] = min(lo, s.get("rmin", lo))
         s["rmax"] = max(hi, s.get("rmax", hi))
 
-    observe_tensors(program, feeds, update, fp16)
+    observe_tensors(program, cache.wrap(feeds) if cache is not None else feeds, update, fp16)
     return dict(stats)
 
 
@@ -803,10 +843,24 @@ def activation_histograms(
     feeds: Iterable[dict[str, np.ndarray]],
     ranges: dict[str, tuple[float, float]],
     fp16: bool | None = None,
+    replay: Iterable[dict[str, np.ndarray]] = (),
 ) -> HistogramObserver:
-    """Histograms (over the given fixed ranges) of the named tensors, for MSE-optimal int8 ranges."""
+    """Histograms (over the given fixed ranges) of the named tensors, for MSE-optimal int8 ranges.
+
+    ``replay`` holds tensors already computed (:class:`TensorCache`), counted before
+    the interpreter runs ``feeds``; counts do not depend on the order.
+    """
     obs = HistogramObserver(ranges)
-    observe_tensors(program, feeds, obs.update, fp16)  # update() ignores tensors without a range
+
+    def update(name: str, value: Any) -> None:  # update() ignores tensors without a range
+        if name in obs.ranges:
+            arr = np.asarray(value)
+            obs.update(name, _f32(arr) if arr.dtype == _F16 else arr)  # exact widening, done by torch
+
+    for tensors in replay:
+        for name, arr in tensors.items():
+            update(name, arr)
+    observe_tensors(program, feeds, update, fp16)
     return obs
 
 

@@ -90,6 +90,7 @@ PALETTE_SEARCH_IMAGES = 16  # calibration images for the per-layer palette noise
 # number, or it underflows to 0 in an fp16 program. Tensors this small (e.g. LayerScale-damped
 # branch outputs of a randomly initialised model) lose only values below 3e-5.
 MIN_RANGE = 127 * 2.0**-14
+RANGE_CACHE_BYTES = 3 * 2**30  # w8a8 ranges: quantized tensors kept from the min/max pass for the histogram pass
 PREPROCESSING = (
     f"RGB; resize shorter side to {RESIZE} (bicubic); center crop {CROP}x{CROP}; feed 0..255 pixels. "
     f"Inside the model: x/255, minus mean {list(MEAN)}, divided by std {list(STD)} per channel."
@@ -398,22 +399,29 @@ def calibration_stats(package: Path, pixels_nhwc: np.ndarray, method: str = "mse
 
     ``method="minmax"``: each tensor's min/max. ``"mse"``: a second pass histograms
     the tensors w8a8 quantizes and narrows each to its MSE-optimal symmetric
-    bound (:func:`calibration.ranges.mse_symmetric_bound`). Tensors joined by a
-    concat share one range either way.
+    bound (:func:`calibration.ranges.mse_symmetric_bound`); it replays the copies
+    of those tensors the first pass kept (up to ``RANGE_CACHE_BYTES``) and runs
+    the package only on the images that did not fit. Tensors joined by a concat
+    share one range either way.
     """
-    from converters.mil_interp import activation_histograms, activation_stats, image_feed, load_package
+    from converters.mil_interp import TensorCache, activation_histograms, activation_stats, image_feed, load_package
 
     pkg = load_package(package)
 
-    def feeds():
-        return ({pkg.input_name: image_feed(pkg, img)} for img in pixels_nhwc)
+    def feeds(pixels: np.ndarray):
+        return ({pkg.input_name: image_feed(pkg, img)} for img in pixels)
 
-    stats = activation_stats(pkg.program, feeds())
+    cache = TensorCache(quantized_inputs(pkg.program), RANGE_CACHE_BYTES) if method == "mse" else None
+    stats = activation_stats(pkg.program, feeds(pixels_nhwc), cache=cache)
     _share_concat_ranges(pkg.program, stats)
-    if method == "mse":
+    if cache is not None:
         names = quantized_inputs(pkg.program) & set(stats)
         ranges = {n: (stats[n]["rmin"], stats[n]["rmax"]) for n in names}
-        bounds = activation_histograms(pkg.program, feeds(), ranges).mse_bounds()
+        log.debug("coreml w8a8: histograms replay %d of %d images (%.0f MiB cached)", cache.cached,
+                  len(pixels_nhwc), cache.nbytes / 2**20)
+        bounds = activation_histograms(pkg.program, feeds(pixels_nhwc[cache.cached:]), ranges,
+                                       replay=cache.tensors).mse_bounds()
+        del cache
         for g in _concat_groups(pkg.program):  # a concat group keeps one bound: its quantized members' widest
             narrowed = [bounds[n] for n in g if n in bounds]
             if narrowed:

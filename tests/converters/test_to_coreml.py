@@ -215,6 +215,32 @@ def test_mse_calibration_narrows_quantized_ranges(ane_out, samples_dir):
         assert max(abs(mse[n]["rmin"]), abs(mse[n]["rmax"])) < 0.995 * bound, f"{n}: concat-fed range not narrowed"
 
 
+def test_range_cache_replay_is_exact(ane_out, samples_dir, monkeypatch):
+    """The histogram pass replays the min/max pass's tensors: ranges equal a full rerun's, whatever fits the cache."""
+    import converters.to_coreml as tc
+    from calibration.folder import scan_folder
+    from calibration.splits import make_split
+    from converters.mil_interp import TensorCache, activation_stats, image_feed
+
+    package = ane_out / f"{TINY}_fp16.mlpackage"
+    px = make_split(scan_folder(samples_dir), 6, 1, 0).calib.pixels
+    pkg = load_package(package)
+    names = tc.quantized_inputs(pkg.program)
+    feeds = [{pkg.input_name: image_feed(pkg, img)} for img in px]
+    one = TensorCache(names, 2**40)
+    activation_stats(pkg.program, feeds[:1], cache=one)
+    partial = TensorCache(names, int(2.5 * one.nbytes))  # two images and a half: the third's record is dropped
+    activation_stats(pkg.program, feeds, cache=partial)
+    assert partial.cached == 2 and partial.nbytes == 2 * one.nbytes, (partial.cached, partial.nbytes, one.nbytes)
+    assert all(set(t) == set(one.tensors[0]) == names for t in partial.tensors)
+    ranges = {}
+    for budget in (0, partial.budget, 2**40):
+        monkeypatch.setattr(tc, "RANGE_CACHE_BYTES", budget)
+        ranges[budget] = tc.calibration_stats(package, px, "mse")
+    assert ranges[partial.budget] == ranges[0], "ranges from 2 replayed + 4 rerun images differ from 6 rerun"
+    assert ranges[2**40] == ranges[0], "ranges from 6 replayed images differ from 6 rerun"
+
+
 def test_ios16_target(tmp_path, samples_dir):
     res = convert(ConvertRequest(targets=["coreml"], model=TINY, output=tmp_path, calib_dir=str(samples_dir),
                                  calib_size=4, eval_size=3, precisions=["fp16", "w8a8"],
