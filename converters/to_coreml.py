@@ -54,7 +54,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -65,7 +65,7 @@ from calibration.imagenet import class_names
 from calibration.preprocess import CROP, MEAN, RESIZE, STD
 from edge import __version__
 from edge.context import ArtifactResult, ConvertContext, PrecisionFailure, log
-from edge.errors import ConfigError
+from edge.errors import ConfigError, ConversionError
 from edge.manifest import TensorSpec
 from edge.targets import validate_options
 
@@ -185,6 +185,34 @@ def build_mlmodel(
         )
 
 
+def stored_palette(nbits: int) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """A coremltools ``lut_function`` storing weights already on a palette of at most ``2**nbits`` values, exactly.
+
+    coremltools' own ``unique`` mode counts the values with ``np.unique`` on the
+    float16 weights, and NumPy's float16 sort (its AVX-512 kernel, found on an
+    AMD EPYC host) returns unsorted runs for large arrays with many repeats: 64
+    values counted as 110, so 6-bit palettes were stored with 8-bit indices and
+    a pal6 package came out larger than w8. Here the values are found in float32
+    (exact for float16), the index width is ``nbits``, and a check that the LUT
+    gives back every weight makes a wrong palette fail loudly.
+    """
+    size = 1 << nbits
+
+    def lut_function(val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        flat = np.asarray(val).reshape(-1)
+        values, indices = np.unique(flat.astype(np.float32), return_inverse=True)
+        if values.size > size:
+            raise ConversionError(f"a weight meant for a {nbits}-bit palette holds {values.size} distinct values")
+        lut = np.zeros(size, flat.dtype)
+        lut[: values.size] = values.astype(flat.dtype)
+        indices = indices.reshape(-1).astype(np.uint8)
+        if not np.array_equal(lut[indices], flat):
+            raise ConversionError(f"the {nbits}-bit palette does not give back the weights it stores")
+        return lut, indices
+
+    return lut_function
+
+
 def compress_weights(
     mlmodel: Any,
     precision: str,
@@ -216,7 +244,8 @@ def compress_weights(
                    else {"granularity": "per_tensor"})
     op = cto.OpPalettizerConfig(mode="kmeans", nbits=nbits, weight_threshold=threshold, **granularity)
     skip.update({name: None for name in int8_weights})
-    unique = cto.OpPalettizerConfig(mode="unique", weight_threshold=threshold, **granularity)
+    unique = cto.OpPalettizerConfig(mode="custom", lut_function=stored_palette(nbits), weight_threshold=threshold,
+                                    **granularity)
     skip.update({name: unique for name in unique_weights if name not in skip})
     with _quiet():
         model = cto.palettize_weights(mlmodel, cto.OptimizationConfig(global_config=op, op_name_configs=skip))

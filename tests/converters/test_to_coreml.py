@@ -111,6 +111,29 @@ def test_palettes(ane_out):
         assert 0 < search["kept_fraction"] <= 0.15, search
         assert p.details["weight_ops"].get("constexpr_affine_dequantize", 0) == len(search["kept_int8"]), p.details
 
+    for p, nbits in ((p6, 6), (p4, 4)):  # indices as wide as the palette: a 6-bit palette is not stored in 8 bits
+        sizes = {op.name: op.inputs["lut"].val.shape[-2] if op.inputs["lut"].val.ndim > 1 else op.inputs["lut"].val.size
+                 for op in load_package(ane_out / p.path).program.functions["main"].operations
+                 if op.op_type == "constexpr_lut_to_dense"}
+        assert sizes and set(sizes.values()) == {1 << nbits}, f"{p.path}: LUT entries {sizes}"
+
+
+def test_stored_palette_counts_float16_values_exactly():
+    """98304 float16 weights on a 64-value palette (an xxs fc1): NumPy's float16 np.unique counted 110 values on
+    an AVX-512 host, so coremltools' unique mode stored them with 8-bit indices; stored_palette keeps 6 bits."""
+    from converters.to_coreml import stored_palette
+    from edge.errors import ConversionError
+
+    rng = np.random.default_rng(0)
+    palette = np.sort(rng.normal(0.0, 0.02, 64)).astype(np.float16)
+    assert np.unique(palette.astype(np.float32)).size == 64
+    weight = palette[rng.integers(0, 64, (768, 128, 1, 1))]
+    lut, indices = stored_palette(6)(weight)
+    assert lut.dtype == np.float16 and lut.shape == (64,) and indices.dtype == np.uint8
+    assert np.array_equal(lut[indices].reshape(weight.shape), weight), "the LUT does not give back the weights"
+    with pytest.raises(ConversionError, match="4-bit palette holds 64 distinct values"):
+        stored_palette(4)(weight)
+
 
 def test_palette_search_can_be_switched_off(tmp_path, samples_dir):
     res = convert(ConvertRequest(targets=["coreml"], model=TINY, output=tmp_path, calib_dir=str(samples_dir),
@@ -398,6 +421,8 @@ def test_xxs_all_precisions(tmp_path, samples_dir, form):
     # agreement is not meaningful here; check the noise level instead.
     assert checks["pal6"]["sqnr_db"] >= 25.0 and checks["pal4"]["sqnr_db"] >= 12.0, checks
     assert checks["pal6"]["sqnr_db"] > checks["pal4"]["sqnr_db"]
+    sizes = {a.precision: a.bytes for a in res.manifest.artifacts}
+    assert sizes["pal4"] < sizes["pal6"] < sizes["w8"], sizes
     rank5 = [a.details["ane_check"]["rank5_ops"] for a in res.manifest.artifacts]
     assert max(rank5) == 0
 
