@@ -2,7 +2,8 @@
 
 Per precision this writes ``<stem>_<precision>.mlpackage`` (image in, ``logits``
 out) and, for the shipping precisions, ``<stem>_<precision>_classifier.mlpackage``
-(image in, ``classLabel`` + ``classLabel_probs`` out). Both take an RGB
+(image in, ``classLabel`` + ``classLabel_probs`` out: the logits package's program,
+weights and compression included, plus softmax and Core ML's classify). Both take an RGB
 224x224 ``image``; the exact per-channel ImageNet normalization is inside the
 model (Core ML's image scale is one scalar), so ImageType uses scale 1, bias 0.
 
@@ -100,16 +101,14 @@ PREPROCESSING = (
 class PixelInput(nn.Module):
     """``net`` behind the exact ImageNet normalization: takes 0..255 RGB pixels (NCHW)."""
 
-    def __init__(self, net: nn.Module, probabilities: bool = False):
+    def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
-        self.probabilities = probabilities
         self.register_buffer("mean", torch.tensor(MEAN, dtype=torch.float32).reshape(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(STD, dtype=torch.float32).reshape(1, 3, 1, 1))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        logits = self.net((pixels / 255.0 - self.mean) / self.std)
-        return torch.softmax(logits, dim=1) if self.probabilities else logits
+        return self.net((pixels / 255.0 - self.mean) / self.std)
 
 
 def classifier_labels() -> list[str]:
@@ -160,29 +159,54 @@ def network(ctx: ConvertContext, form: str) -> nn.Module:
     raise ConfigError(f"coreml_form {form!r} is not one of {', '.join(FORMS)}")
 
 
-def build_mlmodel(
-    net: nn.Module, input_size: int, compute_precision: str, target: str, classifier: bool = False
-) -> Any:
+def build_mlmodel(net: nn.Module, input_size: int, compute_precision: str, target: str) -> Any:
     """Convert ``net`` (normalized NCHW in, logits out) to an in-memory ML Program."""
     ct = _ct()
-    wrapped = PixelInput(net, probabilities=classifier).eval()
+    wrapped = PixelInput(net).eval()
     example = (torch.rand(1, 3, input_size, input_size) * 255.0,)
     with _quiet(), torch.no_grad():
         ep = torch.export.export(wrapped, example).run_decompositions({})
-        kwargs: dict[str, Any] = {}
-        if classifier:
-            kwargs["classifier_config"] = ct.ClassifierConfig(classifier_labels(), predicted_feature_name="classLabel")
-        else:
-            kwargs["outputs"] = [ct.TensorType(name="logits", dtype=np.float32)]
         return ct.convert(
             ep,
             inputs=[ct.ImageType(name="image", shape=(1, 3, input_size, input_size),
                                  color_layout=ct.colorlayout.RGB, scale=1.0, bias=[0.0, 0.0, 0.0])],
+            outputs=[ct.TensorType(name="logits", dtype=np.float32)],
             convert_to="mlprogram",
             minimum_deployment_target=deploy_target(target),
             compute_precision=ct.precision.FLOAT16 if compute_precision == "fp16" else ct.precision.FLOAT32,
-            **kwargs,
         )
+
+
+def classifier_model(logits_model: Any, target: str) -> Any:
+    """The classifier of a logits ML Program: the same program (weights, ops, compression, bit for bit)
+    with a softmax on its logits, in the precision they are computed in, and Core ML's ``classify``.
+
+    Built from the program, not exported again: no second torch.export, conversion or weight compression.
+    """
+    import copy
+
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import Block, types
+    from coremltools.converters.mil.mil.scope import ScopeInfo, ScopeSource
+
+    ct = _ct()
+    prog = copy.deepcopy(logits_model._mil_program)
+    func = prog.functions["main"]
+    (logits,) = func.outputs
+    cast = logits.op if logits.op is not None and logits.op.op_type == "cast" else None
+    source = cast.x if cast is not None else logits  # an fp16 program casts its logits to fp32 last
+    with mb.scope(ScopeInfo(source=ScopeSource.COREMLTOOLS_GRAPH_PASS, data=["effmod_edge_classifier"])), func:
+        probs = mb.softmax(x=source, axis=1)
+        if source.dtype != types.fp32:
+            probs = mb.cast(x=probs, dtype="fp32")
+        Block._copy_scope_info(logits, probs)  # the new ops carry the scopes (export trace) of the logits
+    func.set_outputs([probs])
+    if cast is not None:
+        func.remove_ops([cast])
+    with _quiet():
+        return ct.convert(prog, convert_to="mlprogram", pass_pipeline=ct.PassPipeline.EMPTY,
+                          classifier_config=ct.ClassifierConfig(classifier_labels(), predicted_feature_name="classLabel"),
+                          minimum_deployment_target=deploy_target(target), compute_precision=ct.precision.FLOAT32)
 
 
 def stored_palette(nbits: int) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
@@ -486,7 +510,7 @@ class _Builder:
     def __init__(self, ctx: ConvertContext, form: str, target: str):
         self.ctx, self.form, self.target = ctx, form, target
         self.net = network(ctx, form)
-        self._cache: dict[tuple[str, bool, str], Any] = {}
+        self._cache: dict[tuple[str, str], Any] = {}
         self._nets: dict[str, nn.Module] = {FLOAT: self.net}
         self.plans: dict[str, PalettePlan] = {}
         opts = validate_options(ctx.options)
@@ -503,12 +527,12 @@ class _Builder:
         self._rounder: LayerRounder | None = None
         self.rounding_summary: dict = NEAREST
 
-    def float_model(self, compute_precision: str, classifier: bool, weights: str = FLOAT) -> Any:
+    def float_model(self, compute_precision: str, weights: str = FLOAT) -> Any:
         """The float ML Program of the network named ``weights`` (see :meth:`weights_net`)."""
-        key = (compute_precision, classifier, weights)
+        key = (compute_precision, weights)
         if key not in self._cache:
             net = self.weights_net(weights)
-            self._cache[key] = build_mlmodel(net, self.ctx.input_size, compute_precision, self.target, classifier)
+            self._cache[key] = build_mlmodel(net, self.ctx.input_size, compute_precision, self.target)
         return self._cache[key]
 
     def rounder(self) -> LayerRounder:
@@ -547,7 +571,7 @@ class _Builder:
         if self.w8a8_float_budget <= 0:
             return None
         weights = _weights(self, "w8a8")
-        base = self.float_model("fp16", False, weights)
+        base = self.float_model("fp16", weights)
         images = self.search_images()
         t = time.perf_counter()
         net = self.weights_net(weights)
@@ -637,17 +661,17 @@ def _weights(b: _Builder, precision: str) -> str:
     return FLOAT
 
 
-def _compressed(b: _Builder, precision: str, classifier: bool, stats: dict | None,
+def _compressed(b: _Builder, precision: str, stats: dict | None,
                 float_ops: tuple[str, ...], float_head: bool) -> tuple[Any, list[str]]:
     """The package model for ``precision`` and the ops deliberately kept float."""
     from converters.coreml_palette import weight_consts
 
     cp = "fp32" if precision == "fp32" else "fp16"
     if precision in ("pal6", "pal4"):
-        logits_base = b.float_model(cp, False)  # planned on the logits program, reused for the classifier
-        logits_head = head_op_name(logits_base._mil_program) if float_head else None
-        b.palette_plan(precision, logits_base, tuple(float_ops) + ((logits_head,) if logits_head else ()))
-    base = b.float_model(cp, classifier, _weights(b, precision))
+        float_base = b.float_model(cp)
+        float_head_op = head_op_name(float_base._mil_program) if float_head else None
+        b.palette_plan(precision, float_base, tuple(float_ops) + ((float_head_op,) if float_head_op else ()))
+    base = b.float_model(cp, _weights(b, precision))
     head = head_op_name(base._mil_program) if float_head else None
     kept = list(float_ops) + ([head] if head else [])
     model = base
@@ -683,7 +707,7 @@ def _one_precision(
         if len(ctx.split.calib) == 0:
             raise ConfigError("w8a8 needs calibration images: use --calib-size > 0")
         tmp = ctx.work_dir / f".{ctx.stem}_w8a8_calib_base.mlpackage"
-        base = b.float_model("fp16", False, _weights(b, precision))
+        base = b.float_model("fp16", _weights(b, precision))
         describe(base, ctx, "fp16", b.form, b.target, False)
         _save(base, tmp)
         tc = time.perf_counter()
@@ -695,7 +719,7 @@ def _one_precision(
                  "ranges_from": "NumPy MIL interpreter on the fp16 package ("
                  + ("MSE-optimal symmetric bound of each histogram)" if method == "mse" else "min/max)"),
                  "seconds": round(time.perf_counter() - tc, 2)}
-    model, kept_float = _compressed(b, precision, False, stats, float_ops, float_head)
+    model, kept_float = _compressed(b, precision, stats, float_ops, float_head)
     describe(model, ctx, precision, b.form, b.target, False)
     name = f"{ctx.stem}_{precision}.mlpackage"
     _save(model, ctx.work_dir / name)
@@ -742,7 +766,7 @@ def _one_precision(
         details["activation_quantize_ops"] = details["ops_by_precision"].get("quantize", {}).get("int8", 0)
     extra: list[str] = []
     if precision in CLASSIFIER_PRECISIONS:
-        cmodel, _ = _compressed(b, precision, True, stats, float_ops, float_head)
+        cmodel = classifier_model(model, b.target)
         describe(cmodel, ctx, precision, b.form, b.target, True)
         cname = f"{ctx.stem}_{precision}_classifier.mlpackage"
         _save(cmodel, ctx.work_dir / cname)

@@ -110,7 +110,6 @@ def test_palettes(ane_out):
         search = p.details["palette_search"]
         assert 0 < search["kept_fraction"] <= 0.15, search
         assert p.details["weight_ops"].get("constexpr_affine_dequantize", 0) == len(search["kept_int8"]), p.details
-
     for p, nbits in ((p6, 6), (p4, 4)):  # indices as wide as the palette: a 6-bit palette is not stored in 8 bits
         sizes = {op.name: op.inputs["lut"].val.shape[-2] if op.inputs["lut"].val.ndim > 1 else op.inputs["lut"].val.size
                  for op in load_package(ane_out / p.path).program.functions["main"].operations
@@ -171,15 +170,27 @@ def test_ane_module_matches_eager_model(proxy_tiny_checkpoint):
     assert diff <= 1e-5, f"ANE-form module logits differ from eager: max|d| {diff:.3g} > 1e-5 (measured 7.2e-7)"
 
 
-def test_classifier_package(ane_out):
+@pytest.mark.parametrize("precision", ["fp16", "pal4"])
+def test_classifier_package(ane_out, samples_dir, precision):
+    """The classifier is its logits package plus softmax and classify: same weights, probabilities = softmax(logits)."""
+    from calibration.folder import scan_folder
+    from calibration.splits import make_split
+    from converters.mil_interp import weight_histogram
+
     m = Manifest.load(ane_out / "manifest.json")
-    a = _artifact(m, "fp16")
+    a = _artifact(m, precision)
     cls = a.details["classifier"]
     assert cls["label_agreement_with_logits_package"] == 1.0
-    pkg = load_package(ane_out / cls["path"])
+    pkg, logits_pkg = load_package(ane_out / cls["path"]), load_package(ane_out / a.path)
     assert pkg.classifier and pkg.output_names == ["classLabel", "classLabel_probs"]
-    probs = run_package(pkg, np.zeros((1, 224, 224, 3), np.uint8))
-    assert probs.shape == (1, 1000) and abs(float(probs.sum()) - 1.0) < 1e-2
+    assert weight_histogram(pkg.program) == weight_histogram(logits_pkg.program), "classifier weights stored otherwise"
+    px = make_split(scan_folder(samples_dir), 2, 1, 0).calib.pixels
+    probs, logits = run_package(pkg, px), run_package(logits_pkg, px)
+    ref = torch.softmax(torch.from_numpy(logits.astype(np.float32)), 1).numpy()
+    rel = float(np.abs(probs - ref).max() / ref.max())
+    # softmax in fp16, as the logits: rounding 2^-11 relative (measured 5e-4 of the largest probability)
+    assert rel <= 2.0**-10, f"{cls['path']}: probabilities differ from softmax(logits) by {rel:.3g} of the largest"
+    assert (probs.argmax(1) == logits.argmax(1)).all()
 
 
 def test_metadata_and_interface(ane_out):
