@@ -159,6 +159,13 @@ def network(ctx: ConvertContext, form: str) -> nn.Module:
     raise ConfigError(f"coreml_form {form!r} is not one of {', '.join(FORMS)}")
 
 
+def image_input(input_size: int) -> Any:
+    """The packages' input: an RGB ``image``, 0..255 (the normalization is inside the model)."""
+    ct = _ct()
+    return ct.ImageType(name="image", shape=(1, 3, input_size, input_size), color_layout=ct.colorlayout.RGB,
+                        scale=1.0, bias=[0.0, 0.0, 0.0], channel_first=True)
+
+
 def build_mlmodel(net: nn.Module, input_size: int, compute_precision: str, target: str) -> Any:
     """Convert ``net`` (normalized NCHW in, logits out) to an in-memory ML Program."""
     ct = _ct()
@@ -168,8 +175,7 @@ def build_mlmodel(net: nn.Module, input_size: int, compute_precision: str, targe
         ep = torch.export.export(wrapped, example).run_decompositions({})
         return ct.convert(
             ep,
-            inputs=[ct.ImageType(name="image", shape=(1, 3, input_size, input_size),
-                                 color_layout=ct.colorlayout.RGB, scale=1.0, bias=[0.0, 0.0, 0.0])],
+            inputs=[image_input(input_size)],
             outputs=[ct.TensorType(name="logits", dtype=np.float32)],
             convert_to="mlprogram",
             minimum_deployment_target=deploy_target(target),
@@ -177,20 +183,23 @@ def build_mlmodel(net: nn.Module, input_size: int, compute_precision: str, targe
         )
 
 
-def classifier_model(logits_model: Any, target: str) -> Any:
+def classifier_model(logits_model: Any, input_size: int, target: str) -> Any:
     """The classifier of a logits ML Program: the same program (weights, ops, compression, bit for bit)
     with a softmax on its logits, in the precision they are computed in, and Core ML's ``classify``.
 
     Built from the program, not exported again: no second torch.export, conversion or weight compression.
+    The program is read back from the model's spec, as coremltools' own compression passes do
+    (``copy.deepcopy`` of an in-memory program exceeds Python's recursion limit on efficientmod_s).
     """
-    import copy
-
     from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
     from coremltools.converters.mil.mil import Block, types
     from coremltools.converters.mil.mil.scope import ScopeInfo, ScopeSource
 
     ct = _ct()
-    prog = copy.deepcopy(logits_model._mil_program)
+    spec = logits_model.get_spec()
+    prog = milproto_load(model_spec=spec, specification_version=spec.specificationVersion,
+                         file_weights_dir=logits_model.weights_dir)
     func = prog.functions["main"]
     (logits,) = func.outputs
     cast = logits.op if logits.op is not None and logits.op.op_type == "cast" else None
@@ -201,6 +210,7 @@ def classifier_model(logits_model: Any, target: str) -> Any:
             probs = mb.cast(x=probs, dtype="fp32")
         Block._copy_scope_info(logits, probs)  # the new ops carry the scopes (export trace) of the logits
     func.set_outputs([probs])
+    func.set_input_types((image_input(input_size),))
     if cast is not None:
         func.remove_ops([cast])
     with _quiet():
@@ -766,7 +776,7 @@ def _one_precision(
         details["activation_quantize_ops"] = details["ops_by_precision"].get("quantize", {}).get("int8", 0)
     extra: list[str] = []
     if precision in CLASSIFIER_PRECISIONS:
-        cmodel = classifier_model(model, b.target)
+        cmodel = classifier_model(model, ctx.input_size, b.target)
         describe(cmodel, ctx, precision, b.form, b.target, True)
         cname = f"{ctx.stem}_{precision}_classifier.mlpackage"
         _save(cmodel, ctx.work_dir / cname)
