@@ -50,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import shutil
 import time
 import warnings
@@ -457,13 +458,22 @@ def quantized_inputs(program: Any, op_types: tuple[str, ...] = QUANTIZED_OP_TYPE
             if op.op_type in op_types and (op.inputs["x"].op is None or op.inputs["x"].op.op_type != "const")}
 
 
+def range_cache_budget() -> int:
+    """Bytes the w8a8 range cache may hold: ``RANGE_CACHE_BYTES``, or a quarter of the free memory if less."""
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # not every OS reports free pages (macOS does not)
+        return RANGE_CACHE_BYTES
+    return int(min(RANGE_CACHE_BYTES, free // 4))
+
+
 def calibration_stats(package: Path, pixels_nhwc: np.ndarray, method: str = "mse") -> dict[str, dict[str, float]]:
     """Per-tensor activation ranges of a saved float package over calibration images.
 
     ``method="minmax"``: each tensor's min/max. ``"mse"``: a second pass histograms
     the tensors w8a8 quantizes and narrows each to its MSE-optimal symmetric
     bound (:func:`calibration.ranges.mse_symmetric_bound`); it replays the copies
-    of those tensors the first pass kept (up to ``RANGE_CACHE_BYTES``) and runs
+    of those tensors the first pass kept (up to :func:`range_cache_budget`) and runs
     the package only on the images that did not fit. Tensors joined by a concat
     share one range either way.
     """
@@ -474,7 +484,7 @@ def calibration_stats(package: Path, pixels_nhwc: np.ndarray, method: str = "mse
     def feeds(pixels: np.ndarray):
         return ({pkg.input_name: image_feed(pkg, img)} for img in pixels)
 
-    cache = TensorCache(quantized_inputs(pkg.program), RANGE_CACHE_BYTES) if method == "mse" else None
+    cache = TensorCache(quantized_inputs(pkg.program), range_cache_budget()) if method == "mse" else None
     stats = activation_stats(pkg.program, feeds(pixels_nhwc), cache=cache)
     _share_concat_ranges(pkg.program, stats)
     if cache is not None:

@@ -275,6 +275,22 @@ def test_range_cache_replay_is_exact(ane_out, samples_dir, monkeypatch):
     assert ranges[2**40] == ranges[0], "ranges from 6 replayed images differ from 6 rerun"
 
 
+def test_range_cache_budget_follows_free_memory(monkeypatch):
+    import converters.to_coreml as tc
+
+    pages = {"SC_AVPHYS_PAGES": 2**18, "SC_PAGE_SIZE": 4096}  # 1 GiB free
+    monkeypatch.setattr(tc.os, "sysconf", lambda name: pages[name])
+    assert tc.range_cache_budget() == 2**28, "a quarter of 1 GiB free"
+    pages["SC_AVPHYS_PAGES"] = 2**24  # 64 GiB free: the fixed cap
+    assert tc.range_cache_budget() == tc.RANGE_CACHE_BYTES
+
+    def unsupported(name):
+        raise ValueError(f"unrecognized configuration name {name}")
+
+    monkeypatch.setattr(tc.os, "sysconf", unsupported)
+    assert tc.range_cache_budget() == tc.RANGE_CACHE_BYTES
+
+
 def test_ios16_target(tmp_path, samples_dir):
     res = convert(ConvertRequest(targets=["coreml"], model=TINY, output=tmp_path, calib_dir=str(samples_dir),
                                  calib_size=4, eval_size=3, precisions=["fp16", "w8a8"],
