@@ -61,8 +61,7 @@ def main() -> None:
         if args.save:
             np.savez(args.save, **outputs)
     except EffmodError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
