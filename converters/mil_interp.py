@@ -168,6 +168,11 @@ def _f32(x: Any) -> np.ndarray:
     return cast_float(np.asarray(x), _F32)
 
 
+def _widen16(a: np.ndarray) -> np.ndarray:
+    """float16 ``a`` as float32 (exact, cast by torch: NumPy's float16 reductions are a scalar loop); else ``a``."""
+    return _f32(a) if a.dtype == _F16 else a
+
+
 def _val(x: Any) -> Any:
     return x.item() if isinstance(x, np.ndarray) and x.ndim == 0 else x
 
@@ -828,7 +833,7 @@ def activation_stats(
             cache.record(name, arr)
         if not np.issubdtype(arr.dtype, np.floating) or arr.size == 0:
             return
-        arr = _f32(arr) if arr.dtype == _F16 else arr  # exact; NumPy's float16 min/max is a scalar loop, 15x slower
+        arr = _widen16(arr)
         lo, hi = float(arr.min()), float(arr.max())
         s = stats[name]
         s["rmin"] = min(lo, s.get("rmin", lo))
@@ -854,8 +859,7 @@ def activation_histograms(
 
     def update(name: str, value: Any) -> None:  # update() ignores tensors without a range
         if name in obs.ranges:
-            arr = np.asarray(value)
-            obs.update(name, _f32(arr) if arr.dtype == _F16 else arr)  # exact widening, done by torch
+            obs.update(name, _widen16(np.asarray(value)))
 
     for tensors in replay:
         for name, arr in tensors.items():

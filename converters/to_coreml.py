@@ -484,11 +484,12 @@ def calibration_stats(package: Path, pixels_nhwc: np.ndarray, method: str = "mse
     def feeds(pixels: np.ndarray):
         return ({pkg.input_name: image_feed(pkg, img)} for img in pixels)
 
-    cache = TensorCache(quantized_inputs(pkg.program), range_cache_budget()) if method == "mse" else None
+    quantized = quantized_inputs(pkg.program)
+    cache = TensorCache(quantized, range_cache_budget()) if method == "mse" else None
     stats = activation_stats(pkg.program, feeds(pixels_nhwc), cache=cache)
     _share_concat_ranges(pkg.program, stats)
     if cache is not None:
-        names = quantized_inputs(pkg.program) & set(stats)
+        names = quantized & set(stats)
         ranges = {n: (stats[n]["rmin"], stats[n]["rmax"]) for n in names}
         log.debug("coreml w8a8: histograms replay %d of %d images (%.0f MiB cached)", cache.cached,
                   len(pixels_nhwc), cache.nbytes / 2**20)
