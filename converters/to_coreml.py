@@ -40,7 +40,8 @@ palettized weight is GPTQ-rounded onto its own per-tensor k-means palette (iOS 1
 coremltools' grouped-channel palettes), the layers the search keeps onto the
 int8 grid, and coremltools' ``unique`` mode stores those values. ``w8`` stays
 data-free (nearest rounding) unless ``coreml_w8_rounding=gptq`` asks for the
-GPTQ int8 weights of w8a8.
+GPTQ int8 weights of w8a8. The programs of these GPTQ networks are the fp16 program
+with their weights swapped in (:func:`swap_weights`), not exported and converted again.
 
 Every reported logit is computed by the interpreter from the *saved* package.
 """
@@ -184,23 +185,98 @@ def build_mlmodel(net: nn.Module, input_size: int, compute_precision: str, targe
         )
 
 
+def program_copy(mlmodel: Any) -> Any:
+    """A fresh MIL program of ``mlmodel``, read back from its spec and weights, as coremltools'
+    own compression passes do (``copy.deepcopy`` of the in-memory program exceeds Python's
+    recursion limit on efficientmod_s)."""
+    from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
+
+    spec = mlmodel.get_spec()
+    return milproto_load(model_spec=spec, specification_version=spec.specificationVersion,
+                         file_weights_dir=mlmodel.weights_dir)
+
+
+def swap_weights(mlmodel: Any, old: nn.Module, new: nn.Module, input_size: int, target: str) -> Any | None:
+    """The ML Program of ``new`` from ``mlmodel``, the program :func:`build_mlmodel` made of ``old``,
+    where the two networks differ only in parameter values (GPTQ-rounded weights).
+
+    Every parameter that differs must be stored as a const of its own, holding
+    its old value in the const's dtype (coremltools' fp16 cast is NumPy's
+    ``astype``); that const gets the new value, cast the same way, keeping its
+    name and place. The result is the program a conversion of ``new`` gives, op for op and
+    value for value (a test checks this), without its torch.export and conversion passes;
+    its names are the float program's. None (convert ``new`` instead) where that cannot be
+    guaranteed: a parameter not found, or folded into another const; two parameters on
+    one const; a new value that equals another const (coremltools would share them) or
+    overflows float16.
+    """
+    from coremltools.converters.mil import Builder as mb
+
+    ct = _ct()
+    before = dict(old.named_parameters())
+    changed = {n: p.detach().numpy() for n, p in new.named_parameters() if not torch.equal(p, before[n])}
+    if not changed:
+        return mlmodel
+    prog = program_copy(mlmodel)
+    func = prog.functions["main"]
+    consts: dict[tuple[str, bytes], list[Any]] = {}
+    for op in func.operations:
+        val = op.outputs[0].val if op.op_type == "const" else None
+        if isinstance(val, np.ndarray) and val.dtype in (np.float16, np.float32):
+            consts.setdefault((val.dtype.str, val.tobytes()), []).append(op)
+    dtypes = {np.dtype(d) for d, _ in consts}
+    swaps: dict[str, tuple[Any, np.ndarray]] = {}
+    for name, value in changed.items():
+        old_value = before[name].detach().numpy()
+        found = [(op, dt) for dt in dtypes for op in consts.get((dt.str, old_value.astype(dt).tobytes()), [])]
+        if len(found) != 1 or found[0][0].name in swaps:
+            return None
+        op, dt = found[0]
+        if dt == np.float16 and np.abs(value).max() > np.finfo(np.float16).max:
+            return None
+        swaps[op.name] = (op, value.astype(dt).reshape(op.outputs[0].shape))
+    swaps = {n: (op, v) for n, (op, v) in swaps.items() if v.tobytes() != op.outputs[0].val.tobytes()}
+    kept = {k for k, ops in consts.items() if any(op.name not in swaps for op in ops)}
+    new_keys = [(v.dtype.str, v.tobytes()) for _, v in swaps.values()]
+    if len(set(new_keys)) != len(new_keys) or any(k in kept for k in new_keys):
+        return None
+    with func:
+        for old_name, (op, value) in swaps.items():
+            out_name = op.outputs[0].name
+            var = mb.const(val=value, name=f"{old_name}__swapped", before_op=op)
+            func.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=var)
+            func.remove_ops([op])
+            var.op.name = old_name
+            var.name = out_name
+    func.set_input_types((image_input(input_size),))
+    with _quiet():
+        model = ct.convert(prog, convert_to="mlprogram", pass_pipeline=ct.PassPipeline.EMPTY,
+                           minimum_deployment_target=deploy_target(target), compute_precision=ct.precision.FLOAT32)
+    _keep_source(model, mlmodel)
+    return model
+
+
+def _keep_source(model: Any, source: Any) -> None:
+    """Copy coremltools' record of where the program came from (the torch version and dialect) from
+    ``source`` to ``model``, built from ``source``'s program (else it says ``milinternal``)."""
+    for key, value in source.user_defined_metadata.items():
+        if key.startswith("com.github.apple.coremltools."):
+            model.user_defined_metadata[key] = value
+
+
 def classifier_model(logits_model: Any, input_size: int, target: str) -> Any:
     """The classifier of a logits ML Program: the same program (weights, ops, compression, bit for bit)
     with a softmax on its logits, in the precision they are computed in, and Core ML's ``classify``.
 
-    Built from the program, not exported again: no second torch.export, conversion or weight compression.
-    The program is read back from the model's spec, as coremltools' own compression passes do
-    (``copy.deepcopy`` of an in-memory program exceeds Python's recursion limit on efficientmod_s).
+    Built from the program (:func:`program_copy`), not exported again: no second torch.export,
+    conversion or weight compression.
     """
     from coremltools.converters.mil import Builder as mb
-    from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
     from coremltools.converters.mil.mil import Block, types
     from coremltools.converters.mil.mil.scope import ScopeInfo, ScopeSource
 
     ct = _ct()
-    spec = logits_model.get_spec()
-    prog = milproto_load(model_spec=spec, specification_version=spec.specificationVersion,
-                         file_weights_dir=logits_model.weights_dir)
+    prog = program_copy(logits_model)
     func = prog.functions["main"]
     (logits,) = func.outputs
     cast = logits.op if logits.op is not None and logits.op.op_type == "cast" else None
@@ -215,9 +291,11 @@ def classifier_model(logits_model: Any, input_size: int, target: str) -> Any:
     if cast is not None:
         func.remove_ops([cast])
     with _quiet():
-        return ct.convert(prog, convert_to="mlprogram", pass_pipeline=ct.PassPipeline.EMPTY,
-                          classifier_config=ct.ClassifierConfig(classifier_labels(), predicted_feature_name="classLabel"),
-                          minimum_deployment_target=deploy_target(target), compute_precision=ct.precision.FLOAT32)
+        model = ct.convert(prog, convert_to="mlprogram", pass_pipeline=ct.PassPipeline.EMPTY,
+                           classifier_config=ct.ClassifierConfig(classifier_labels(), predicted_feature_name="classLabel"),
+                           minimum_deployment_target=deploy_target(target), compute_precision=ct.precision.FLOAT32)
+    _keep_source(model, logits_model)
+    return model
 
 
 def stored_palette(nbits: int) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
@@ -553,7 +631,16 @@ class _Builder:
         key = (compute_precision, weights)
         if key not in self._cache:
             net = self.weights_net(weights)
-            self._cache[key] = build_mlmodel(net, self.ctx.input_size, compute_precision, self.target)
+            model = None
+            if weights != FLOAT:
+                model = swap_weights(self.float_model(compute_precision), self.net, net, self.ctx.input_size,
+                                     self.target)
+                if model is None:
+                    log.info("coreml: the %s weights are not all plain consts of the float program; "
+                             "converting that network again", weights)
+            if model is None:
+                model = build_mlmodel(net, self.ctx.input_size, compute_precision, self.target)
+            self._cache[key] = model
         return self._cache[key]
 
     def rounder(self) -> LayerRounder:

@@ -134,6 +134,75 @@ def test_stored_palette_counts_float16_values_exactly():
         stored_palette(4)(weight)
 
 
+def _program_summary(mlmodel) -> tuple[list, list, str]:
+    """Every op (type, inputs as positions of the ops that made them), every const's bytes in program order,
+    and the model description. Positions, not names: coremltools numbers unnamed consts from a
+    process-wide counter, so two conversions of one network name them differently."""
+    from converters.to_coreml import program_copy
+
+    func = program_copy(mlmodel).functions["main"]
+    where = {name: f"input:{name}" for name in func.inputs}
+    ops, consts = [], []
+    for i, op in enumerate(func.operations):
+        args = sorted((k, [where[x.name] for x in v] if isinstance(v, (list, tuple)) else where[v.name])
+                      for k, v in op.inputs.items())
+        ops.append((op.op_type, args))
+        for j, out in enumerate(op.outputs):
+            where[out.name] = f"{i}.{j}"
+        if op.op_type == "const" and isinstance(op.outputs[0].val, np.ndarray):
+            consts.append((i, op.outputs[0].val.dtype.str, op.outputs[0].val.tobytes()))
+    return ops, consts, str(mlmodel.get_spec().description)
+
+
+def test_swapped_weights_give_the_program_a_conversion_gives():
+    """GPTQ-style networks (only weight values differ) reuse the float program: same ops, names and consts
+    as exporting and converting them again; where that cannot be guaranteed, swap_weights says so (None)."""
+    import copy
+
+    from converters.to_coreml import build_mlmodel, swap_weights
+    from edge.efficientmod import create_model
+
+    def rounded(net, names) -> torch.nn.Module:
+        out = copy.deepcopy(net)
+        with torch.no_grad():
+            for name, p in out.named_parameters():
+                if name in names:
+                    p.copy_(torch.round(p * 64) / 64)
+        return out
+
+    net = to_ane(to_deploy(create_model(TINY))).eval()
+    params = dict(net.named_parameters())
+    big = {n for n, p in params.items() if p.numel() > 2048}  # what GPTQ rounds at the default threshold
+    assert len(big) >= 4
+    base = build_mlmodel(net, 224, "fp16", "iOS17")
+    new = rounded(net, big)
+    swapped = swap_weights(base, net, new, 224, "iOS17")
+    assert swapped is not None, "swap_weights fell back on plain GPTQ-style weights"
+    full_ops, full_consts, full_desc = _program_summary(build_mlmodel(new, 224, "fp16", "iOS17"))
+    ops, consts, desc = _program_summary(swapped)
+    assert ops == full_ops, "the swapped program's ops differ from a fresh conversion's"
+    differ = [a[0] for a, b in zip(full_consts, consts) if a != b]
+    assert len(consts) == len(full_consts) and not differ, f"consts at op positions {differ[:5]} differ"
+    assert desc == full_desc, "the swapped model's description (interface, metadata) differs"
+    base_consts = _program_summary(base)[1]
+    assert sum(a != b for a, b in zip(base_consts, consts)) == len(big)
+
+    stored = {c[2] for c in base_consts}
+    folded = [n for n, p in params.items() if p.numel() >= 100
+              and not {p.detach().numpy().astype(dt).tobytes() for dt in (np.float16, np.float32)} & stored]
+    assert folded, "coremltools 9.0 folds at least one tiny weight (an fc2 of the attention MLP) into another const"
+    assert swap_weights(base, net, rounded(net, big | set(folded[:1])), 224, "iOS17") is None, (
+        f"{folded[0]} is folded into another const, yet swap_weights did not refuse")
+    pair = next((a, b) for a in params for b in params if a < b and params[a].shape == params[b].shape
+                and params[a].numel() >= 256 and a not in folded and b not in folded)
+    same = rounded(net, set(pair))
+    with torch.no_grad():  # two weights made equal: a conversion would share one const between them
+        dict(same.named_parameters())[pair[0]].copy_(dict(same.named_parameters())[pair[1]])
+    assert swap_weights(base, net, same, 224, "iOS17") is None, f"{pair} made equal, yet swap_weights did not refuse"
+    other = to_ane(to_deploy(create_model(TINY, seed=1))).eval()  # a program not made from `old`
+    assert swap_weights(base, other, new, 224, "iOS17") is None, "a program of other weights was not refused"
+
+
 def test_palette_search_can_be_switched_off(tmp_path, samples_dir):
     res = convert(ConvertRequest(targets=["coreml"], model=TINY, output=tmp_path, calib_dir=str(samples_dir),
                                  calib_size=0, eval_size=2, precisions=["pal6"],
