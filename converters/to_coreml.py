@@ -206,9 +206,10 @@ def swap_weights(mlmodel: Any, old: nn.Module, new: nn.Module, input_size: int, 
     name and place. The result is the program a conversion of ``new`` gives, op for op and
     value for value (a test checks this), without its torch.export and conversion passes;
     its names are the float program's. None (convert ``new`` instead) where that cannot be
-    guaranteed: a parameter not found, or folded into another const; two parameters on
-    one const; a new value that equals another const (coremltools would share them) or
-    overflows float16.
+    guaranteed: a parameter not found (folded into another const, or stored other than by
+    ``astype``: coremltools' fp16 pass lifts values that would underflow to zero in consts
+    under 400 elements); two parameters on one const; a new value that equals another const
+    (coremltools would share them) or overflows float16.
     """
     from coremltools.converters.mil import Builder as mb
 

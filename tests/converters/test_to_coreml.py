@@ -190,7 +190,9 @@ def test_swapped_weights_give_the_program_a_conversion_gives():
     stored = {c[2] for c in base_consts}
     folded = [n for n, p in params.items() if p.numel() >= 100
               and not {p.detach().numpy().astype(dt).tobytes() for dt in (np.float16, np.float32)} & stored]
-    assert folded, "coremltools 9.0 folds at least one tiny weight (an fc2 of the attention MLP) into another const"
+    # random init: LayerScale folded in (|w| <= 6e-6) makes a 256-element fc2 underflow in fp16, and coremltools'
+    # fp16 pass lifts those values off zero, so the const is not the weight's astype
+    assert folded, "no weight of the random tiny net is stored other than by astype (measured: blocks.1.fc2.weight)"
     assert swap_weights(base, net, rounded(net, big | set(folded[:1])), 224, "iOS17") is None, (
         f"{folded[0]} is folded into another const, yet swap_weights did not refuse")
     pair = next((a, b) for a in params for b in params if a < b and params[a].shape == params[b].shape
