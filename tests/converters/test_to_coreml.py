@@ -155,8 +155,9 @@ def _program_summary(mlmodel) -> tuple[list, list, str]:
 
 
 def test_swapped_weights_give_the_program_a_conversion_gives():
-    """GPTQ-style networks (only weight values differ) reuse the float program: same ops, names and consts
-    as exporting and converting them again; where that cannot be guaranteed, swap_weights says so (None)."""
+    """GPTQ-style networks (only weight values differ) reuse the float program: the same ops, consts and
+    description as exporting and converting them again; where that cannot be guaranteed, swap_weights says
+    so (None)."""
     import copy
 
     from converters.to_coreml import build_mlmodel, swap_weights
@@ -194,7 +195,7 @@ def test_swapped_weights_give_the_program_a_conversion_gives():
     # fp16 pass lifts those values off zero, so the const is not the weight's astype
     assert folded, "no weight of the random tiny net is stored other than by astype (measured: blocks.1.fc2.weight)"
     assert swap_weights(base, net, rounded(net, big | set(folded[:1])), 224, "iOS17") is None, (
-        f"{folded[0]} is folded into another const, yet swap_weights did not refuse")
+        f"{folded[0]} is not stored as its astype, yet swap_weights did not refuse")
     pair = next((a, b) for a in params for b in params if a < b and params[a].shape == params[b].shape
                 and params[a].numel() >= 256 and a not in folded and b not in folded)
     same = rounded(net, set(pair))
