@@ -213,7 +213,6 @@ def swap_weights(mlmodel: Any, old: nn.Module, new: nn.Module, input_size: int, 
     """
     from coremltools.converters.mil import Builder as mb
 
-    ct = _ct()
     before = dict(old.named_parameters())
     changed = {n: p.detach().numpy() for n, p in new.named_parameters() if not torch.equal(p, before[n])}
     if not changed:
@@ -249,20 +248,23 @@ def swap_weights(mlmodel: Any, old: nn.Module, new: nn.Module, input_size: int, 
             func.remove_ops([op])
             var.op.name = old_name
             var.name = out_name
-    func.set_input_types((image_input(input_size),))
+    return edited_model(prog, mlmodel, input_size, target)
+
+
+def edited_model(prog: Any, source: Any, input_size: int, target: str, **convert_args: Any) -> Any:
+    """The ML Program model of ``prog``, a program read from ``source`` (:func:`program_copy`) and edited:
+    the packages' image input, no further conversion passes, and coremltools' record of where
+    ``source`` came from (the torch version and dialect; else it would say ``milinternal``)."""
+    ct = _ct()
+    prog.functions["main"].set_input_types((image_input(input_size),))
     with _quiet():
         model = ct.convert(prog, convert_to="mlprogram", pass_pipeline=ct.PassPipeline.EMPTY,
-                           minimum_deployment_target=deploy_target(target), compute_precision=ct.precision.FLOAT32)
-    _keep_source(model, mlmodel)
-    return model
-
-
-def _keep_source(model: Any, source: Any) -> None:
-    """Copy coremltools' record of where the program came from (the torch version and dialect) from
-    ``source`` to ``model``, built from ``source``'s program (else it says ``milinternal``)."""
+                           minimum_deployment_target=deploy_target(target), compute_precision=ct.precision.FLOAT32,
+                           **convert_args)
     for key, value in source.user_defined_metadata.items():
         if key.startswith("com.github.apple.coremltools."):
             model.user_defined_metadata[key] = value
+    return model
 
 
 def classifier_model(logits_model: Any, input_size: int, target: str) -> Any:
@@ -288,15 +290,10 @@ def classifier_model(logits_model: Any, input_size: int, target: str) -> Any:
             probs = mb.cast(x=probs, dtype="fp32")
         Block._copy_scope_info(logits, probs)  # the new ops carry the scopes (export trace) of the logits
     func.set_outputs([probs])
-    func.set_input_types((image_input(input_size),))
     if cast is not None:
         func.remove_ops([cast])
-    with _quiet():
-        model = ct.convert(prog, convert_to="mlprogram", pass_pipeline=ct.PassPipeline.EMPTY,
-                           classifier_config=ct.ClassifierConfig(classifier_labels(), predicted_feature_name="classLabel"),
-                           minimum_deployment_target=deploy_target(target), compute_precision=ct.precision.FLOAT32)
-    _keep_source(model, logits_model)
-    return model
+    return edited_model(prog, logits_model, input_size, target,
+                        classifier_config=ct.ClassifierConfig(classifier_labels(), predicted_feature_name="classLabel"))
 
 
 def stored_palette(nbits: int) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
