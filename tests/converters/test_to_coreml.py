@@ -134,32 +134,13 @@ def test_stored_palette_counts_float16_values_exactly():
         stored_palette(4)(weight)
 
 
-def _program_summary(mlmodel) -> tuple[list, list, str]:
-    """Every op (type, inputs as positions of the ops that made them), every const's bytes in program order,
-    and the model description. Positions, not names: coremltools numbers unnamed consts from a
-    process-wide counter, so two conversions of one network name them differently."""
-    from converters.to_coreml import program_copy
-
-    func = program_copy(mlmodel).functions["main"]
-    where = {name: f"input:{name}" for name in func.inputs}
-    ops, consts = [], []
-    for i, op in enumerate(func.operations):
-        args = sorted((k, [where[x.name] for x in v] if isinstance(v, (list, tuple)) else where[v.name])
-                      for k, v in op.inputs.items())
-        ops.append((op.op_type, args))
-        for j, out in enumerate(op.outputs):
-            where[out.name] = f"{i}.{j}"
-        if op.op_type == "const" and isinstance(op.outputs[0].val, np.ndarray):
-            consts.append((i, op.outputs[0].val.dtype.str, op.outputs[0].val.tobytes()))
-    return ops, consts, str(mlmodel.get_spec().description)
-
-
 def test_swapped_weights_give_the_program_a_conversion_gives():
     """GPTQ-style networks (only weight values differ) reuse the float program: the same ops, consts and
     description as exporting and converting them again; where that cannot be guaranteed, swap_weights says
     so (None)."""
     import copy
 
+    from benchmarks.swap_identity import program_summary as _program_summary
     from converters.to_coreml import build_mlmodel, swap_weights
     from edge.efficientmod import create_model
 
