@@ -12,8 +12,10 @@ import json
 import math
 import os
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -448,21 +450,31 @@ def cmd_inspect(args: dict) -> None:
         json.dump(result, f, indent=1)
 
 
+def warm_up(fn: Callable[[], object], runs: int, seconds: float) -> None:
+    """Call ``fn`` untimed at least ``runs`` times and until ``seconds`` have passed.
+
+    The time floor is what LiteRT's ``benchmark_model`` does (``warmup_runs=1``,
+    ``warmup_min_secs=0.5``): a count alone warms a fast model for less time than a slow one.
+    """
+    end = time.perf_counter() + seconds
+    done = 0
+    while done < runs or time.perf_counter() < end:
+        fn()
+        done += 1
+
+
 def cmd_bench(args: dict) -> None:
     """Latency of one or more .tflite files, in ms: warm-up, then timed invokes in interleaved rounds.
 
     ``models`` are loaded once; each round times every model in turn, so drift
     of a shared machine hits them alike. Writes ``{model: [samples...]}``.
     """
-    import time
-
     interpreters = {}
     for path in args["models"]:
         it = _interpreter({**args, "model": path})
         inp = it.get_input_details()[0]
         it.set_tensor(inp["index"], np.zeros(inp["shape"], inp["dtype"]))
-        for _ in range(args.get("warmup", 5)):
-            it.invoke()
+        warm_up(it.invoke, args.get("warmup", 5), args.get("warmup_secs", 0.0))
         interpreters[path] = it
     samples: dict[str, list[float]] = {path: [] for path in interpreters}
     for _ in range(args.get("rounds", 1)):

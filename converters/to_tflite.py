@@ -230,11 +230,13 @@ def litert_logits(model: Path, images_nhwc: np.ndarray, build_dir: Path, threads
 
 
 def time_tflite(models: list[Path], build_dir: Path, threads: int = 2, rounds: int = 5, runs: int = 20,
-                warmup: int = 3) -> dict[Path, list[float]]:
-    """Latency samples (ms) of each model, timed in interleaved rounds in one LiteRT worker."""
+                warmup: int = 3, warmup_secs: float = 0.0) -> dict[Path, list[float]]:
+    """Latency samples (ms) of each model, timed in interleaved rounds in one LiteRT worker.
+
+    Each model is first run ``warmup`` times and for at least ``warmup_secs`` seconds."""
     out = build_dir / f"bench-{time.monotonic_ns()}.json"
     worker("bench", {"models": [str(m) for m in models], "threads": threads, "rounds": rounds, "runs": runs,
-                     "warmup": warmup, "out": str(out)}, build_dir)
+                     "warmup": warmup, "warmup_secs": warmup_secs, "out": str(out)}, build_dir)
     samples = json.loads(out.read_text())
     return {m: samples[str(m)] for m in models}
 

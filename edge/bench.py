@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from converters.litert_worker import warm_up
 from edge.context import log
 from edge.efficientmod import get_config
 from edge.errors import ConfigError, EffmodError
@@ -48,9 +49,8 @@ def _stats(samples: list[float]) -> dict:
             "min_ms": round(float(a.min()), 3), "runs": int(a.size)}
 
 
-def _time(fn, warmup: int, runs: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
+def _time(fn, warmup: int, runs: int, warmup_secs: float) -> list[float]:
+    warm_up(fn, warmup, warmup_secs)
     out = []
     for _ in range(runs):
         t = time.perf_counter()
@@ -68,14 +68,14 @@ def _onnx_timer(path: Path, threads: int):
     shape = [d if isinstance(d, int) else 1 for d in sess.get_inputs()[0].shape]
     x = np.zeros(shape, np.float32)
     name = sess.get_inputs()[0].name
-    return lambda warmup, runs: _time(lambda: sess.run(None, {name: x}), warmup, runs)
+    return lambda warmup, runs, secs: _time(lambda: sess.run(None, {name: x}), warmup, runs, secs)
 
 
 def _tflite_timer(path: Path, threads: int, build: Path):
     from converters.to_tflite import time_tflite
 
-    def run(warmup: int, runs: int) -> list[float]:
-        return time_tflite([path], build, threads=threads, rounds=1, runs=runs, warmup=warmup)[path]
+    def run(warmup: int, runs: int, secs: float) -> list[float]:
+        return time_tflite([path], build, threads=threads, rounds=1, runs=runs, warmup=warmup, warmup_secs=secs)[path]
 
     return run
 
@@ -83,18 +83,19 @@ def _tflite_timer(path: Path, threads: int, build: Path):
 def _torch_timer(model: torch.nn.Module, threads: int, input_size: int):
     x = torch.zeros(1, 3, input_size, input_size)
 
-    def run(warmup: int, runs: int) -> list[float]:
+    def run(warmup: int, runs: int, secs: float) -> list[float]:
         prev = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
             with torch.inference_mode():
-                return _time(lambda: model(x), warmup, runs)
+                return _time(lambda: model(x), warmup, runs, secs)
         finally:
             torch.set_num_threads(prev)
 
     return run
 
 
+WARMUP_SECS = 0.5  # untimed warm-up floor per row and round, as LiteRT's benchmark_model (warmup_min_secs)
 BASELINE = {"target": "tflite", "precision": "fp32"}  # the file every speed-up is measured against
 
 
@@ -120,10 +121,15 @@ def bench_manifest(
     rounds: int = 3,
     threads: tuple[int, ...] | None = None,
     include_torch: bool = True,
+    warmup_secs: float = WARMUP_SECS,
 ) -> dict:
-    """Time every runnable artifact; writes ``bench.json`` beside the manifest."""
-    if runs < 1 or rounds < 1 or warmup < 0:
-        raise ConfigError(f"bench needs --runs >= 1, --rounds >= 1 and --warmup >= 0 (got {runs}, {rounds}, {warmup})")
+    """Time every runnable artifact; writes ``bench.json`` beside the manifest.
+
+    Each round first runs each row at least ``warmup`` times and for ``warmup_secs`` seconds, untimed.
+    """
+    if runs < 1 or rounds < 1 or warmup < 0 or not 0 <= warmup_secs < float("inf"):
+        raise ConfigError(f"bench needs --runs >= 1, --rounds >= 1, --warmup >= 0 and a finite --warmup-secs >= 0 "
+                          f"(got {runs}, {rounds}, {warmup}, {warmup_secs})")
     if threads is not None and (not threads or min(threads) < 1):
         raise ConfigError(f"--threads must be positive thread counts, e.g. 1,2 (got {','.join(map(str, threads))})")
     manifest_path = Path(manifest_path)
@@ -165,7 +171,7 @@ def bench_manifest(
                 if i in errors:
                     continue
                 try:
-                    got = timer(warmup, runs)
+                    got = timer(warmup, runs, warmup_secs)
                 except Exception as exc:  # a runtime crash is a row's error, not the bench's
                     errors[i] = f"{type(exc).__name__}: {exc}"
                     continue
@@ -180,7 +186,7 @@ def bench_manifest(
                 speedup = _speedup_vs_baseline(row, round_medians[i], timed)
                 rows.append({**row, **_stats(samples[i]), **({"speedup_vs_fp32_tflite": speedup} if speedup else {})})
     result = {"manifest": str(manifest_path), "model": manifest.model, "weights": manifest.weights,
-              "machine": machine_info(), "settings": {"runs": runs, "warmup": warmup, "rounds": rounds,
+              "machine": machine_info(), "settings": {"runs": runs, "warmup": warmup, "warmup_secs": warmup_secs, "rounds": rounds,
                                                      "threads": list(threads)},
               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "results": rows}
     write_json_atomic(root / "bench.json", result)

@@ -193,10 +193,12 @@ def download_samples(url: str | None) -> None:
 @main.command()
 @click.argument("manifest", type=click.Path())
 @click.option("--runs", default=30, show_default=True, help="Timed runs per round.")
-@click.option("--warmup", default=5, show_default=True, help="Untimed runs before each round.")
+@click.option("--warmup", default=5, show_default=True, help="Untimed runs before each round (at least).")
+@click.option("--warmup-secs", default=0.5, show_default=True, type=float,
+              help="Untimed seconds before each round (at least), as LiteRT's benchmark_model warms up.")
 @click.option("--rounds", default=3, show_default=True, help="Interleaved rounds over all artifacts.")
 @click.option("--threads", default=None, help="Comma-separated thread counts (default: 1 and all cores).")
-def bench(manifest: str, runs: int, warmup: int, rounds: int, threads: str | None) -> None:
+def bench(manifest: str, runs: int, warmup: int, warmup_secs: float, rounds: int, threads: str | None) -> None:
     """Host latency of every runnable artifact and of PyTorch eager; writes bench.json."""
     from edge.bench import bench_manifest, format_table, require_manifest
 
@@ -204,7 +206,8 @@ def bench(manifest: str, runs: int, warmup: int, rounds: int, threads: str | Non
         counts = tuple(int(t) for t in threads.split(",")) if threads else None
     except ValueError:
         raise EffmodError(f"--threads {threads!r} is not a comma-separated list of thread counts; pass e.g. 1,2") from None
-    result = bench_manifest(require_manifest(manifest), runs=runs, warmup=warmup, rounds=rounds, threads=counts)
+    result = bench_manifest(require_manifest(manifest), runs=runs, warmup=warmup, rounds=rounds, threads=counts,
+                            warmup_secs=warmup_secs)
     m = result["machine"]
     click.echo(f"{result['model']} ({result['weights']}) on {m['cpu']}, {m['cores']} cores, {result['date']}")
     click.echo(format_table(result))

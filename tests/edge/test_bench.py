@@ -28,3 +28,35 @@ def test_table_shows_the_paired_speedup():
            "speedup_vs_fp32_tflite": {"median": 1.61, "min": 1.52, "max": 1.7, "rounds": 5}}
     line = format_table({"results": [row]}).splitlines()[-1]
     assert "1.61x (1.52-1.70, 5)" in line, line
+
+
+class _Clock:
+    """A fake perf_counter that each warm-up call advances by ``step`` seconds."""
+
+    def __init__(self, step: float):
+        self.now, self.step, self.calls = 0.0, step, 0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def run(self) -> None:
+        self.calls += 1
+        self.now += self.step
+
+
+def test_warm_up_runs_the_count_when_it_outlasts_the_time_floor(monkeypatch):
+    from converters import litert_worker
+
+    clock = _Clock(step=0.25)
+    monkeypatch.setattr(litert_worker.time, "perf_counter", clock)
+    litert_worker.warm_up(clock.run, runs=5, seconds=0.5)
+    assert clock.calls == 5, f"5 runs of 0.25 s outlast 0.5 s, so the count decides; ran {clock.calls}"
+
+
+def test_warm_up_keeps_a_fast_model_running_until_the_time_floor(monkeypatch):
+    from converters import litert_worker
+
+    clock = _Clock(step=2**-8)  # about 4 ms, exact in binary
+    monkeypatch.setattr(litert_worker.time, "perf_counter", clock)
+    litert_worker.warm_up(clock.run, runs=5, seconds=0.5)
+    assert clock.calls == 128, f"0.5 s of 1/256 s runs is 128 runs; ran {clock.calls}"
