@@ -217,6 +217,15 @@ def _svg_sensitivity(sens: list[dict]) -> str:
     return "".join(parts)
 
 
+def latency_method(bench: dict | None) -> str:
+    """How bench.json's latencies were taken, in one sentence (empty without a bench.json)."""
+    s = (bench or {}).get("settings")
+    if not s:
+        return ""
+    return (f"Latency ({bench.get('date', 'undated')}): median over {s['rounds']} interleaved rounds of {s['runs']} "
+            f"timed runs, each round after at least {s['warmup']} untimed runs and {s.get('warmup_secs', 0)} s.")
+
+
 def render(out_dir: str | os.PathLike, fail_under: list[FailUnder] | None = None) -> tuple[Path, Path, list[str]]:
     """Write report.md and report.html; returns their paths and the gate misses."""
     out_dir = Path(out_dir)
@@ -229,11 +238,13 @@ def render(out_dir: str | os.PathLike, fail_under: list[FailUnder] | None = None
     body = _table_rows(rows, threads, mark_checks=mixed_sources)
     img = (evaluation or {}).get("images") or {k: (manifest.data or {}).get(k) for k in ("eval_size", "seed", "root")}
     machine = (bench or evaluation or {}).get("machine", {})
+    timing = latency_method(bench)
     misses = gate(rows, fail_under or [])
     source = "evaluation.json" if evaluation else "the manifest's conversion checks (run effmod-edge evaluate for more)"
     md = [f"# effmod-edge report: {manifest.model}", "",
           f"Weights: `{manifest.weights}`. Metrics from {source}; images: {json.dumps(img)}.",
           f"Machine: {machine.get('cpu', '-')}, {machine.get('cores', '-')} cores; runtimes {json.dumps(machine.get('versions', {}))}.",
+          *([timing] if timing else []),
           "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in body]
     if mixed_sources:
@@ -277,6 +288,7 @@ def render(out_dir: str | os.PathLike, fail_under: list[FailUnder] | None = None
 <h1>effmod-edge report: {esc(manifest.model)}</h1>
 <p>Weights: <code>{esc(manifest.weights)}</code>. Metrics from {esc(source)}. Images: <code>{esc(json.dumps(img))}</code>.</p>
 <p>Machine: {esc(str(machine.get('cpu', '-')))}, {esc(str(machine.get('cores', '-')))} cores.</p>
+{f"<p>{esc(timing)}</p>" if timing else ""}
 {''.join(table)}
 {''.join(sections)}
 </body></html>

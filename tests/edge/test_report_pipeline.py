@@ -139,3 +139,14 @@ def test_mixed_step_line_shows_the_step_latency_when_timed():
     assert " ms" not in mixed_step_line(step), "a manifest from before step timing has no latency to show"
     line = mixed_step_line({**step, "latency_ms": 5.404, "latency_vs_first_step": 1.068})
     assert line.endswith("5.44 MB, 5.40 ms (1.07x the first step)"), line
+
+
+def test_report_says_how_latency_was_taken():
+    from edge.report import latency_method
+
+    bench = {"date": "2026-11-27", "settings": {"runs": 30, "warmup": 5, "warmup_secs": 0.5, "rounds": 3}}
+    line = latency_method(bench)
+    assert "3 interleaved rounds of 30 timed runs" in line and "at least 5 untimed runs and 0.5 s" in line, line
+    older = {"settings": {"runs": 30, "warmup": 5, "rounds": 3}}  # bench.json from before --warmup-secs
+    assert "and 0 s" in latency_method(older), latency_method(older)
+    assert latency_method(None) == ""
