@@ -42,6 +42,15 @@ class UnsupportedOpError(NotImplementedError):
         )
 
 
+class OutputMismatchError(RuntimeError):
+    """A kernel's output does not have the shape or dtype kind the program declares for it."""
+
+    def __init__(self, op: Any, index: int, expected: str, got: str):
+        self.op_type = op.op_type
+        super().__init__(f"MIL op {op.op_type!r} ({op.name}) output {index}: the program declares {expected}, the "
+                         f"interpreter's kernel gave {got}; the kernel does not follow this op's semantics")
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -617,8 +626,37 @@ def _classify(a: dict) -> list[Any]:
 # --------------------------------------------------------------------------- interpreter
 
 
+def _declared(var: Any) -> tuple[tuple[int, ...] | None, str | None]:
+    """A var's static shape (None if any dimension is symbolic) and dtype kind ("f", "i" or None: not checked)."""
+    try:
+        dims = tuple(var.shape)
+    except ValueError:  # a list var has no shape
+        return None, None
+    shape = tuple(int(d) for d in dims) if all(isinstance(d, (int, np.integer)) for d in dims) else None
+    name = dtype_name(var)
+    kind = "f" if name.startswith("fp") else "i" if name.startswith(("int", "uint")) or name == "bool" else None
+    return shape, kind
+
+
+def _check_outputs(op: Any, outs: list[Any], declared: list[tuple[tuple[int, ...] | None, str | None]]) -> None:
+    """Raise :class:`OutputMismatchError` when an array output's shape or dtype kind is not the declared one."""
+    for j, (o, (shape, kind)) in enumerate(zip(outs, declared)):
+        if not isinstance(o, np.ndarray):
+            continue
+        if shape is not None and o.shape != shape:
+            raise OutputMismatchError(op, j, f"shape {list(shape)}", f"shape {list(o.shape)}")
+        got = "f" if np.issubdtype(o.dtype, np.floating) else "i" if np.issubdtype(o.dtype, np.integer) or o.dtype == np.bool_ else None
+        if kind is not None and got != kind:
+            raise OutputMismatchError(op, j, f"dtype {dtype_name(op.outputs[j])}", f"dtype {o.dtype}")
+
+
 class Interpreter:
-    """Runs the main function of a MIL program on NumPy arrays."""
+    """Runs the main function of a MIL program on NumPy arrays.
+
+    Every kernel output is checked against the shape and dtype kind the program
+    declares for it, so a kernel that departs from an op's semantics (say, a
+    newer opset's rule) fails by name instead of computing on.
+    """
 
     def __init__(self, program: Any, fp16: bool | None = None):
         self.program = program
@@ -637,17 +675,20 @@ class Interpreter:
         for op in self.ops:
             if op.op_type == "const":
                 self._consts[op.outputs[0].name] = self._round(op.outputs[0].val, op.outputs[0])
+        self._declared = [[_declared(v) for v in op.outputs] for op in self.ops]
         self._folded = {i for i, op in enumerate(self.ops) if op.op_type.startswith("constexpr_")}
         for i in sorted(self._folded):
-            self._fold(self.ops[i])
+            self._fold(self.ops[i], self._declared[i])
         self.output_names = [v.name for v in self.func.outputs]
 
-    def _fold(self, op: Any) -> None:
+    def _fold(self, op: Any, declared: list) -> None:
         """Store the outputs of a ``constexpr_*`` op (weight decompression) as constants: its inputs are constants."""
         args = {k: self._resolve(v, {}) for k, v in op.inputs.items()}
         out = KERNELS[op.op_type](args)
-        for var, o in zip(op.outputs, out if isinstance(out, list) else [out]):
-            self._consts[var.name] = self._round(o, var)
+        outs = [self._round(o, var) for var, o in zip(op.outputs, out if isinstance(out, list) else [out])]
+        _check_outputs(op, outs, declared)
+        for var, o in zip(op.outputs, outs):
+            self._consts[var.name] = o
 
     def _target_dtype(self, var: Any, value: np.ndarray) -> Any:
         if not np.issubdtype(value.dtype, np.floating):
@@ -700,6 +741,7 @@ class Interpreter:
             if len(outs) != len(op.outputs):
                 raise RuntimeError(f"{op.op_type} {op.name}: kernel gave {len(outs)} outputs, op has {len(op.outputs)}")
             outs = [self._round(o, var) for o, var in zip(outs, op.outputs)]
+            _check_outputs(op, outs, self._declared[i])
             for var, o in zip(op.outputs, outs):
                 env[var.name] = o
             if observer is not None:

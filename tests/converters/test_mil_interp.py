@@ -13,6 +13,7 @@ from coremltools.converters.mil import Builder as mb  # noqa: E402
 
 from converters.mil_interp import (  # noqa: E402
     Interpreter,
+    OutputMismatchError,
     UnsupportedOpError,
     cast_float,
     observe_tensors,
@@ -265,6 +266,21 @@ def test_unknown_op_fails_naming_it():
         Interpreter(prog)
     assert info.value.op_type == "topk"
 
+
+
+def test_a_kernel_that_departs_from_the_declared_shape_fails_by_name():
+    """iOS17's reshape aligns the 0s of ``shape`` from the right when its length differs from the input's rank
+    ((2, 3, 4) with [0, -1] is (3, 8)); the kernel copies them from the left. The check against the declared
+    shape stops it there instead of letting the next op compute on a (2, 12) tensor."""
+    x = _randn(2, 3, 4)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=x.shape)], opset_version=IOS17)
+    def prog(x_in):
+        return mb.reduce_sum(x=mb.reshape(x=x_in, shape=[0, -1]), axes=[1])
+
+    with pytest.raises(OutputMismatchError, match=r"'reshape'.*declares shape \[3, 8\].*gave shape \[2, 12\]") as info:
+        Interpreter(prog).run({"x_in": x})
+    assert info.value.op_type == "reshape"
 
 def test_fp16_mode_rounds_every_intermediate():
     x = np.full((1, 4), 1.0, np.float32)
