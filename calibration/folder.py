@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from calibration.imagenet import wnid_to_index
-from calibration.preprocess import to_uint8_hwc
+from calibration.preprocess import UnusableImageError, to_uint8_hwc
 from edge.errors import DataError
 
 IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
@@ -64,8 +64,10 @@ def scan_folder(root: str | os.PathLike, flag: str = "--calib-dir") -> ImageFold
     """
     root = Path(root).expanduser()
     if not root.is_dir():
-        fix = ("pass --calib-dir DIR or set EFFMOD_CALIB_DIR to a folder of images" if flag == "--calib-dir"
-               else f"pass {flag} with a folder of images")
+        fix = {"--calib-dir": "pass --calib-dir DIR or set EFFMOD_CALIB_DIR to a folder of images",
+               "EFFMOD_CALIB_DIR": "set EFFMOD_CALIB_DIR to a folder of images, or pass --calib-dir DIR",
+               "the download cache": "run effmod-edge download-samples again, or pass --calib-dir DIR"}.get(
+            flag, f"pass {flag} with a folder of images")
         raise DataError(f"{flag} {root} does not exist or is not a folder; {fix}")
     items: list[ImageItem] = []
     skipped: Counter = Counter()
@@ -77,6 +79,11 @@ def scan_folder(root: str | os.PathLike, flag: str = "--calib-dir") -> ImageFold
             path = Path(dirpath) / fname
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 skipped["non-image"] += 1
+                continue
+            try:
+                path.relative_to(root).as_posix().encode("utf-8")
+            except UnicodeEncodeError:  # a name the manifest (JSON, UTF-8) could not record
+                skipped["file name not UTF-8"] += 1
                 continue
             items.append(ImageItem(path, _label_for(path, root), path.relative_to(root).as_posix()))
     folder = ImageFolder(root, items, skipped)
@@ -100,6 +107,9 @@ def load_pixels(items: list[ImageItem], skipped: Counter | None = None) -> tuple
             with Image.open(item.path) as img:
                 img.load()
                 arr = to_uint8_hwc(img)
+        except UnusableImageError as exc:
+            skipped[exc.reason] += 1
+            continue
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError, SyntaxError):
             skipped["corrupt or unreadable"] += 1
             continue

@@ -2,7 +2,9 @@
 
 Every target, the evaluator and the mobile apps use this contract:
 
-1. decode to RGB (grayscale and RGBA images are converted),
+1. decode to RGB (grayscale and RGBA images are converted; 16-bit grayscale is
+   scaled to 8 bits; 32-bit integer and float images, and images more than
+   MAX_ASPECT times longer than wide, are refused with :class:`UnusableImageError`),
 2. resize so the *shorter* side is 256 px with bicubic interpolation
    (longer side = floor(256 * long / short)),
 3. center-crop 224 x 224 (offset = round((size - 224) / 2)),
@@ -22,10 +24,34 @@ MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
+MAX_ASPECT = 100  # beyond this the shorter-side resize would need gigabytes for one image
+
+
+class UnusableImageError(ValueError):
+    """An image the contract cannot turn into 8-bit RGB pixels; ``reason`` says why, for the skip count."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(reason)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Step 1: 8-bit RGB. Pillow's own convert clips 16-bit values at 255 (a white image)."""
+    if img.mode.startswith("I;16"):
+        wide = np.asarray(img).astype(np.uint32)
+        img = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")
+    elif img.mode in ("I", "F"):
+        raise UnusableImageError(f"{'32-bit integer' if img.mode == 'I' else 'floating-point'} pixels "
+                                 f"(mode {img.mode}; save as 8-bit)")
+    return img.convert("RGB")
+
+
 def resize_and_crop(img: Image.Image, resize: int = RESIZE, crop: int = CROP) -> Image.Image:
     """Steps 1-3: RGB, shorter side to ``resize`` (bicubic), center crop ``crop``."""
-    img = img.convert("RGB")
     w, h = img.size
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise UnusableImageError(f"aspect ratio over {MAX_ASPECT}:1")
+    img = to_rgb(img)
     if w <= h:
         new_w, new_h = resize, int(resize * h / w)
     else:

@@ -25,3 +25,10 @@ def resolve_image_dir(calib_dir: str | os.PathLike | None = None) -> Path:
         "no image folder: pass --calib-dir DIR, set EFFMOD_CALIB_DIR=DIR, "
         "or run `effmod-edge download-samples` once to cache the public ImageNet sample set"
     )
+
+
+def image_dir_flag(calib_dir: str | os.PathLike | None = None) -> str:
+    """How the user named the folder :func:`resolve_image_dir` picks, for error messages."""
+    if calib_dir:
+        return "--calib-dir"
+    return ENV_VAR if os.environ.get(ENV_VAR) else "the download cache"

@@ -147,3 +147,31 @@ def test_same_file_name_in_two_class_folders_stays_two_images(tmp_path):
     wanted = set(split.eval.names)
     picked = [i for i in folder.items if i.name in wanted]
     assert sorted(i.label for i in picked) == sorted(split.eval.labels.tolist()), "eval images picked by name differ"
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    """Pillow's own convert clips 16-bit values at 255: the image came out almost white."""
+    gray8 = np.random.default_rng(0).integers(0, 256, (300, 260), dtype=np.uint16)
+    Image.fromarray((gray8 * 257).astype(np.uint16)).save(tmp_path / "n01440764_a.png")
+    Image.fromarray(gray8.astype(np.uint8), "L").save(tmp_path / "n01440764_b.png")
+    pixels, _, kept = load_pixels(scan_folder(tmp_path).items)
+    assert len(kept) == 2
+    diff = np.abs(pixels[0].astype(int) - pixels[1].astype(int)).max()
+    assert diff == 0, f"16-bit and 8-bit copies of one image differ by {diff} levels after preprocessing"
+
+
+def test_unusable_images_are_skipped_with_the_reason(tmp_path):
+    import os
+
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "n01440764_ok.png")
+    Image.fromarray(np.full((60, 50), 0.5, np.float32), "F").save(tmp_path / "n01440764_float.tif")
+    Image.fromarray(np.zeros((1, 4000, 3), np.uint8)).save(tmp_path / "n01440764_narrow.png")
+    fd = os.open(os.path.join(os.fsencode(tmp_path), b"n01440764_\xff.png"), os.O_WRONLY | os.O_CREAT)
+    os.close(fd)
+    folder = scan_folder(tmp_path)
+    assert folder.skipped == {"file name not UTF-8": 1}, folder.skipped
+    skipped = dict(folder.skipped)
+    pixels, _, kept = load_pixels(folder.items, folder.skipped)
+    assert [k.path.name for k in kept] == ["n01440764_ok.png"], kept
+    assert dict(folder.skipped) == {**skipped, "floating-point pixels (mode F; save as 8-bit)": 1,
+                                    "aspect ratio over 100:1": 1}, folder.skipped
