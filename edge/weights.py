@@ -119,6 +119,10 @@ def load_model(model: str | None = None, weights: str | Path | None = None, seed
         name = get_config(model).name
         if not match_variant(state, name).exact:
             raise CheckpointError(_mismatch_message(path, name, state))
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"checkpoint {path} has NaN or infinite values in {len(bad)} tensor(s) (e.g. {bad[0]}); "
+                              f"the training run diverged or the file is damaged: pass a checkpoint from before that")
     net = EfficientMod(get_config(name))
     net.load_state_dict(state, strict=True)
     return LoadedModel(net.eval(), name, str(path.resolve()), file_sha256(path))

@@ -91,3 +91,14 @@ def test_no_weights_is_untrained_and_deterministic():
     c = load_model("efficientmod_test_tiny", None, seed=4)
     differ = [k for k, v in a.model.state_dict().items() if v.is_floating_point() and not torch.equal(v, c.model.state_dict()[k])]
     assert differ, "seed 3 and seed 4 gave the same untrained weights: the seed is ignored"
+
+
+def test_non_finite_weights_are_refused_by_name(tmp_path):
+    sd = create_model("efficientmod_test_tiny", seed=0).state_dict()
+    name = next(k for k, v in sd.items() if v.is_floating_point() and v.numel() > 1)
+    sd[name] = sd[name].clone()
+    sd[name].view(-1)[1] = float("nan")
+    ckpt = tmp_path / "diverged.pth"
+    torch.save(sd, ckpt)
+    with pytest.raises(CheckpointError, match=rf"NaN or infinite values in 1 tensor\(s\) \(e.g. {name}\)"):
+        load_model("efficientmod_test_tiny", ckpt)
