@@ -21,7 +21,7 @@ from converters.litert_worker import warm_up
 from edge.context import log
 from edge.efficientmod import get_config
 from edge.errors import ConfigError, EffmodError
-from edge.manifest import Manifest, artifact_problem, require_writable, write_json_atomic
+from edge.manifest import BENCH_FILE, Manifest, artifact_problem, refuse_in_the_way, require_writable, write_json_atomic
 
 
 def machine_info() -> dict:
@@ -137,6 +137,7 @@ def bench_manifest(
     root = manifest_path.parent
     get_config(manifest.model)
     require_writable(root)
+    refuse_in_the_way(root / BENCH_FILE, f"the {BENCH_FILE} bench writes", "move it away")
     threads = threads or tuple(sorted({1, os.cpu_count() or 1}))
     rows: list[dict] = []
     timers: list[tuple[dict, object]] = []
@@ -189,7 +190,7 @@ def bench_manifest(
               "machine": machine_info(), "settings": {"runs": runs, "warmup": warmup, "warmup_secs": warmup_secs, "rounds": rounds,
                                                      "threads": list(threads)},
               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "results": rows}
-    write_json_atomic(root / "bench.json", result)
+    write_json_atomic(root / BENCH_FILE, result)
     return result
 
 

@@ -126,7 +126,7 @@ def convert(targets, precisions, model, weights, output, calib_dir, calib_size, 
     result = run_convert(
         ConvertRequest(
             targets=list(targets), precisions=list(precisions) or None, model=model, weights=weights,
-            output=Path(output), calib_dir=calib_dir, calib_size=calib_size, eval_size=eval_size, seed=seed,
+            output=output, calib_dir=calib_dir, calib_size=calib_size, eval_size=eval_size, seed=seed,
             options=options,
         )
     )

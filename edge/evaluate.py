@@ -21,7 +21,8 @@ from edge.checks import compare_logits
 from edge.context import log, torch_logits
 from edge.efficientmod import get_config
 from edge.errors import CheckpointError, ConfigError, DataError, EffmodError
-from edge.manifest import Artifact, Manifest, artifact_problem, require_writable, write_json_atomic
+from edge.manifest import (EVALUATION_FILE, Artifact, Manifest, artifact_problem, refuse_in_the_way, require_writable,
+                           write_json_atomic)
 from edge.weights import file_sha256, load_model
 
 CACHE_DIR = ".effmod-cache"
@@ -186,9 +187,13 @@ def evaluate_manifest(
     get_config(manifest.model)
     artifacts = select_artifacts(manifest, targets, precisions)
     require_writable(root)
+    refuse_in_the_way(root / EVALUATION_FILE, f"the {EVALUATION_FILE} evaluate writes", "move it away")
+    refuse_in_the_way(root / CACHE_DIR, "evaluate's cache folder", "move it away", want_dir=True)
     batch, images = _manifest_images(manifest, data_dir, limit, heldout)
     cache = root / CACHE_DIR
-    ref_key = hashlib.sha256(f"{manifest.weights}|{manifest.weights_sha256}|{manifest.model}".encode()).hexdigest()[:16]
+    tool = manifest.tool or {}
+    ref_id = f"{manifest.weights}|{manifest.weights_sha256}|{manifest.model}|{tool.get('seed', 0)}|{tool.get('input_size', 224)}"
+    ref_key = hashlib.sha256(ref_id.encode()).hexdigest()[:16]  # random weights differ by seed
     ref_file = cache / f"reference-{ref_key}-{images['fingerprint']}.npy"
     if ref_file.exists():  # the checkpoint is only needed when its logits on these images are not cached
         reference = np.load(ref_file)
@@ -219,5 +224,5 @@ def evaluate_manifest(
             rows.append({**row, "error": f"{type(exc).__name__}: {exc}"})
     result = {"manifest": str(manifest_path), "model": manifest.model, "weights": manifest.weights,
               "images": images, "machine": machine_info(), "rows": rows}
-    write_json_atomic(root / "evaluation.json", result)
+    write_json_atomic(root / EVALUATION_FILE, result)
     return result

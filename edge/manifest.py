@@ -38,6 +38,9 @@ class TensorSpec:
     def validate(self, where: str) -> None:
         if self.layout not in ("NCHW", "NHWC", "NC", "image"):
             raise ConfigError(f"{where}.layout: {self.layout!r} is not one of NCHW, NHWC, NC, image")
+        rank = {"NCHW": 4, "NHWC": 4, "NC": 2}.get(self.layout)
+        if rank is not None and len(self.shape) != rank:
+            raise ConfigError(f"{where}.shape: {self.shape} does not have the {rank} dimensions of layout {self.layout}")
         if self.dtype not in ("float32", "float16", "int8", "uint8", "image"):
             raise ConfigError(f"{where}.dtype: {self.dtype!r} is not a supported dtype")
 
@@ -86,6 +89,11 @@ DATA_FIELDS: dict[str, Any] = {  # the images a convert used (calibration.splits
 }
 
 
+TOOL_FIELDS: dict[str, Any] = {  # what wrote the manifest, and the settings evaluate and bench re-create
+    "name": str, "version": str, "input_size": int, "seed": int, "options": dict,
+}
+
+
 @dataclass
 class Manifest:
     model: str
@@ -108,6 +116,15 @@ class Manifest:
                 raise ConfigError(f"manifest.data: unknown field(s) {', '.join(unknown)}")
             for key, value in self.data.items():
                 _check_type(value, DATA_FIELDS[key], f"manifest.data.{key}")
+        unknown = sorted(set(self.tool) - set(TOOL_FIELDS))
+        if unknown:
+            raise ConfigError(f"manifest.tool: unknown field(s) {', '.join(unknown)}")
+        for key, value in self.tool.items():
+            _check_type(value, TOOL_FIELDS[key], f"manifest.tool.{key}")
+        if not 0 <= self.tool.get("seed", 0) < 2**63:
+            raise ConfigError(f"manifest.tool.seed: {self.tool['seed']} is not between 0 and 2**63-1")
+        if not 0 < self.tool.get("input_size", 224) <= 4096:
+            raise ConfigError(f"manifest.tool.input_size: {self.tool['input_size']} is not an image size in pixels")
         return self
 
     def to_dict(self) -> dict:
@@ -163,6 +180,10 @@ def artifact_problem(root: Path, artifact: Artifact) -> str | None:
     if artifact_digest(path)[1] != artifact.sha256:
         return f"artifact file {artifact.path} does not match its sha256 in the manifest"
     return None
+
+
+EVALUATION_FILE, BENCH_FILE, REPORT_FILES = "evaluation.json", "bench.json", ("report.md", "report.html")
+DERIVED_FILES = (EVALUATION_FILE, BENCH_FILE, *REPORT_FILES)  # made from a manifest; stale once it is replaced
 
 
 def refuse_in_the_way(dest: Path, what: str, fix: str, want_dir: bool = False) -> None:

@@ -12,14 +12,14 @@ from pathlib import Path
 
 from calibration.folder import scan_folder
 from calibration.imagenet import class_names
-from calibration.source import resolve_image_dir
+from calibration.source import image_dir_flag, resolve_image_dir
 from calibration.splits import make_split
 from edge import __version__
 from edge.checks import NearTies, check_record, compare_logits, images_to_settle, interval_text
 from edge.context import ArtifactResult, ConvertContext, PrecisionFailure, log, torch_logits
 from edge.efficientmod import to_deploy
 from edge.errors import ConfigError, ConversionError, EffmodError
-from edge.manifest import Artifact, Failure, Manifest, artifact_digest, refuse_in_the_way
+from edge.manifest import DERIVED_FILES, Artifact, Failure, Manifest, artifact_digest, refuse_in_the_way
 from edge.targets import TARGETS, get_target, resolve_precisions, validate_options
 from edge.weights import load_model
 
@@ -31,7 +31,7 @@ class ConvertRequest:
     """Everything ``effmod-edge convert`` takes; the CLI only fills this in."""
 
     targets: list[str]
-    output: Path
+    output: str | Path  # as given: Path("") would silently be "."
     model: str | None = None
     weights: str | None = None
     precisions: list[str] | None = None
@@ -62,8 +62,13 @@ class ConvertRequest:
         self.options = validate_options(self.options)
         if self.calib_size < 0 or self.eval_size < 1:
             raise ConfigError(f"--calib-size must be >= 0 and --eval-size >= 1 (got {self.calib_size}, {self.eval_size})")
-        if self.seed < 0:
-            raise ConfigError(f"--seed must be >= 0 (got {self.seed})")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"--seed must be between 0 and 2**63-1 (got {self.seed})")
+        if not str(self.output).strip():
+            raise ConfigError("--output is empty; name the folder to write into, e.g. --output out")
+        if self.model is not None and not self.model.strip():
+            raise ConfigError("--model is empty; name a variant (effmod-edge models lists them) or leave it out "
+                              "to detect it from --weights")
         calibrated = [f"{t}/{p}" for t, ps in plan.items() for p in ps if get_target(t).precision(p).calibrated]
         if self.calib_size == 0 and calibrated:
             raise ConfigError(f"{', '.join(calibrated)} need calibration images but --calib-size is 0; pass "
@@ -146,7 +151,7 @@ def convert(request: ConvertRequest) -> ConvertResult:
     """Convert, check and record every requested target; see ``effmod-edge convert``."""
     plan = request.plan()
     image_dir = resolve_image_dir(request.calib_dir)
-    folder = scan_folder(image_dir)
+    folder = scan_folder(image_dir, image_dir_flag(request.calib_dir))
     loaded = load_model(request.model, request.weights, seed=request.seed)
     output = Path(request.output).expanduser()
     for name in ("manifest.json", LABELS_FILE):  # the artifacts' own names are checked again before they move
@@ -220,6 +225,11 @@ def convert(request: ConvertRequest) -> ConvertResult:
         extra = [f for r in all_results for f in r.extra_files]
         entries = [LABELS_FILE] + sorted({a.path for a in artifacts} | set(extra))
         _check_destinations(staging, output, entries)
+        for name in DERIVED_FILES:  # a previous run's evaluation, bench and report describe files replaced now
+            stale = output / name
+            if stale.is_file() or stale.is_symlink():
+                stale.unlink()
+                log.info("removed %s: it described the previous conversion in %s", name, output)
         for entry in entries:
             _move_into_place(staging / entry, output / entry)
         manifest_path = output / "manifest.json"

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from edge.errors import ConfigError, EffmodError
 from edge.checks import interval_text
-from edge.manifest import Manifest, artifact_problem, refuse_in_the_way, require_writable, write_text_atomic
+from edge.manifest import (BENCH_FILE, EVALUATION_FILE, REPORT_FILES, Manifest, artifact_problem, refuse_in_the_way,
+                           require_writable, write_text_atomic)
 
 METRICS = {"agreement": "top1_agreement", "sqnr": "sqnr_db", "top1": "top1", "top5": "top5", "cosine": "cosine"}
 
@@ -34,9 +35,12 @@ class FailUnder:
         if not sep or name not in METRICS:
             raise ConfigError(f"--fail-under {text!r}: use METRIC=VALUE with METRIC one of {', '.join(METRICS)}")
         try:
-            return cls(name, float(value))
+            bar = float(value)
         except ValueError:
             raise ConfigError(f"--fail-under {text!r}: {value!r} is not a number") from None
+        if bar != bar or bar in (float("inf"), float("-inf")):  # a NaN bar would pass every row
+            raise ConfigError(f"--fail-under {text!r}: the bar must be a finite number, e.g. {name}=0.99")
+        return cls(name, bar)
 
 
 def mixed_step_line(step: dict) -> str:
@@ -76,8 +80,8 @@ def _load_json(path: Path, rows_key: str, command: str) -> dict | None:
 def collect_rows(out_dir: Path) -> tuple[Manifest, list[dict], dict | None, dict | None]:
     """One row per artifact: manifest facts + evaluation metrics + 1-thread/N-thread latency."""
     manifest = Manifest.load(out_dir / "manifest.json")
-    evaluation = _load_json(out_dir / "evaluation.json", "rows", "evaluate")
-    bench = _load_json(out_dir / "bench.json", "results", "bench")
+    evaluation = _load_json(out_dir / EVALUATION_FILE, "rows", "evaluate")
+    bench = _load_json(out_dir / BENCH_FILE, "results", "bench")
     evals = {r["path"]: r for r in (evaluation or {}).get("rows", []) if r.get("path")}
     lat: dict[str, dict[int, float]] = {}
     no_latency: dict[str, str] = {}
@@ -261,7 +265,7 @@ def render(out_dir: str | os.PathLike, fail_under: list[FailUnder] | None = None
         md.append(f"\nFailed: {f.target}/{f.precision} after {f.seconds:.0f}s: {f.error}")
     if misses:
         md += ["", "## Gate misses", *[f"- {m}" for m in misses]]
-    md_path, html_path = out_dir / "report.md", out_dir / "report.html"
+    md_path, html_path = (out_dir / name for name in REPORT_FILES)
     for p in (md_path, html_path):
         refuse_in_the_way(p, "the report", "move it away")
 

@@ -60,7 +60,9 @@ def copy(converted, tmp_path) -> Path:
 @pytest.mark.parametrize("args, needle", [
     (["convert", "--target", "bogus", "-o", "x"], "'bogus' is not one of"),
     (["convert", "-o", "x"], "Missing option '--target'"),
-    (["convert", "--target", "onnx", "--model", TINY, "--seed", "-1", "-o", "x"], "--seed must be >= 0"),
+    (["convert", "--target", "onnx", "--model", TINY, "--seed", "-1", "-o", "x"], "--seed must be between 0 and"),
+    (["convert", "--target", "onnx", "--model", TINY, "--seed", str(2**64), "-o", "x"], "--seed must be between 0 and"),
+    (["convert", "--target", "onnx", "--model", "", "-o", "x"], "--model is empty"),
     (["bench", "nowhere", "--threads", "a,b"], "--threads 'a,b'"),
     (["download-samples", "--url", "notaurl"], "not an http(s) or file URL"),
 ])
@@ -153,6 +155,9 @@ def _edit_manifest(folder: Path, edit) -> None:
     (lambda d: d.update(weights="/nonexistent/ckpt.pth", weights_sha256="0" * 64),
      ["checkpoint /nonexistent/ckpt.pth is gone", "put it back"]),
     (lambda d: d.update(model="efficientmod_nope"), ["unknown model 'efficientmod_nope'"]),
+    (lambda d: d["tool"].update(seed="abc"), ["manifest.tool.seed", "re-run convert"]),
+    (lambda d: d["tool"].update(input_size=None), ["manifest.tool.input_size", "re-run convert"]),
+    (lambda d: d["artifacts"][0]["input"].update(shape=[]), ["artifacts[0].input.shape", "4 dimensions of layout NCHW"]),
 ])
 def test_evaluate_rejects_a_bad_manifest_naming_the_fix(copy, edit, needles):
     _edit_manifest(copy, edit)
@@ -274,3 +279,38 @@ def test_report_refuses_a_folder_in_the_way_and_writes_neither_file(copy):
     (copy / "report.html").mkdir()
     _one_line_error(*_run("report", str(copy)), "report.html is a folder in the way", "nothing was written")
     assert not (copy / "report.md").exists(), "report.md written although report.html could not be"
+
+
+def test_empty_output_is_refused_not_taken_for_the_current_folder(tmp_path, monkeypatch, samples_dir):
+    monkeypatch.chdir(tmp_path)
+    _one_line_error(*_run("convert", "--target", "onnx", "--model", TINY, "--calib-dir", str(samples_dir), "-o", ""),
+                    "--output is empty")
+    assert _snapshot(tmp_path) == {}, "a refused convert wrote into the current folder"
+
+
+@pytest.mark.parametrize("name, command", [("evaluation.json", "evaluate"), ("bench.json", "bench"),
+                                           (".effmod-cache", "evaluate")])
+def test_a_result_path_in_the_way_is_refused_before_the_run(copy, name, command):
+    blocker = copy / name
+    blocker.mkdir() if name.endswith(".json") else blocker.write_text("not a folder")
+    _one_line_error(*_run(command, str(copy)), f"{name} is a", "in the way", "move it away")
+
+
+def test_a_new_conversion_retires_the_old_evaluation_and_its_reference(copy, samples_dir):
+    """Random weights differ by seed: after converting seed 1 over seed 0, neither the old evaluation.json nor
+    seed 0's cached PyTorch logits may describe the new files (they gave 0 % agreement, -3.7 dB)."""
+    assert _run("evaluate", str(copy))[0] == 0 and _run("report", str(copy))[0] == 0
+    convert(ConvertRequest(targets=["onnx"], model=TINY, output=copy, calib_dir=str(samples_dir), calib_size=4,
+                           eval_size=4, seed=1))
+    left = sorted(p.name for p in copy.iterdir() if p.name in ("evaluation.json", "bench.json", "report.md", "report.html"))
+    assert left == [], f"results of the previous conversion left beside the new manifest: {left}"
+    assert _run("evaluate", str(copy))[0] == 0
+    rows = [r for r in json.loads((copy / "evaluation.json").read_text())["rows"] if r["target"] == "onnx"]
+    # measured: 100 % agreement, SQNR ~130 dB against seed 1's own model
+    assert rows and all(r["sqnr_db"] > 100 and r["top1_agreement"] == 1.0 for r in rows), rows
+
+
+def test_the_environment_variable_is_named_when_its_folder_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("EFFMOD_CALIB_DIR", str(tmp_path / "nowhere"))
+    rc, err = _run("convert", "--target", "onnx", "--model", TINY, "-o", str(tmp_path / "out"))
+    _one_line_error(rc, err, f"EFFMOD_CALIB_DIR {tmp_path / 'nowhere'} does not exist", "set EFFMOD_CALIB_DIR")

@@ -97,6 +97,13 @@ def test_fail_under_rejects_unknown_metric():
         FailUnder.parse("latency=3")
 
 
+@pytest.mark.parametrize("bar", ["nan", "inf", "-inf"])
+def test_fail_under_rejects_a_bar_no_row_can_miss(bar):
+    """Every comparison with NaN is false, so sqnr=nan let a NaN artifact through the gate."""
+    with pytest.raises(ConfigError, match="finite number"):
+        FailUnder.parse(f"sqnr={bar}")
+
+
 def test_report_html_renders_in_chromium(converted, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
