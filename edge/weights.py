@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +48,26 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+EXPORTED_SUFFIXES = (".onnx", ".tflite", ".mlpackage", ".mlmodel")
+
+
+def _unreadable_message(path: Path, exc: Exception) -> str:
+    """Why torch.load refused ``path``, told apart for the files people pass by mistake."""
+    text = str(exc)
+    fix = "; re-save the weights alone with torch.save(model.state_dict(), 'ckpt.pth')"
+    if path.suffix.lower() in EXPORTED_SUFFIXES:
+        return f"{path} is an exported model, not a checkpoint; pass the PyTorch .pth (or .safetensors) it came from"
+    if "TorchScript" in text:
+        return f"{path} is a TorchScript archive (torch.jit.save), which holds code as well as weights{fix}"
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return (f"{path} pickles a {found.group(1)} object, not only tensors, and is not loaded for safety "
+                f"(it could run code){fix}")
+    detail = text.strip().splitlines()[0][:160] if text.strip() else ""
+    reason = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+    return f"could not read checkpoint {path}: {reason}; the file is truncated or not a PyTorch checkpoint, download it again"
+
+
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """The state_dict inside a checkpoint file, keys normalized to the release names."""
     path = Path(path).expanduser()
@@ -54,15 +76,11 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
             f"checkpoint {path} not found; pass --weights with the path to an EfficientMod .pth file"
         )
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*TorchScript archive")  # refused below, by name
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises many types for damaged files
-        detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
-        reason = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
-        raise CheckpointError(
-            f"could not read checkpoint {path}: {reason}; the file is truncated or not a PyTorch "
-            "checkpoint, download it again"
-        ) from None
+        raise CheckpointError(_unreadable_message(path, exc)) from None
     state = checkpoint_filter_fn(obj) if isinstance(obj, dict) else {}
     if not state:
         keys = ", ".join(list(obj)[:5]) if isinstance(obj, dict) else type(obj).__name__

@@ -102,3 +102,30 @@ def test_non_finite_weights_are_refused_by_name(tmp_path):
     torch.save(sd, ckpt)
     with pytest.raises(CheckpointError, match=rf"NaN or infinite values in 1 tensor\(s\) \(e.g. {name}\)"):
         load_model("efficientmod_test_tiny", ckpt)
+
+
+def test_safetensors_checkpoint_loads_like_the_pth(tmp_path, xxs):
+    from safetensors.torch import save_file
+
+    sd = {k: v.contiguous() for k, v in xxs.state_dict().items()}
+    st = tmp_path / "model.safetensors"
+    save_file(sd, str(st))
+    loaded = load_model(None, st)
+    assert loaded.variant == "efficientmod_xxs"
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = float((loaded.model(x) - xxs.eval()(x)).abs().max())
+    assert diff == 0.0, f"safetensors weights give other logits than the model they came from: max|d| {diff}"
+
+
+def test_files_people_pass_by_mistake_are_named(tmp_path, xxs):
+    whole = tmp_path / "whole.pth"
+    torch.save(xxs, whole)
+    msg = _one_line_error(whole)
+    assert "pickles a edge.efficientmod.EfficientMod object" in msg and "torch.save(model.state_dict()" in msg, msg
+    script = tmp_path / "script.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(script))
+    assert "is a TorchScript archive" in _one_line_error(script)
+    exported = tmp_path / "model.onnx"
+    exported.write_bytes(b"\x08\x07\x12\x07pytorch")
+    assert "is an exported model, not a checkpoint" in _one_line_error(exported)
