@@ -73,6 +73,22 @@ class Artifact:
             raise ConfigError(f"{where}.sha256: {self.sha256!r} is not a hex SHA-256")
         self.input.validate(f"{where}.input")
         self.output.validate(f"{where}.output")
+        check_metrics(self.checks, f"{where}.checks")
+
+
+METRIC_FIELDS = ("top1", "top5", "top1_agreement", "sqnr_db", "cosine", "max_abs_diff")  # numbers where present
+
+
+def check_metrics(row: dict, where: str) -> None:
+    """The metric fields a report reads are numbers (or null), and an agreement interval is two of them."""
+    for key in METRIC_FIELDS:
+        v = row.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ConfigError(f"{where}.{key}: {v!r} is not a number")
+    ci = row.get("top1_agreement_ci95")
+    if ci is not None and not (isinstance(ci, list) and len(ci) == 2
+                               and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in ci)):
+        raise ConfigError(f"{where}.top1_agreement_ci95: {ci!r} is not a [low, high] pair of numbers")
 
 
 @dataclass
@@ -146,6 +162,8 @@ class Manifest:
         except OSError as exc:
             raise ConfigError(f"manifest {path} cannot be read ({exc.strerror or exc}); check the path and its "
                               f"permissions") from None
+        except RecursionError:
+            raise ConfigError(f"manifest {path} nests too deeply to be a manifest; re-run convert to write it again") from None
         try:
             return cls.from_dict(data)
         except ConfigError as exc:

@@ -156,7 +156,7 @@ def convert(request: ConvertRequest) -> ConvertResult:
     output = Path(request.output).expanduser()
     for name in ("manifest.json", LABELS_FILE):  # the artifacts' own names are checked again before they move
         refuse_in_the_way(output / name, f"the {name} this run writes", "move it away or choose another --output")
-    created = not output.exists()
+    created = [d for d in (output, *output.parents) if not d.exists()]  # leaf first: removed again on failure
     staging = prepare_output(output)
     done = False
     try:
@@ -238,5 +238,8 @@ def convert(request: ConvertRequest) -> ConvertResult:
         return ConvertResult(manifest, manifest_path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        if created and not done and output.is_dir() and not any(output.iterdir()):
-            output.rmdir()
+        if not done:
+            for d in created:
+                if not d.is_dir() or any(d.iterdir()):
+                    break
+                d.rmdir()

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from edge.errors import ConfigError, EffmodError
 from edge.checks import interval_text
-from edge.manifest import (BENCH_FILE, EVALUATION_FILE, REPORT_FILES, Manifest, artifact_problem, refuse_in_the_way,
-                           require_writable, write_text_atomic)
+from edge.manifest import (BENCH_FILE, EVALUATION_FILE, REPORT_FILES, Manifest, artifact_problem, check_metrics,
+                           refuse_in_the_way, require_writable, write_text_atomic)
 
 METRICS = {"agreement": "top1_agreement", "sqnr": "sqnr_db", "top1": "top1", "top5": "top5", "cosine": "cosine"}
 
@@ -62,6 +62,8 @@ def _load_json(path: Path, rows_key: str, command: str) -> dict | None:
         doc = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise EffmodError(f"{path} is not valid JSON ({exc}); {fix}") from None
+    except RecursionError:
+        raise EffmodError(f"{path} nests too deeply to be a {command} result; {fix}") from None
     except OSError as exc:
         raise EffmodError(f"{path} cannot be read ({exc.strerror or exc}); check its permissions or {fix}") from None
     rows = doc.get(rows_key) if isinstance(doc, dict) else None
@@ -74,7 +76,32 @@ def _load_json(path: Path, rows_key: str, command: str) -> dict | None:
             missing = ["median_ms/threads or skipped or error"]
         if missing:
             raise EffmodError(f"{path}: {rows_key}[{i}] lacks {', '.join(missing)}; {fix}")
+        try:
+            _check_result_row(r, f"{rows_key}[{i}]")
+        except ConfigError as exc:
+            raise EffmodError(f"{path}: {exc}; {fix}") from None
+    settings = doc.get("settings")
+    if command == "bench" and settings is not None and not (
+            isinstance(settings, dict) and all(_is_number(settings.get(k)) for k in ("runs", "warmup", "rounds"))):
+        raise EffmodError(f"{path}: settings {settings!r} lacks numeric runs, warmup and rounds; {fix}")
     return doc
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_result_row(r: dict, where: str) -> None:
+    """Types of the fields the report reads from an evaluation or bench row."""
+    for key in ("target", "precision", "path"):
+        if not isinstance(r[key], str):
+            raise ConfigError(f"{where}.{key}: {r[key]!r} is not a string")
+    check_metrics(r, where)
+    for key in ("median_ms", "p90_ms", "min_ms"):
+        if key in r and not _is_number(r[key]):
+            raise ConfigError(f"{where}.{key}: {r[key]!r} is not a number")
+    if "threads" in r and not (isinstance(r["threads"], int) and not isinstance(r["threads"], bool)):
+        raise ConfigError(f"{where}.threads: {r['threads']!r} is not a thread count")
 
 
 def collect_rows(out_dir: Path) -> tuple[Manifest, list[dict], dict | None, dict | None]:

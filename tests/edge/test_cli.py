@@ -111,9 +111,9 @@ def test_too_few_images_for_the_requested_split(tmp_path, samples_dir):
     for src in sorted(samples_dir.glob("*.JPEG"))[:10]:
         os.symlink(src, few / src.name)
     _one_line_error(*_run("convert", "--target", "onnx", "--calib-size", "8", "--eval-size", "4",
-                          "--calib-dir", str(few), "--model", TINY, "-o", str(tmp_path / "out")),
+                          "--calib-dir", str(few), "--model", TINY, "-o", str(tmp_path / "out" / "a" / "b")),
                     "has 10 usable images", "lower them")
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists(), "a failed convert left the folders it created for --output"
 
 
 @pytest.mark.parametrize("command", ["evaluate", "bench"])
@@ -156,6 +156,8 @@ def _edit_manifest(folder: Path, edit) -> None:
      ["checkpoint /nonexistent/ckpt.pth is gone", "put it back"]),
     (lambda d: d.update(model="efficientmod_nope"), ["unknown model 'efficientmod_nope'"]),
     (lambda d: d["tool"].update(seed="abc"), ["manifest.tool.seed", "re-run convert"]),
+    (lambda d: d["artifacts"][0]["checks"].update(top1_agreement="high"),
+     ["artifacts[0].checks.top1_agreement: 'high' is not a number"]),
     (lambda d: d["tool"].update(input_size=None), ["manifest.tool.input_size", "re-run convert"]),
     (lambda d: d["artifacts"][0]["input"].update(shape=[]), ["artifacts[0].input.shape", "4 dimensions of layout NCHW"]),
 ])
@@ -176,6 +178,24 @@ def test_unreadable_manifest_and_bad_bench_settings(copy):
 def test_report_rejects_a_bench_file_of_another_layout(copy):
     (copy / "bench.json").write_text(json.dumps({"results": [{"target": "onnx", "precision": "fp32"}]}))
     _one_line_error(*_run("report", str(copy)), "results[0] lacks path", "re-run effmod-edge bench")
+
+
+@pytest.mark.parametrize("name, doc, needle", [
+    ("bench.json", {"results": [{"target": "onnx", "precision": "fp32", "path": "a.onnx", "threads": 1,
+                                 "median_ms": "fast"}]}, "results[0].median_ms: 'fast' is not a number"),
+    ("bench.json", {"results": [], "settings": "x"}, "settings 'x' lacks numeric runs"),
+    ("evaluation.json", {"rows": [{"target": "onnx", "precision": "fp32", "path": "a.onnx",
+                                   "top1_agreement_ci95": [0.5]}]}, "rows[0].top1_agreement_ci95"),
+])
+def test_report_rejects_wrongly_typed_results_by_field(copy, name, doc, needle):
+    (copy / name).write_text(json.dumps(doc))
+    _one_line_error(*_run("report", str(copy)), needle, "re-run effmod-edge")
+
+
+def test_a_manifest_nested_past_the_recursion_limit_is_refused(copy):
+    (copy / "manifest.json").write_text("[" * 100000 + "]" * 100000)
+    for cmd in ("evaluate", "bench", "report"):
+        _one_line_error(*_run(cmd, str(copy)), "nests too deeply", "re-run convert")
 
 
 def test_evaluate_limit_must_be_positive(copy):
