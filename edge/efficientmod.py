@@ -611,14 +611,14 @@ def count_macs(model: nn.Module, input_size: int = 224) -> int:
 # --------------------------------------------------------------------------- checkpoints
 
 
-_WRAPPER_KEYS = ("model", "state_dict", "state_dict_ema", "model_ema")
+CHECKPOINT_WRAPPER_KEYS = ("model", "state_dict", "state_dict_ema", "model_ema")
 
 
 def unwrap_state_dict(obj: object) -> dict[str, torch.Tensor] | None:
     """The tensor dict inside a checkpoint object, or None if there is none."""
     if not isinstance(obj, dict):
         return None
-    for key in _WRAPPER_KEYS:
+    for key in CHECKPOINT_WRAPPER_KEYS:
         inner = obj.get(key)
         if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
             return inner

@@ -131,6 +131,9 @@ def _checkpoint(manifest: Manifest) -> Path | None:
     if manifest.weights == "untrained":
         return None
     path = Path(manifest.weights)
+    if path.is_dir():
+        raise CheckpointError(f"the manifest's checkpoint {path} is a folder now; put the checkpoint file back there, "
+                              f"or re-run convert with --weights pointing at it")
     if not path.is_file():
         where = "" if path.is_absolute() else f" (relative to {Path.cwd()}, where evaluate runs)"
         raise CheckpointError(f"the manifest's checkpoint {path} is gone{where}; put it back there, or re-run "

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from edge.efficientmod import (
+    CHECKPOINT_WRAPPER_KEYS,
     EfficientMod,
     PUBLIC_VARIANTS,
     VARIANTS,
@@ -83,6 +84,13 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(_unreadable_message(path, exc)) from None
     state = checkpoint_filter_fn(obj) if isinstance(obj, dict) else {}
     if not state:
+        dicts = [obj, *(obj.get(k) for k in CHECKPOINT_WRAPPER_KEYS)] if isinstance(obj, dict) else []
+        for d in (d for d in dicts if isinstance(d, dict)):
+            odd = [k for k, v in d.items() if not isinstance(v, torch.Tensor)]
+            if 0 < len(odd) < len(d):
+                raise CheckpointError(
+                    f"{path} mixes weights with other values ({odd[0]!r} is a {type(d[odd[0]]).__name__}"
+                    f"{f' and {len(odd) - 1} more' if len(odd) > 1 else ''}); save the model's state_dict() alone")
         keys = ", ".join(list(obj)[:5]) if isinstance(obj, dict) else type(obj).__name__
         raise CheckpointError(
             f"{path} holds no model weights (found: {keys or 'nothing'}); pass an EfficientMod "

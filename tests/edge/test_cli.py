@@ -154,6 +154,7 @@ def _edit_manifest(folder: Path, edit) -> None:
     (lambda d: d["data"].update(extra=1), ["manifest.data: unknown field(s) extra", "re-run convert"]),
     (lambda d: d.update(weights="/nonexistent/ckpt.pth", weights_sha256="0" * 64),
      ["checkpoint /nonexistent/ckpt.pth is gone", "put it back"]),
+    (lambda d: d.update(weights="/", weights_sha256="0" * 64), ["checkpoint / is a folder now", "put the checkpoint"]),
     (lambda d: d.update(model="efficientmod_nope"), ["unknown model 'efficientmod_nope'"]),
     (lambda d: d["tool"].update(seed="abc"), ["manifest.tool.seed", "re-run convert"]),
     (lambda d: d["artifacts"][0]["checks"].update(top1_agreement="high"),

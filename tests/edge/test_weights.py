@@ -129,3 +129,11 @@ def test_files_people_pass_by_mistake_are_named(tmp_path, xxs):
     exported = tmp_path / "model.onnx"
     exported.write_bytes(b"\x08\x07\x12\x07pytorch")
     assert "is an exported model, not a checkpoint" in _one_line_error(exported)
+
+
+def test_weights_mixed_with_other_values_are_named(tmp_path, xxs):
+    sd = dict(xxs.state_dict())
+    sd["n_averaged"] = 3
+    mixed = tmp_path / "mixed.pth"
+    torch.save({"state_dict": sd}, mixed)
+    assert "mixes weights with other values ('n_averaged' is a int)" in _one_line_error(mixed)
