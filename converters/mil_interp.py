@@ -502,8 +502,8 @@ def _slice_by_index(a: dict) -> np.ndarray:
     sq = _ints(a["squeeze_mask"]) if a.get("squeeze_mask") is not None else [0] * x.ndim
     idx = []
     for i in range(x.ndim):
-        if sq[i]:
-            idx.append(begin[i])
+        if sq[i]:  # a masked begin is the first element in the stride's direction
+            idx.append((0 if stride[i] > 0 else -1) if bm[i] else begin[i])
         else:
             idx.append(slice(None if bm[i] else begin[i], None if em[i] else end[i], stride[i]))
     return x[tuple(idx)]

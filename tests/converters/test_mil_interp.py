@@ -268,6 +268,29 @@ def test_unknown_op_fails_naming_it():
 
 
 
+
+def test_slice_by_index_masks_strides_and_squeeze_match_indexing():
+    """Each case against the NumPy index it means; a masked begin on a squeezed axis is element 0 (spec)."""
+    x = _randn(4, 6, 8)
+    cases = {
+        "plain": (dict(begin=[1, 0, 2], end=[3, 6, 8]), x[1:3, 0:6, 2:8]),
+        "strides and end mask": (dict(begin=[0, 1, 0], end=[4, 0, 8], stride=[2, 2, 3], end_mask=[False, True, False]),
+                                 x[0:4:2, 1::2, 0:8:3]),
+        "negative stride": (dict(begin=[3, 5, 7], end=[0, 0, 0], stride=[-1, -2, -1],
+                                 end_mask=[True, False, True]), x[3::-1, 5:0:-2, 7::-1]),
+        "squeeze": (dict(begin=[2, 0, 0], end=[3, 6, 8], squeeze_mask=[True, False, False]), x[2]),
+        "squeeze with begin mask": (dict(begin=[3, 1, 0], end=[0, 5, 8], begin_mask=[True, False, False],
+                                         squeeze_mask=[True, False, False]), x[0, 1:5]),
+    }
+    for name, (kw, want) in cases.items():
+        @mb.program(input_specs=[mb.TensorSpec(shape=x.shape)], opset_version=IOS17)
+        def prog(x_in):
+            return mb.slice_by_index(x=x_in, **kw)
+
+        got = _run(prog, x_in=x)
+        assert got.shape == want.shape, f"slice_by_index {name}: shape {got.shape}, indexing gives {want.shape}"
+        _close(f"slice_by_index {name}", got, want, 0.0)
+
 def test_a_kernel_that_departs_from_the_declared_shape_fails_by_name():
     """iOS17's reshape aligns the 0s of ``shape`` from the right when its length differs from the input's rank
     ((2, 3, 4) with [0, -1] is (3, 8)); the kernel copies them from the left. The check against the declared
