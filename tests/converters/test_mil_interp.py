@@ -176,6 +176,33 @@ def test_elementwise_and_reductions_match_torch():
     _close("sqrt", sq, torch.abs(t), 1e-6)
 
 
+
+def test_remaining_elementwise_kernels_match_torch():
+    """The kernels the EfficientMod programs do not use today but the interpreter offers, each against torch."""
+    x, y = _randn(2, 3, 5), np.abs(_randn(1, 3, 1)) + 0.5
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=x.shape)], opset_version=IOS17)
+    def prog(x_in):
+        return (
+            mb.clip(x=x_in, alpha=-0.5, beta=0.7), mb.erf(x=x_in), mb.exp(x=x_in), mb.relu(x=x_in),
+            mb.sigmoid(x=x_in), mb.tanh(x=x_in), mb.identity(x=x_in), mb.maximum(x=x_in, y=y),
+            mb.minimum(x=x_in, y=y), mb.pow(x=mb.exp(x=x_in), y=y), mb.floor_div(x=x_in, y=y),
+            mb.reduce_max(x=x_in, axes=[1], keep_dims=True), mb.reduce_min(x=x_in, axes=[-1], keep_dims=False),
+            mb.expand_dims(x=x_in, axes=[-2, 0]),
+        )
+
+    t, u = torch.from_numpy(x), torch.from_numpy(y)
+    want = {
+        "clip": t.clamp(-0.5, 0.7), "erf": torch.erf(t), "exp": torch.exp(t), "relu": torch.relu(t),
+        "sigmoid": torch.sigmoid(t), "tanh": torch.tanh(t), "identity": t, "maximum": torch.maximum(t, u),
+        "minimum": torch.minimum(t, u), "pow": torch.exp(t) ** u, "floor_div": torch.floor(t / u),
+        "reduce_max": t.amax(dim=1, keepdim=True), "reduce_min": t.amin(dim=-1),
+        "expand_dims": t.unsqueeze(-2).unsqueeze(0),
+    }
+    for (name, ref), got in zip(want.items(), Interpreter(prog).run({"x_in": x}).values()):
+        assert tuple(got.shape) == tuple(ref.shape), f"{name}: shape {got.shape}, torch {tuple(ref.shape)}"
+        _close(name, got, ref, 2e-6 * max(1.0, float(ref.abs().max())))
+
 def test_layout_ops_match_torch():
     x = _randn(1, 12, 2, 5)
 
