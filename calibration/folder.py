@@ -82,7 +82,7 @@ def scan_folder(root: str | os.PathLike, flag: str = "--calib-dir") -> ImageFold
                 continue
             try:
                 path.relative_to(root).as_posix().encode("utf-8")
-            except UnicodeEncodeError:  # a name the manifest (JSON, UTF-8) could not record
+            except UnicodeEncodeError:  # undecodable bytes: the split's fingerprint (UTF-8) cannot hash the name
                 skipped["file name not UTF-8"] += 1
                 continue
             items.append(ImageItem(path, _label_for(path, root), path.relative_to(root).as_posix()))
@@ -98,7 +98,8 @@ def scan_folder(root: str | os.PathLike, flag: str = "--calib-dir") -> ImageFold
 def load_pixels(items: list[ImageItem], skipped: Counter | None = None) -> tuple[np.ndarray, np.ndarray, list[ImageItem]]:
     """Decode and crop ``items`` -> uint8 (N, 224, 224, 3), labels (N,), items kept.
 
-    Corrupt or unreadable files are skipped and counted in ``skipped``.
+    Corrupt or unreadable files, and images the contract refuses (:class:`UnusableImageError`),
+    are skipped and counted in ``skipped`` by reason.
     """
     skipped = skipped if skipped is not None else Counter()
     pixels, labels, kept = [], [], []

@@ -3,8 +3,9 @@
 Every target, the evaluator and the mobile apps use this contract:
 
 1. decode to RGB (grayscale and RGBA images are converted; 16-bit grayscale is
-   scaled to 8 bits; 32-bit integer and float images, and images more than
-   MAX_ASPECT times longer than wide, are refused with :class:`UnusableImageError`),
+   scaled to 8 bits; signed, 32-bit integer and float images, and images whose
+   long side is over MAX_ASPECT times the short one, are refused with
+   :class:`UnusableImageError`),
 2. resize so the *shorter* side is 256 px with bicubic interpolation
    (longer side = floor(256 * long / short)),
 3. center-crop 224 x 224 (offset = round((size - 224) / 2)),
@@ -24,7 +25,8 @@ MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
-MAX_ASPECT = 100  # beyond this the shorter-side resize would need gigabytes for one image
+MAX_ASPECT = 100  # the shorter-side resize grows with the aspect ratio: a 1x40000 image would need 10 GB
+UNSIGNED_16 = ("I;16", "I;16L", "I;16B", "I;16N")  # Pillow's modes of 16-bit grayscale files
 
 
 class UnusableImageError(ValueError):
@@ -37,12 +39,12 @@ class UnusableImageError(ValueError):
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Step 1: 8-bit RGB. Pillow's own convert clips 16-bit values at 255 (a white image)."""
-    if img.mode.startswith("I;16"):
+    if img.mode in UNSIGNED_16:
         wide = np.asarray(img).astype(np.uint32)
         img = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")
-    elif img.mode in ("I", "F"):
-        raise UnusableImageError(f"{'32-bit integer' if img.mode == 'I' else 'floating-point'} pixels "
-                                 f"(mode {img.mode}; save as 8-bit)")
+    elif img.mode.startswith("I") or img.mode == "F":  # signed or 32-bit integers, floats: no known white level
+        kind = "floating-point" if img.mode == "F" else "signed or 32-bit integer"
+        raise UnusableImageError(f"{kind} pixels (mode {img.mode}; save as 8-bit)")
     return img.convert("RGB")
 
 

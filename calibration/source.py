@@ -27,7 +27,7 @@ def resolve_image_dir(calib_dir: str | os.PathLike | None = None) -> Path:
     )
 
 
-def image_dir_flag(calib_dir: str | os.PathLike | None = None) -> str:
+def image_dir_origin(calib_dir: str | os.PathLike | None = None) -> str:
     """How the user named the folder :func:`resolve_image_dir` picks, for error messages."""
     if calib_dir:
         return "--calib-dir"

@@ -15,9 +15,10 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
+
+from edge.timing import warm_up
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -448,19 +449,6 @@ def cmd_inspect(args: dict) -> None:
     }
     with open(args["out"], "w") as f:
         json.dump(result, f, indent=1)
-
-
-def warm_up(fn: Callable[[], object], runs: int, seconds: float) -> None:
-    """Call ``fn`` untimed at least ``runs`` times and until ``seconds`` have passed.
-
-    The time floor is what LiteRT's ``benchmark_model`` does (``warmup_runs=1``,
-    ``warmup_min_secs=0.5``): a count alone warms a fast model for less time than a slow one.
-    """
-    end = time.perf_counter() + seconds
-    done = 0
-    while done < runs or time.perf_counter() < end:
-        fn()
-        done += 1
 
 
 def cmd_bench(args: dict) -> None:

@@ -439,7 +439,10 @@ def _conv(a: dict) -> np.ndarray:
 def _reshape(a: dict) -> np.ndarray:
     x = np.asarray(a["x"])
     shape = _ints(a["shape"])
-    shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+    # a 0 copies the input's dimension aligned from the right (iOS17; older opsets need len(shape) == rank,
+    # where right and left alignment agree); a 0 left of the input's first dimension is 1
+    offset = x.ndim - len(shape)
+    shape = [(x.shape[offset + i] if offset + i >= 0 else 1) if s == 0 else s for i, s in enumerate(shape)]
     return x.reshape(shape)
 
 
@@ -675,10 +678,10 @@ class Interpreter:
         for op in self.ops:
             if op.op_type == "const":
                 self._consts[op.outputs[0].name] = self._round(op.outputs[0].val, op.outputs[0])
-        self._declared = [[_declared(v) for v in op.outputs] for op in self.ops]
+        self._out_specs = [[_declared(v) for v in op.outputs] for op in self.ops]
         self._folded = {i for i, op in enumerate(self.ops) if op.op_type.startswith("constexpr_")}
         for i in sorted(self._folded):
-            self._fold(self.ops[i], self._declared[i])
+            self._fold(self.ops[i], self._out_specs[i])
         self.output_names = [v.name for v in self.func.outputs]
 
     def _fold(self, op: Any, declared: list) -> None:
@@ -741,7 +744,7 @@ class Interpreter:
             if len(outs) != len(op.outputs):
                 raise RuntimeError(f"{op.op_type} {op.name}: kernel gave {len(outs)} outputs, op has {len(op.outputs)}")
             outs = [self._round(o, var) for o, var in zip(outs, op.outputs)]
-            _check_outputs(op, outs, self._declared[i])
+            _check_outputs(op, outs, self._out_specs[i])
             for var, o in zip(op.outputs, outs):
                 env[var.name] = o
             if observer is not None:

@@ -80,6 +80,7 @@ from edge.efficientmod import EfficientModDeploy, to_deploy
 from edge.errors import ConversionError
 from edge.manifest import TensorSpec
 from edge.targets import TARGETS, validate_options
+from edge.timing import WARMUP_SECS
 
 ONNX_OPSET = 20
 SAMPLE_NPY = "calibration_image_sample_data_20x128x128x3_float32.npy"
@@ -101,7 +102,6 @@ MIN_GAIN_DB = 1.0  # a step is taken over a faster one only if it meets the targ
 MIN_STEP_GAIN_DB = 0.2  # a kept-nodes step gaining less than this over the step before ends the search
 MIXED_BAR = TARGETS["tflite"].precision("int8-mixed").threshold  # what a step must meet on calibration images
 SEARCH_BENCH_THREADS, SEARCH_BENCH_ROUNDS, SEARCH_BENCH_RUNS = 2, 5, 20  # timing of the tried int8-mixed steps
-SEARCH_BENCH_WARMUP_SECS = 0.5  # each step's file warms up this long first, as in `effmod-edge bench`
 WORKER_TIMEOUT_S = 900
 HISTOGRAM_WORKERS = 2  # processes sharing the MSE-range histogram pass
 FLOAT_NORM, INT8_NORM = "reduce", "conv"  # LayerNorm form of the float and of the int8 files
@@ -560,7 +560,7 @@ def _search_latency(b: _Builder, files: list[Path], tried: list[dict]) -> dict:
     threads = min(SEARCH_BENCH_THREADS, os.cpu_count() or 1)
     try:
         samples = time_tflite(files, b.build, threads=threads, rounds=SEARCH_BENCH_ROUNDS, runs=SEARCH_BENCH_RUNS,
-                              warmup_secs=SEARCH_BENCH_WARMUP_SECS)
+                              warmup_secs=WARMUP_SECS)
     except ConversionError as exc:  # the files already ran for the checks; a failed timing loses only the record
         log.warning("tflite int8-mixed: timing the search steps failed: %s", exc)
         return {"error": str(exc)}
@@ -571,7 +571,7 @@ def _search_latency(b: _Builder, files: list[Path], tried: list[dict]) -> dict:
     log.info("tflite int8-mixed: step latencies (%d threads) %s ms", threads,
              ", ".join(f"{t['latency_ms']:.2f}" for t in tried))
     return {"threads": threads, "rounds": SEARCH_BENCH_ROUNDS, "runs_per_round": SEARCH_BENCH_RUNS,
-            "warmup_secs": SEARCH_BENCH_WARMUP_SECS, "runtime": "litert-xnnpack", "statistic": "median"}
+            "warmup_secs": WARMUP_SECS, "runtime": "litert-xnnpack", "statistic": "median"}
 
 
 def _mixed(b: _Builder, stem: str) -> ArtifactResult:

@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from converters.litert_worker import warm_up
 from edge.context import log
 from edge.efficientmod import get_config
 from edge.errors import ConfigError, EffmodError
 from edge.manifest import BENCH_FILE, Manifest, artifact_problem, refuse_in_the_way, require_writable, write_json_atomic
+from edge.timing import WARMUP_SECS, warm_up
 
 
 def machine_info() -> dict:
@@ -95,7 +95,6 @@ def _torch_timer(model: torch.nn.Module, threads: int, input_size: int):
     return run
 
 
-WARMUP_SECS = 0.5  # untimed warm-up floor per row and round, as LiteRT's benchmark_model (warmup_min_secs)
 BASELINE = {"target": "tflite", "precision": "fp32"}  # the file every speed-up is measured against
 
 

@@ -13,6 +13,7 @@ import click
 from edge.checks import interval_text
 from edge.errors import EffmodError
 from edge.targets import OPTIONS, TARGETS, parse_option_pairs
+from edge.timing import WARMUP_SECS
 
 ALL_PRECISIONS = sorted({p for t in TARGETS.values() for p in t.precision_names})
 
@@ -194,7 +195,7 @@ def download_samples(url: str | None) -> None:
 @click.argument("manifest", type=click.Path())
 @click.option("--runs", default=30, show_default=True, help="Timed runs per round.")
 @click.option("--warmup", default=5, show_default=True, help="Untimed runs before each round (at least).")
-@click.option("--warmup-secs", default=0.5, show_default=True, type=float,
+@click.option("--warmup-secs", default=WARMUP_SECS, show_default=True, type=float,
               help="Untimed seconds before each round (at least), as LiteRT's benchmark_model warms up.")
 @click.option("--rounds", default=3, show_default=True, help="Interleaved rounds over all artifacts.")
 @click.option("--threads", default=None, help="Comma-separated thread counts (default: 1 and all cores).")

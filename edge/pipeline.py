@@ -12,7 +12,7 @@ from pathlib import Path
 
 from calibration.folder import scan_folder
 from calibration.imagenet import class_names
-from calibration.source import image_dir_flag, resolve_image_dir
+from calibration.source import image_dir_origin, resolve_image_dir
 from calibration.splits import make_split
 from edge import __version__
 from edge.checks import NearTies, check_record, compare_logits, images_to_settle, interval_text
@@ -151,15 +151,17 @@ def convert(request: ConvertRequest) -> ConvertResult:
     """Convert, check and record every requested target; see ``effmod-edge convert``."""
     plan = request.plan()
     image_dir = resolve_image_dir(request.calib_dir)
-    folder = scan_folder(image_dir, image_dir_flag(request.calib_dir))
+    folder = scan_folder(image_dir, image_dir_origin(request.calib_dir))
     loaded = load_model(request.model, request.weights, seed=request.seed)
     output = Path(request.output).expanduser()
     for name in ("manifest.json", LABELS_FILE):  # the artifacts' own names are checked again before they move
         refuse_in_the_way(output / name, f"the {name} this run writes", "move it away or choose another --output")
     created = [d for d in (output, *output.parents) if not d.exists()]  # leaf first: removed again on failure
-    staging = prepare_output(output)
+    converted_before = (output / "manifest.json").is_file()  # then its evaluation/bench/report files are ours
+    staging: Path | None = None
     done = False
     try:
+        staging = prepare_output(output)
         split = make_split(folder, request.calib_size, request.eval_size, request.seed)
         log.info("data: %s; calib %d, eval %d", folder.summary(), len(split.calib), len(split.eval))
         reference = torch_logits(loaded.model, split.eval.nchw())
@@ -225,7 +227,7 @@ def convert(request: ConvertRequest) -> ConvertResult:
         extra = [f for r in all_results for f in r.extra_files]
         entries = [LABELS_FILE] + sorted({a.path for a in artifacts} | set(extra))
         _check_destinations(staging, output, entries)
-        for name in DERIVED_FILES:  # a previous run's evaluation, bench and report describe files replaced now
+        for name in DERIVED_FILES if converted_before else ():  # they describe the files replaced now
             stale = output / name
             if stale.is_file() or stale.is_symlink():
                 stale.unlink()
@@ -237,9 +239,18 @@ def convert(request: ConvertRequest) -> ConvertResult:
         done = True
         return ConvertResult(manifest, manifest_path)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         if not done:
-            for d in created:
-                if not d.is_dir() or any(d.iterdir()):
-                    break
-                d.rmdir()
+            _remove_empty(created)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (leaf first) while they are empty; never raises, so the run's own error is the one shown."""
+    for d in folders:
+        try:
+            if not d.is_dir() or any(d.iterdir()):
+                return
+            d.rmdir()
+        except OSError:
+            return

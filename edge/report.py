@@ -93,8 +93,8 @@ def _is_number(v: object) -> bool:
 
 def _check_result_row(r: dict, where: str) -> None:
     """Types of the fields the report reads from an evaluation or bench row."""
-    for key in ("target", "precision", "path"):
-        if not isinstance(r[key], str):
+    for key in ("target", "precision", "path", "skipped", "error"):
+        if key in r and not isinstance(r[key], str):
             raise ConfigError(f"{where}.{key}: {r[key]!r} is not a string")
     check_metrics(r, where)
     for key in ("median_ms", "p90_ms", "min_ms"):

@@ -56,8 +56,6 @@ def _unreadable_message(path: Path, exc: Exception) -> str:
     """Why torch.load refused ``path``, told apart for the files people pass by mistake."""
     text = str(exc)
     fix = "; re-save the weights alone with torch.save(model.state_dict(), 'ckpt.pth')"
-    if path.suffix.lower() in EXPORTED_SUFFIXES:
-        return f"{path} is an exported model, not a checkpoint; pass the PyTorch .pth (or .safetensors) it came from"
     if "TorchScript" in text:
         return f"{path} is a TorchScript archive (torch.jit.save), which holds code as well as weights{fix}"
     found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
@@ -72,6 +70,9 @@ def _unreadable_message(path: Path, exc: Exception) -> str:
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """The state_dict inside a checkpoint file, keys normalized to the release names."""
     path = Path(path).expanduser()
+    if path.suffix.lower() in EXPORTED_SUFFIXES and path.exists():
+        raise CheckpointError(f"{path} is an exported model, not a checkpoint; pass the PyTorch .pth (or .safetensors) "
+                              f"it came from")
     if not path.is_file():
         raise CheckpointError(
             f"checkpoint {path} not found; pass --weights with the path to an EfficientMod .pth file"

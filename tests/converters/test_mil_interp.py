@@ -199,7 +199,9 @@ def test_remaining_elementwise_kernels_match_torch():
         "reduce_max": t.amax(dim=1, keepdim=True), "reduce_min": t.amin(dim=-1),
         "expand_dims": t.unsqueeze(-2).unsqueeze(0),
     }
-    for (name, ref), got in zip(want.items(), Interpreter(prog).run({"x_in": x}).values()):
+    outs = list(Interpreter(prog).run({"x_in": x}).values())
+    assert len(outs) == len(want), f"{len(outs)} outputs for {len(want)} ops"
+    for (name, ref), got in zip(want.items(), outs):
         assert tuple(got.shape) == tuple(ref.shape), f"{name}: shape {got.shape}, torch {tuple(ref.shape)}"
         _close(name, got, ref, 2e-6 * max(1.0, float(ref.abs().max())))
 
@@ -318,20 +320,6 @@ def test_slice_by_index_masks_strides_and_squeeze_match_indexing():
         assert got.shape == want.shape, f"slice_by_index {name}: shape {got.shape}, indexing gives {want.shape}"
         _close(f"slice_by_index {name}", got, want, 0.0)
 
-def test_a_kernel_that_departs_from_the_declared_shape_fails_by_name():
-    """iOS17's reshape aligns the 0s of ``shape`` from the right when its length differs from the input's rank
-    ((2, 3, 4) with [0, -1] is (3, 8)); the kernel copies them from the left. The check against the declared
-    shape stops it there instead of letting the next op compute on a (2, 12) tensor."""
-    x = _randn(2, 3, 4)
-
-    @mb.program(input_specs=[mb.TensorSpec(shape=x.shape)], opset_version=IOS17)
-    def prog(x_in):
-        return mb.reduce_sum(x=mb.reshape(x=x_in, shape=[0, -1]), axes=[1])
-
-    with pytest.raises(OutputMismatchError, match=r"'reshape'.*declares shape \[3, 8\].*gave shape \[2, 12\]") as info:
-        Interpreter(prog).run({"x_in": x})
-    assert info.value.op_type == "reshape"
-
 def test_fp16_mode_rounds_every_intermediate():
     x = np.full((1, 4), 1.0, np.float32)
 
@@ -357,6 +345,37 @@ def test_fp16_mode_rounds_every_intermediate():
     assert got != pytest.approx(3.003, abs=1e-5)
     ignored = float(next(iter(Interpreter(prog16, fp16=False).run({"x_in": x}).values()))[0, 0])
     assert abs(ignored - (1.0 + float(np.float16(1e-3))) * 3.0) < 1e-6
+
+
+def test_reshape_zeros_copy_dimensions_aligned_from_the_right():
+    """iOS17: with ``shape`` shorter or longer than the input's rank, a 0 copies the input's dimension at the
+    same place counted from the right, and a 0 left of the first dimension is 1."""
+    x = _randn(2, 3, 4)
+    for shape, want in (([0, -1], (3, 8)), ([0, 0, -1, 1], (1, 2, 12, 1)), ([2, 0, -1], (2, 3, 4))):
+        @mb.program(input_specs=[mb.TensorSpec(shape=x.shape)], opset_version=IOS17)
+        def prog(x_in):
+            return mb.reshape(x=x_in, shape=shape)
+
+        got = _run(prog, x_in=x)
+        assert got.shape == want, f"reshape {x.shape} by {shape}: {got.shape}, iOS17 gives {want}"
+        _close(f"reshape by {shape}", got, x.reshape(want), 0.0)
+
+
+def test_a_kernel_that_departs_from_the_declared_shape_fails_by_name(monkeypatch):
+    """A kernel whose output is not what the program declares stops there, naming the op, instead of
+    letting the next op compute on it (here a transpose kernel that forgets to transpose)."""
+    from converters import mil_interp
+
+    x = _randn(2, 3, 4)
+    monkeypatch.setitem(mil_interp.KERNELS, "transpose", lambda a: np.asarray(a["x"]))
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=x.shape)], opset_version=IOS17)
+    def prog(x_in):
+        return mb.reduce_sum(x=mb.transpose(x=x_in, perm=[2, 0, 1]), axes=[1])
+
+    with pytest.raises(OutputMismatchError, match=r"'transpose'.*declares shape \[4, 2, 3\].*gave shape \[2, 3, 4\]") as info:
+        Interpreter(prog).run({"x_in": x})
+    assert info.value.op_type == "transpose"
 
 
 def test_cast_float_matches_numpy_bit_for_bit():

@@ -45,18 +45,18 @@ class _Clock:
 
 
 def test_warm_up_runs_the_count_when_it_outlasts_the_time_floor(monkeypatch):
-    from converters import litert_worker
+    from edge import timing
 
     clock = _Clock(step=0.25)
-    monkeypatch.setattr(litert_worker.time, "perf_counter", clock)
-    litert_worker.warm_up(clock.run, runs=5, seconds=0.5)
+    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    timing.warm_up(clock.run, runs=5, seconds=0.5)
     assert clock.calls == 5, f"5 runs of 0.25 s outlast 0.5 s, so the count decides; ran {clock.calls}"
 
 
 def test_warm_up_keeps_a_fast_model_running_until_the_time_floor(monkeypatch):
-    from converters import litert_worker
+    from edge import timing
 
     clock = _Clock(step=2**-8)  # about 4 ms, exact in binary
-    monkeypatch.setattr(litert_worker.time, "perf_counter", clock)
-    litert_worker.warm_up(clock.run, runs=5, seconds=0.5)
+    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    timing.warm_up(clock.run, runs=5, seconds=0.5)
     assert clock.calls == 128, f"0.5 s of 1/256 s runs is 128 runs; ran {clock.calls}"

@@ -335,3 +335,13 @@ def test_the_environment_variable_is_named_when_its_folder_is_missing(tmp_path, 
     monkeypatch.setenv("EFFMOD_CALIB_DIR", str(tmp_path / "nowhere"))
     rc, err = _run("convert", "--target", "onnx", "--model", TINY, "-o", str(tmp_path / "out"))
     _one_line_error(rc, err, f"EFFMOD_CALIB_DIR {tmp_path / 'nowhere'} does not exist", "set EFFMOD_CALIB_DIR")
+
+
+def test_a_first_conversion_leaves_files_of_the_same_names_alone(tmp_path, samples_dir):
+    """Only a folder that held a manifest has results of ours to retire; a project's own report.md stays."""
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "report.md").write_text("# my notes")
+    convert(ConvertRequest(targets=["onnx"], model=TINY, output=out, calib_dir=str(samples_dir), calib_size=2,
+                           eval_size=2))
+    assert (out / "report.md").read_text() == "# my notes"
