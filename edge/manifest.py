@@ -154,7 +154,7 @@ class Manifest:
     def load(cls, path: str | os.PathLike) -> "Manifest":
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
+            data = parse_json(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"manifest {path} not found; pass the manifest.json a convert wrote") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -162,7 +162,7 @@ class Manifest:
         except OSError as exc:
             raise ConfigError(f"manifest {path} cannot be read ({exc.strerror or exc}); check the path and its "
                               f"permissions") from None
-        except RecursionError:
+        except TooDeepError:
             raise ConfigError(f"manifest {path} nests too deeply to be a manifest; re-run convert to write it again") from None
         try:
             return cls.from_dict(data)
@@ -198,6 +198,29 @@ def artifact_problem(root: Path, artifact: Artifact) -> str | None:
     if artifact_digest(path)[1] != artifact.sha256:
         return f"artifact file {artifact.path} does not match its sha256 in the manifest"
     return None
+
+
+MAX_JSON_DEPTH = 64  # ours nest about 6 deep
+
+
+class TooDeepError(ValueError):
+    """JSON nested deeper than any file of ours (checked before parsing: see :func:`parse_json`)."""
+
+
+def parse_json(text: str) -> Any:
+    """``json.loads``, refusing nesting past MAX_JSON_DEPTH before the parser sees it.
+
+    The C parser recurses once per level. coremltools raises Python's recursion
+    limit to 5000 on import, and a few thousand nested brackets then overflow the
+    C stack: a segfault, not a RecursionError.
+    """
+    brackets = re.sub(r"[^\[\]{}]", "", re.sub(r'"(?:[^"\\]|\\.)*"', "", text))
+    depth = 0
+    for c in brackets:
+        depth += 1 if c in "[{" else -1
+        if depth > MAX_JSON_DEPTH:
+            raise TooDeepError(f"nested more than {MAX_JSON_DEPTH} deep")
+    return json.loads(text)
 
 
 EVALUATION_FILE, BENCH_FILE, REPORT_FILES = "evaluation.json", "bench.json", ("report.md", "report.html")

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from edge.errors import ConfigError, EffmodError
 from edge.checks import interval_text
-from edge.manifest import (BENCH_FILE, EVALUATION_FILE, REPORT_FILES, Manifest, artifact_problem, check_metrics,
-                           refuse_in_the_way, require_writable, write_text_atomic)
+from edge.manifest import (BENCH_FILE, EVALUATION_FILE, REPORT_FILES, Manifest, TooDeepError, artifact_problem,
+                           check_metrics, parse_json, refuse_in_the_way, require_writable, write_text_atomic)
 
 METRICS = {"agreement": "top1_agreement", "sqnr": "sqnr_db", "top1": "top1", "top5": "top5", "cosine": "cosine"}
 
@@ -59,10 +59,10 @@ def _load_json(path: Path, rows_key: str, command: str) -> dict | None:
         return None
     fix = f"re-run effmod-edge {command} to write it again"
     try:
-        doc = json.loads(path.read_text())
+        doc = parse_json(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise EffmodError(f"{path} is not valid JSON ({exc}); {fix}") from None
-    except RecursionError:
+    except TooDeepError:
         raise EffmodError(f"{path} nests too deeply to be a {command} result; {fix}") from None
     except OSError as exc:
         raise EffmodError(f"{path} cannot be read ({exc.strerror or exc}); check its permissions or {fix}") from None

@@ -194,9 +194,16 @@ def test_report_rejects_wrongly_typed_results_by_field(copy, name, doc, needle):
 
 
 def test_a_manifest_nested_past_the_recursion_limit_is_refused(copy):
+    """Refused before json's C parser recurses: under coremltools' recursion limit (5000, set on import)
+    100000 brackets overflowed the C stack and killed the test run with a segfault."""
     (copy / "manifest.json").write_text("[" * 100000 + "]" * 100000)
-    for cmd in ("evaluate", "bench", "report"):
-        _one_line_error(*_run(cmd, str(copy)), "nests too deeply", "re-run convert")
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(5000)
+    try:
+        for cmd in ("evaluate", "bench", "report"):
+            _one_line_error(*_run(cmd, str(copy)), "nests too deeply", "re-run convert")
+    finally:
+        sys.setrecursionlimit(limit)
 
 
 def test_evaluate_limit_must_be_positive(copy):
