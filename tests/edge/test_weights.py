@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 
 import pytest
 import torch
@@ -124,7 +125,9 @@ def test_files_people_pass_by_mistake_are_named(tmp_path, xxs):
     msg = _one_line_error(whole)
     assert "pickles a edge.efficientmod.EfficientMod object" in msg and "torch.save(model.state_dict()" in msg, msg
     script = tmp_path / "script.pt"
-    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(script))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated; users still have such files
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(script))
     assert "is a TorchScript archive" in _one_line_error(script)
     exported = tmp_path / "model.onnx"
     exported.write_bytes(b"\x08\x07\x12\x07pytorch")
