@@ -80,12 +80,13 @@ def scan_folder(root: str | os.PathLike, flag: str = "--calib-dir") -> ImageFold
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 skipped["non-image"] += 1
                 continue
+            name = path.relative_to(root).as_posix()
             try:
-                path.relative_to(root).as_posix().encode("utf-8")
+                name.encode("utf-8")
             except UnicodeEncodeError:  # undecodable bytes: the split's fingerprint (UTF-8) cannot hash the name
                 skipped["file name not UTF-8"] += 1
                 continue
-            items.append(ImageItem(path, _label_for(path, root), path.relative_to(root).as_posix()))
+            items.append(ImageItem(path, _label_for(path, root), name))
     folder = ImageFolder(root, items, skipped)
     if not items:
         raise DataError(

@@ -79,15 +79,19 @@ class Artifact:
 METRIC_FIELDS = ("top1", "top5", "top1_agreement", "sqnr_db", "cosine", "max_abs_diff")  # numbers where present
 
 
+def is_number(v: object) -> bool:
+    """An int or float from JSON (not a bool, which Python counts as an int)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def check_metrics(row: dict, where: str) -> None:
     """The metric fields a report reads are numbers (or null), and an agreement interval is two of them."""
     for key in METRIC_FIELDS:
         v = row.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+        if v is not None and not is_number(v):
             raise ConfigError(f"{where}.{key}: {v!r} is not a number")
     ci = row.get("top1_agreement_ci95")
-    if ci is not None and not (isinstance(ci, list) and len(ci) == 2
-                               and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in ci)):
+    if ci is not None and not (isinstance(ci, list) and len(ci) == 2 and all(is_number(x) for x in ci)):
         raise ConfigError(f"{where}.top1_agreement_ci95: {ci!r} is not a [low, high] pair of numbers")
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from edge.errors import ConfigError, EffmodError
 from edge.checks import interval_text
 from edge.manifest import (BENCH_FILE, EVALUATION_FILE, REPORT_FILES, Manifest, TooDeepError, artifact_problem,
-                           check_metrics, parse_json, refuse_in_the_way, require_writable, write_text_atomic)
+                           check_metrics, is_number, parse_json, refuse_in_the_way, require_writable, write_text_atomic)
 
 METRICS = {"agreement": "top1_agreement", "sqnr": "sqnr_db", "top1": "top1", "top5": "top5", "cosine": "cosine"}
 
@@ -82,13 +82,9 @@ def _load_json(path: Path, rows_key: str, command: str) -> dict | None:
             raise EffmodError(f"{path}: {exc}; {fix}") from None
     settings = doc.get("settings")
     if command == "bench" and settings is not None and not (
-            isinstance(settings, dict) and all(_is_number(settings.get(k)) for k in ("runs", "warmup", "rounds"))):
+            isinstance(settings, dict) and all(is_number(settings.get(k)) for k in ("runs", "warmup", "rounds"))):
         raise EffmodError(f"{path}: settings {settings!r} lacks numeric runs, warmup and rounds; {fix}")
     return doc
-
-
-def _is_number(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _check_result_row(r: dict, where: str) -> None:
@@ -98,7 +94,7 @@ def _check_result_row(r: dict, where: str) -> None:
             raise ConfigError(f"{where}.{key}: {r[key]!r} is not a string")
     check_metrics(r, where)
     for key in ("median_ms", "p90_ms", "min_ms"):
-        if key in r and not _is_number(r[key]):
+        if key in r and not is_number(r[key]):
             raise ConfigError(f"{where}.{key}: {r[key]!r} is not a number")
     if "threads" in r and not (isinstance(r["threads"], int) and not isinstance(r["threads"], bool)):
         raise ConfigError(f"{where}.threads: {r['threads']!r} is not a thread count")
