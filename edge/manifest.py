@@ -74,6 +74,42 @@ class Artifact:
         self.input.validate(f"{where}.input")
         self.output.validate(f"{where}.output")
         check_metrics(self.checks, f"{where}.checks")
+        check_mixed_details(self.details, f"{where}.details")
+
+
+MIXED_STEP_FIELDS: dict[str, Any] = {  # an int8-mixed search step, as the report prints it
+    "kept_nodes": int, "calib_agreement": float, "calib_sqnr_db": float, "bytes": int,
+}
+MIXED_STEP_OPTIONAL: dict[str, Any] = {
+    "layernorm_stats_float": bool, "adds_float": bool, "meets_target": bool, "latency_ms": float,
+    "latency_vs_first_step": float, "ended_search": str,
+}
+SENSITIVITY_FIELDS: dict[str, Any] = {"op": str, "tensor": str, "drop_db": float}
+
+
+def check_mixed_details(details: dict, where: str) -> None:
+    """The int8-mixed fields of an artifact's free-form details that the report reads have the types it needs."""
+    if "sensitivity" not in details and "search" not in details:
+        return
+    for key, fields, optional in (("sensitivity", SENSITIVITY_FIELDS, {}),
+                                  ("search", MIXED_STEP_FIELDS, MIXED_STEP_OPTIONAL)):
+        rows = details.get(key)
+        if not isinstance(rows, list):
+            raise ConfigError(f"{where}.{key}: {rows!r} is not a list (an int8-mixed record has both "
+                              f"sensitivity and search)")
+        for i, row in enumerate(rows):
+            at = f"{where}.{key}[{i}]"
+            if not isinstance(row, dict):
+                raise ConfigError(f"{at}: expected an object, got {row!r}")
+            for name, tp in fields.items():
+                if name not in row:
+                    raise ConfigError(f"{at}: missing field {name!r}")
+                _check_type(row[name], tp, f"{at}.{name}")
+            for name, tp in optional.items():
+                if name in row:
+                    _check_type(row[name], tp, f"{at}.{name}")
+    _check_type(details.get("kept_float_op_types", []), list[str], f"{where}.kept_float_op_types")
+    _check_type(details.get("kept_float_nodes", []), list[Any], f"{where}.kept_float_nodes")
 
 
 METRIC_FIELDS = ("top1", "top5", "top1_agreement", "sqnr_db", "cosine", "max_abs_diff")  # numbers where present

@@ -69,6 +69,35 @@ def test_rejects_bad_values_naming_them(mutate, named):
         Manifest.from_dict(d)
 
 
+MIXED_DETAILS = {  # the int8-mixed fields the report reads, as convert writes them
+    "kept_float_op_types": ["GELU", "RSQRT"], "layernorm_stats_float": True, "target_met_on_calibration": False,
+    "kept_float_nodes": [{"tensor": "t1", "op": "CONV_2D", "drop_db": 0.4}],
+    "search": [{"layernorm_stats_float": False, "adds_float": False, "kept_nodes": 0, "calib_agreement": 0.9,
+                "calib_sqnr_db": 24.0, "bytes": 4000000, "meets_target": False, "latency_ms": 5.1,
+                "latency_vs_first_step": 1.0, "ended_search": "gained < 0.3 dB over the step before"}],
+    "sensitivity": [{"op": "CONV_2D", "tensor": "t1", "drop_db": 0.4}],
+}
+
+
+@pytest.mark.parametrize("mutate,named", [
+    (lambda d: d.update(search="none"), r"details\.search: 'none' is not a list"),
+    (lambda d: d.pop("search"), r"details\.search: None is not a list"),
+    (lambda d: d["search"][0].pop("calib_sqnr_db"), r"details\.search\[0\]: missing field 'calib_sqnr_db'"),
+    (lambda d: d["search"][0].update(bytes="4 MB"), r"details\.search\[0\]\.bytes: expected int, got '4 MB'"),
+    (lambda d: d["search"][0].update(latency_ms=None), r"details\.search\[0\]\.latency_ms: expected a number"),
+    (lambda d: d["sensitivity"].append("CONV_2D"), r"details\.sensitivity\[1\]: expected an object"),
+    (lambda d: d["sensitivity"][0].update(drop_db="big"), r"details\.sensitivity\[0\]\.drop_db: expected a number"),
+    (lambda d: d.update(kept_float_op_types="GELU"), r"details\.kept_float_op_types: expected a list"),
+])
+def test_mixed_details_the_report_reads_are_validated(mutate, named):
+    d = copy.deepcopy(GOOD)
+    d["artifacts"][0]["details"] = copy.deepcopy(MIXED_DETAILS)
+    assert Manifest.from_dict(d).artifacts[0].details == MIXED_DETAILS
+    mutate(d["artifacts"][0]["details"])
+    with pytest.raises(ConfigError, match=r"artifacts\[0\]\." + named):
+        Manifest.from_dict(d)
+
+
 def test_sqnr_of_known_noise():
     rng = np.random.default_rng(0)
     ref = rng.standard_normal((50, 1000))
