@@ -5,6 +5,7 @@ package dev.effmod.demo
 
 import android.content.Context
 import android.graphics.Bitmap
+import android.os.Build
 import org.json.JSONObject
 import org.tensorflow.lite.Interpreter
 import java.io.FileInputStream
@@ -13,7 +14,8 @@ import java.nio.ByteOrder
 import java.nio.channels.FileChannel
 import kotlin.math.roundToInt
 
-class EffmodClassifier(context: Context, modelAsset: String, threads: Int = 2) {
+/** Classifies bitmaps with one effmod-edge `.tflite` file; [close] it when done. */
+class EffmodClassifier(context: Context, modelAsset: String, threads: Int = 2) : AutoCloseable {
     private val sidecar = JSONObject(context.assets.open("$modelAsset.json").bufferedReader().readText())
     private val input = sidecar.getJSONObject("input")
     private val output = sidecar.getJSONObject("output")
@@ -21,8 +23,10 @@ class EffmodClassifier(context: Context, modelAsset: String, threads: Int = 2) {
     private val std = FloatArray(3) { input.getJSONArray("std").getDouble(it).toFloat() }
     private val int8In = input.getString("dtype") == "int8"
     private val int8Out = output.getString("dtype") == "int8"
-    val labels: List<String> =
-        context.assets.open(sidecar.getString("labels")).bufferedReader().readLines()
+    private val assetDir = modelAsset.substringBeforeLast('/', "")
+    val labels: List<String> = context.assets.open(
+        if (assetDir.isEmpty()) sidecar.getString("labels") else "$assetDir/${sidecar.getString("labels")}"
+    ).bufferedReader().readLines()
     private val interpreter: Interpreter
 
     init {
@@ -36,13 +40,19 @@ class EffmodClassifier(context: Context, modelAsset: String, threads: Int = 2) {
      * Resize the shorter side to 256 and center-crop 224, in the integer arithmetic of
      * calibration/preprocess.py: shorter side exactly 256, longer side floor(256 * long / short),
      * crop offset (size - 224) / 2 rounded half to even, as Python's round() does.
-     * Android's filter is bilinear, not bicubic: expect small pixel differences.
+     * Android's filter is bilinear without a prefilter, so a large photo is first halved while its
+     * shorter side stays >= 512 (each halving averages 2x2 pixels); a single bilinear step from a
+     * camera frame would alias. Pixels still differ a little from Pillow's bicubic.
      */
     private fun crop224(bitmap: Bitmap): Bitmap {
         val short = minOf(bitmap.width, bitmap.height).toLong()
         val w = if (bitmap.width.toLong() == short) 256 else (256L * bitmap.width / short).toInt()
         val h = if (bitmap.width.toLong() == short) (256L * bitmap.height / short).toInt() else 256
-        val resized = Bitmap.createScaledBitmap(bitmap, w, h, true)
+        var src = bitmap
+        while (minOf(src.width, src.height) / 2 >= 256) {
+            src = Bitmap.createScaledBitmap(src, src.width / 2, src.height / 2, true)
+        }
+        val resized = Bitmap.createScaledBitmap(src, w, h, true)
         return Bitmap.createBitmap(resized, cropOffset(w), cropOffset(h), 224, 224)
     }
 
@@ -52,9 +62,16 @@ class EffmodClassifier(context: Context, modelAsset: String, threads: Int = 2) {
         return if (slack % 2 == 0 || low % 2 == 0) low else low + 1
     }
 
+    /**
+     * The [topK] classes of [bitmap] with their logits (not probabilities: apply a softmax over all
+     * 1000 logits for confidences). HARDWARE bitmaps (ImageDecoder, Glide, Coil) are copied to
+     * ARGB_8888 first: their pixels cannot be read.
+     */
     fun classify(bitmap: Bitmap, topK: Int = 5): List<Pair<String, Float>> {
+        val hardware = Build.VERSION.SDK_INT >= Build.VERSION_CODES.O && bitmap.config == Bitmap.Config.HARDWARE
+        val readable = if (hardware) bitmap.copy(Bitmap.Config.ARGB_8888, false) else bitmap
         val pixels = IntArray(224 * 224)
-        crop224(bitmap).getPixels(pixels, 0, 224, 0, 0, 224, 224)
+        crop224(readable).getPixels(pixels, 0, 224, 0, 0, 224, 224)
         val q = input.optJSONObject("quantization")
         val bytesPerValue = if (int8In) 1 else 4
         val buf = ByteBuffer.allocateDirect(224 * 224 * 3 * bytesPerValue).order(ByteOrder.nativeOrder())
@@ -86,4 +103,6 @@ class EffmodClassifier(context: Context, modelAsset: String, threads: Int = 2) {
         }
         return logits.indices.sortedByDescending { logits[it] }.take(topK).map { labels[it] to logits[it] }
     }
+
+    override fun close() = interpreter.close()
 }

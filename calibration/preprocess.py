@@ -65,7 +65,7 @@ def resize_and_crop(img: Image.Image, resize: int = RESIZE, crop: int = CROP) ->
 
 
 def to_uint8_hwc(img: Image.Image) -> np.ndarray:
-    """Cropped RGB pixels as uint8 HWC, the input of int8-I/O and image-input models."""
+    """Cropped RGB pixels as uint8 HWC: what a Core ML image input takes (int8-I/O TFLite takes normalized, quantized values)."""
     return np.asarray(resize_and_crop(img), dtype=np.uint8)
 
 
