@@ -35,7 +35,14 @@ class Batch:
         return np.ascontiguousarray(self.nchw().transpose(0, 2, 3, 1))
 
     def fingerprint(self) -> str:
+        """Hash of the image names (the split's identity in a manifest)."""
         return hashlib.sha256("\n".join(self.names).encode()).hexdigest()[:16]
+
+    def content_fingerprint(self) -> str:
+        """Hash of the cropped pixels and labels: differs for same-named files of another folder or an edited file."""
+        h = hashlib.sha256(np.ascontiguousarray(self.pixels).tobytes())
+        h.update(np.ascontiguousarray(self.labels, dtype=np.int64).tobytes())
+        return h.hexdigest()[:16]
 
 
 @dataclass

@@ -185,7 +185,10 @@ def _run(cmd: list[str], cwd: Path, what: str, timeout: float = WORKER_TIMEOUT_S
 
 
 def start_worker(command: str, args: dict, build_dir: Path, timeout: float = WORKER_TIMEOUT_S) -> _Started:
-    """Start one ``converters.litert_worker`` command in a fresh Python process."""
+    """Start one ``converters.litert_worker`` command in a fresh Python process, in ``build_dir``.
+
+    Paths in ``args`` must be absolute: the worker's working folder is ``build_dir``."""
+    build_dir = build_dir.resolve()
     build_dir.mkdir(parents=True, exist_ok=True)
     arg_file = build_dir / f"{command}-{time.monotonic_ns()}.json"
     arg_file.write_text(json.dumps(args))
@@ -226,7 +229,8 @@ def litert_logits(model: Path, images_nhwc: np.ndarray, build_dir: Path, threads
     if not images.exists():
         np.save(images, images_nhwc)
     out = build_dir / f"logits-{model.stem}-{digest}.npy"
-    worker("run", {"model": str(model), "images": str(images), "out": str(out), "threads": threads}, build_dir)
+    worker("run", {"model": str(model.resolve()), "images": str(images.resolve()), "out": str(out.resolve()),
+                   "threads": threads}, build_dir)
     return np.load(out)
 
 
@@ -236,16 +240,16 @@ def time_tflite(models: list[Path], build_dir: Path, threads: int = 2, rounds: i
 
     Each model is first run ``warmup`` times and for at least ``warmup_secs`` seconds."""
     out = build_dir / f"bench-{time.monotonic_ns()}.json"
-    worker("bench", {"models": [str(m) for m in models], "threads": threads, "rounds": rounds, "runs": runs,
-                     "warmup": warmup, "warmup_secs": warmup_secs, "out": str(out)}, build_dir)
+    worker("bench", {"models": [str(m.resolve()) for m in models], "threads": threads, "rounds": rounds, "runs": runs,
+                     "warmup": warmup, "warmup_secs": warmup_secs, "out": str(out.resolve())}, build_dir)
     samples = json.loads(out.read_text())
-    return {m: samples[str(m)] for m in models}
+    return {m: samples[str(m.resolve())] for m in models}
 
 
 def inspect_tflite(model: Path, build_dir: Path | None = None) -> dict:
     """Op histogram, float ops, ops outside the XNNPACK delegate, I/O quantization."""
     with tempfile.TemporaryDirectory() as tmp:
-        d = Path(build_dir or tmp)
+        d = Path(build_dir or tmp).resolve()
         out = d / f"inspect-{model.stem}.json"
         worker("inspect", {"model": str(Path(model).resolve()), "out": str(out)}, d)
         return json.loads(out.read_text())

@@ -133,7 +133,7 @@ def bench_manifest(
         raise ConfigError(f"--threads must be positive thread counts, e.g. 1,2 (got {','.join(map(str, threads))})")
     manifest_path = Path(manifest_path)
     manifest = Manifest.load(manifest_path)
-    root = manifest_path.parent
+    root = manifest_path.resolve().parent  # workers run in their own folder: relative paths would miss
     get_config(manifest.model)
     require_writable(root)
     refuse_in_the_way(root / BENCH_FILE, f"the {BENCH_FILE} bench writes", "move it away")

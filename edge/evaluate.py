@@ -1,8 +1,9 @@
 """``effmod-edge evaluate``: every artifact of a manifest on the same images.
 
 Results are cached per artifact under ``OUT/.effmod-cache``, keyed by the
-artifact's SHA-256 and a fingerprint of the image list, so adding one artifact
-to a manifest re-runs only that one.
+artifact's SHA-256 and a hash of the images' cropped pixels and labels, so adding
+one artifact to a manifest re-runs only that one, and same-named images of another
+folder (or an edited image) are computed afresh.
 """
 
 from __future__ import annotations
@@ -111,7 +112,8 @@ def _manifest_images(manifest: Manifest, data_dir: str | os.PathLike | None, lim
     if not len(batch):
         raise DataError(f"no usable image left in {source['root']} (calibration images are left out); pass --data "
                         f"with a folder of valid JPEG/PNG images")
-    return batch, {**source, "count": len(batch), "fingerprint": batch.fingerprint()}
+    return batch, {**source, "count": len(batch), "fingerprint": batch.fingerprint(),
+                   "content_fingerprint": batch.content_fingerprint()}
 
 
 def select_artifacts(manifest: Manifest, targets: list[str] | tuple[str, ...] = (),
@@ -186,7 +188,7 @@ def evaluate_manifest(
     """
     manifest_path = Path(manifest_path)
     manifest = Manifest.load(manifest_path)
-    root = manifest_path.parent
+    root = manifest_path.resolve().parent  # workers run in their own folder: relative paths would miss
     get_config(manifest.model)
     artifacts = select_artifacts(manifest, targets, precisions)
     require_writable(root)
@@ -197,7 +199,7 @@ def evaluate_manifest(
     tool = manifest.tool or {}
     ref_id = f"{manifest.weights}|{manifest.weights_sha256}|{manifest.model}|{tool.get('seed', 0)}|{tool.get('input_size', 224)}"
     ref_key = hashlib.sha256(ref_id.encode()).hexdigest()[:16]  # random weights differ by seed
-    ref_file = cache / f"reference-{ref_key}-{images['fingerprint']}.npy"
+    ref_file = cache / f"reference-{ref_key}-{images['content_fingerprint']}.npy"
     if ref_file.exists():  # the checkpoint is only needed when its logits on these images are not cached
         reference = np.load(ref_file)
     else:
@@ -214,7 +216,7 @@ def evaluate_manifest(
         if problem:
             rows.append({**row, "error": problem})
             continue
-        cached = cache / f"logits-{a.sha256[:24]}-{images['fingerprint']}.npy"
+        cached = cache / f"logits-{a.sha256[:24]}-{images['content_fingerprint']}.npy"
         try:
             if cached.exists():
                 logits = np.load(cached)

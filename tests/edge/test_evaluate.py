@@ -176,3 +176,44 @@ def test_a_missing_data_folder_names_evaluates_own_option(converted, tmp_path):
     line = res.stderr.strip().splitlines()[-1]
     assert res.exit_code == 2 and line.startswith(f"error: no images in {empty}") and "--data" in line, res.stderr
     assert "--calib-dir" not in line, line
+
+
+@pytest.fixture(scope="module")
+def tiny_tflite(tmp_path_factory, proxy_tiny_checkpoint, twelve_images) -> Path:
+    out = tmp_path_factory.mktemp("rel") / "out"
+    convert(ConvertRequest(targets=["tflite"], precisions=["fp32"], model=TINY, weights=str(proxy_tiny_checkpoint),
+                           output=out, calib_dir=str(twelve_images), calib_size=0, eval_size=3))
+    return out
+
+
+def test_evaluate_and_bench_run_tflite_from_a_relative_manifest_path(tiny_tflite, monkeypatch):
+    from edge.bench import bench_manifest
+
+    monkeypatch.chdir(tiny_tflite.parent)
+    rows = evaluate_manifest("out/manifest.json", progress=False)["rows"]
+    (tfl,) = [r for r in rows if r["target"] == "tflite"]
+    assert "error" not in tfl and tfl["sqnr_db"] > 100, f"TFLite fp32 from a relative manifest path: {tfl}"
+    bench = bench_manifest("out/manifest.json", runs=2, warmup=1, rounds=1, threads=(1,), include_torch=False,
+                           warmup_secs=0)["results"]
+    (tfl,) = [r for r in bench if r["target"] == "tflite"]
+    assert "error" not in tfl and tfl["median_ms"] > 0, f"TFLite bench from a relative manifest path: {tfl}"
+
+
+def test_the_cache_recomputes_same_named_images_of_another_folder(tiny_tflite, twelve_images, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    photos = sorted(twelve_images.iterdir())[:6]
+    for src, other in zip(photos, reversed(photos)):  # b: the same names over other photos
+        os.symlink(os.path.realpath(src), a / src.name)
+        os.symlink(os.path.realpath(other), b / src.name)
+    first = evaluate_manifest(tiny_tflite / "manifest.json", data_dir=a, progress=False)
+    second = evaluate_manifest(tiny_tflite / "manifest.json", data_dir=b, progress=False)
+    fresh_dir = tmp_path / "fresh"
+    shutil.copytree(tiny_tflite, fresh_dir, ignore=shutil.ignore_patterns(".effmod-cache", "evaluation.json"))
+    fresh = evaluate_manifest(fresh_dir / "manifest.json", data_dir=b, progress=False)
+    assert first["images"]["fingerprint"] == second["images"]["fingerprint"], "the test needs same-named images"
+    for got, want in zip(second["rows"], fresh["rows"]):
+        assert got["sqnr_db"] == want["sqnr_db"] and got["top1"] == want["top1"], \
+            f"{got['target']} {got['precision']}: cached figures of folder a reused for folder b ({got} vs {want})"
+    assert [r["sqnr_db"] for r in first["rows"][1:]] != [r["sqnr_db"] for r in second["rows"][1:]], \
+        "folders a and b gave identical SQNRs: the test cannot tell a stale cache"
