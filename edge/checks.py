@@ -47,9 +47,16 @@ def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, center - half), min(1.0, center + half)
 
 
+def outward(ci: tuple[float, float], digits: int) -> list[float]:
+    """An interval rounded to ``digits`` decimals away from its centre, so rounding never narrows it."""
+    scale = 10.0**digits
+    return [math.floor(ci[0] * scale + 1e-9) / scale, math.ceil(ci[1] * scale - 1e-9) / scale]
+
+
 def interval_text(ci: list[float] | tuple[float, float]) -> str:
-    """An agreement interval in percent, e.g. ``94.6-99.8``."""
-    return f"{100 * ci[0]:.1f}-{100 * ci[1]:.1f}"
+    """An agreement interval in percent, rounded outward, e.g. ``94.6-99.8``."""
+    lo, hi = outward((ci[0], ci[1]), 3)
+    return f"{100 * lo:.1f}-{100 * hi:.1f}"
 
 
 def images_to_settle(bar: float, z: float = 1.96) -> int:
@@ -75,7 +82,7 @@ def compare_logits(ref: np.ndarray, got: np.ndarray, labels: np.ndarray | None =
         "sqnr_db": round(sqnr_db(ref, got), 3),
         "cosine": float(cosine.mean()) if cosine.size else 1.0,
         "top1_agreement": agree / len(ref) if len(ref) else 1.0,
-        "top1_agreement_ci95": [round(v, 4) for v in wilson_interval(agree, len(ref))],
+        "top1_agreement_ci95": outward(wilson_interval(agree, len(ref)), 6),
         "top1_agreement_hits": agree,
     }
     if labels is not None:

@@ -71,6 +71,11 @@ def _interval(metrics: dict) -> str:
     return f" [{interval_text(ci)}]" if ci else ""
 
 
+def _percent(value: float | None) -> str:
+    """A share as a percentage; ``-`` where there is none (top-1 of images without labels)."""
+    return "-" if value is None else f"{value:.1%}"
+
+
 def _exit_on_row_errors(rows: list[dict], what: str) -> None:
     """Exit 1 naming the first artifact that could not be run, after the results were written."""
     bad = [r for r in rows if r.get("error")]
@@ -148,10 +153,12 @@ def convert(targets, precisions, model, weights, output, calib_dir, calib_size, 
         from edge.evaluate import evaluate_manifest
         from edge.report import render
 
-        evaluate_manifest(result.manifest_path)
-        bench_manifest(result.manifest_path)
+        evaluation = evaluate_manifest(result.manifest_path)
+        bench = bench_manifest(result.manifest_path)
         md, page, _ = render(result.manifest_path.parent)
         click.echo(f"report: {md} {page}")
+        _exit_on_row_errors(evaluation["rows"], "evaluate")
+        _exit_on_row_errors(bench["results"], "bench")
     if result.failed:
         sys.exit(1)
     if check_threshold and result.below_threshold:
@@ -241,7 +248,7 @@ def evaluate(manifest: str, data: str | None, heldout: bool, limit: int | None, 
         if "error" in r:
             click.echo(f"  {r['target']:7s} {r['precision']:10s} {r['path']:40s} ERROR: {r['error']}")
         else:
-            click.echo(f"  {r['target']:7s} {r['precision']:10s} {r['path']:40s} top-1 {r.get('top1', 0):.1%} "
+            click.echo(f"  {r['target']:7s} {r['precision']:10s} {r['path']:40s} top-1 {_percent(r.get('top1'))} "
                        f"agree {r['top1_agreement']:.1%}{_interval(r)} SQNR {r['sqnr_db']:.1f} dB")
     _exit_on_row_errors(result["rows"], "evaluate")
 

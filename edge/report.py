@@ -139,9 +139,9 @@ def collect_rows(out_dir: Path) -> tuple[Manifest, list[dict], dict | None, dict
     return manifest, rows, evaluation, bench
 
 
-def gate(rows: list[dict], fail_under: list[FailUnder]) -> list[str]:
-    """Names of rows (with the reason) that miss a --fail-under bar or have an error."""
-    misses = []
+def gate(rows: list[dict], fail_under: list[FailUnder], failures: list | None = None) -> list[str]:
+    """Names of rows (with the reason) that miss a --fail-under bar or have an error, and failed conversions."""
+    misses = [f"{f.target}/{f.precision}: conversion failed after {f.seconds:.0f}s: {f.error}" for f in failures or []]
     for r in rows:
         if r["target"] == "pytorch":
             continue
@@ -151,7 +151,7 @@ def gate(rows: list[dict], fail_under: list[FailUnder]) -> list[str]:
             continue
         for f in fail_under:
             v = r.get(f.metric)
-            if v is None or v < f.value:
+            if v is None or not v >= f.value:  # NaN misses every bar
                 misses.append(f"{name}: {f.metric} {v} < {f.value}")
     return misses
 
@@ -266,7 +266,7 @@ def render(out_dir: str | os.PathLike, fail_under: list[FailUnder] | None = None
     img = (evaluation or {}).get("images") or {k: (manifest.data or {}).get(k) for k in ("eval_size", "seed", "root")}
     machine = (bench or evaluation or {}).get("machine", {})
     timing = latency_method(bench)
-    misses = gate(rows, fail_under or [])
+    misses = gate(rows, fail_under or [], manifest.failures)
     source = "evaluation.json" if evaluation else "the manifest's conversion checks (run effmod-edge evaluate for more)"
     md = [f"# effmod-edge report: {manifest.model}", "",
           f"Weights: `{manifest.weights}`. Metrics from {source}; images: {json.dumps(img)}.",
@@ -306,6 +306,10 @@ def render(out_dir: str | os.PathLike, fail_under: list[FailUnder] | None = None
         sections.append(f"<h2>Per-op int8 sensitivity: {esc(r['path'])}</h2>{_svg_sensitivity(r['details']['sensitivity'])}")
         sections.append("<ul>" + "".join(
             f"<li>{esc(mixed_step_line(s))}</li>" for s in r["details"]["search"]) + "</ul>")
+    if manifest.failures:
+        sections.append("<h2>Failed conversions</h2><ul>" + "".join(
+            f"<li>{esc(f.target)}/{esc(f.precision)} after {f.seconds:.0f}s: {esc(f.error)}</li>"
+            for f in manifest.failures) + "</ul>")
     if misses:
         sections.append("<h2>Gate misses</h2><ul>" + "".join(f"<li>{esc(m)}</li>" for m in misses) + "</ul>")
     page = f"""<!doctype html>

@@ -352,3 +352,34 @@ def test_a_first_conversion_leaves_files_of_the_same_names_alone(tmp_path, sampl
     convert(ConvertRequest(targets=["onnx"], model=TINY, output=out, calib_dir=str(samples_dir), calib_size=2,
                            eval_size=2))
     assert (out / "report.md").read_text() == "# my notes"
+
+
+def test_convert_report_exits_non_zero_when_an_artifact_cannot_be_evaluated(tmp_path, samples_dir, monkeypatch):
+    """convert --report wrote a report of ERROR rows and exited 0 (a TFLite worker given relative paths)."""
+    import edge.evaluate
+
+    real = edge.evaluate.evaluate_manifest
+
+    def one_row_fails(*args, **kwargs):
+        result = real(*args, **kwargs)
+        row = next(r for r in result["rows"] if r["target"] == "onnx")
+        row.clear()
+        row.update({"target": "onnx", "precision": "fp32", "path": f"{TINY}.onnx", "error": "RuntimeError: worker died"})
+        return result
+
+    monkeypatch.setattr(edge.evaluate, "evaluate_manifest", one_row_fails)
+    rc, err = _run("convert", "--target", "onnx", "--model", TINY, "--calib-dir", str(samples_dir),
+                   "--calib-size", "0", "--eval-size", "3", "--output", str(tmp_path / "out"), "--report")
+    _one_line_error(rc, err, "evaluate failed for", "worker died", code=1)
+    assert (tmp_path / "out" / "report.html").is_file(), "the report should still be written before the exit"
+
+
+def test_evaluate_prints_a_dash_for_the_top1_of_unlabelled_images(copy, tmp_path, samples_dir):
+    folder = tmp_path / "unlabelled"
+    folder.mkdir()
+    for i, src in enumerate(sorted(samples_dir.glob("n*.JPEG"))[:3]):
+        os.symlink(src, folder / f"photo_{i}.jpg")
+    res = CliRunner().invoke(main, ["evaluate", str(copy / "manifest.json"), "--data", str(folder)])
+    assert res.exit_code == 0, res.stderr
+    rows = [line for line in res.stdout.splitlines() if "agree" in line]
+    assert rows and all("top-1 - " in line for line in rows), f"unlabelled images shown with a top-1: {rows}"

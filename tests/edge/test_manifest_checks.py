@@ -197,3 +197,15 @@ def test_agreement_bar_resolved_only_when_the_interval_clears_it():
     for copies, settled in ((3, False), (4, True)):  # 300 of 300 agreeing cannot settle 99 %, 400 of 400 can
         same = np.tile(ref, (copies, 1))
         assert check_record(compare_logits(same, same), bar)["agreement_bar_resolved"] is settled, copies
+
+
+def test_the_recorded_interval_never_rounds_inward_past_the_bar():
+    """380 of 380 agreeing: the Wilson bound is 98.9992 %; rounded to nearest it read 99.0 % while the bar was unresolved."""
+    from edge.checks import interval_text
+
+    ref = np.eye(380, 10, dtype=np.float32)
+    record = check_record(compare_logits(ref, ref), Threshold(min_agreement=0.99))
+    lo, hi = record["top1_agreement_ci95"]
+    assert lo < 0.99 and hi == 1.0, f"recorded interval {lo}-{hi} for 380/380; the true lower bound is 0.989992"
+    assert record["agreement_bar_resolved"] is False
+    assert interval_text(record["top1_agreement_ci95"]) == "98.9-100.0"

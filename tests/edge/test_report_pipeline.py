@@ -92,6 +92,31 @@ def test_report_gate_names_rows_below_a_numeric_bar(converted):
         assert number and float(number.group(1)) == pytest.approx(sqnr), f"{path}: miss {miss!r} lacks SQNR {sqnr}"
 
 
+def test_a_nan_metric_misses_every_bar(converted, tmp_path):
+    """NaN < 25 is false: a NaN SQNR (an artifact that outputs NaN) passed --fail-under sqnr=25."""
+    out = tmp_path / "copy"
+    shutil.copytree(converted, out)
+    evaluate_manifest(out / "manifest.json", progress=False)
+    ev = json.loads((out / "evaluation.json").read_text())
+    row = next(r for r in ev["rows"] if r["target"] == "onnx")
+    row["sqnr_db"] = float("nan")
+    (out / "evaluation.json").write_text(json.dumps(ev))
+    _, _, misses = render(out, [FailUnder.parse("sqnr=25")])
+    assert [m for m in misses if row["path"] in m and "sqnr nan < 25" in m], f"a NaN SQNR passed the gate: {misses}"
+
+
+def test_failed_conversions_are_gate_misses_and_shown_in_html(converted, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(converted, out)
+    m = json.loads((out / "manifest.json").read_text())
+    m["failures"] = [{"target": "tflite", "precision": "int8", "error": "RuntimeError: <boom>", "seconds": 3.0}]
+    (out / "manifest.json").write_text(json.dumps(m))
+    md, page, misses = render(out, [FailUnder.parse("sqnr=25")])
+    assert misses == ["tflite/int8: conversion failed after 3s: RuntimeError: <boom>"], misses
+    html = page.read_text()
+    assert "Failed conversions" in html and "RuntimeError: &lt;boom&gt;" in html, "the failure is not on the HTML page"
+
+
 def test_fail_under_rejects_unknown_metric():
     with pytest.raises(ConfigError, match="latency"):
         FailUnder.parse("latency=3")
