@@ -34,6 +34,10 @@ class Batch:
         """Normalized float32 NHWC, the TFLite input contract."""
         return np.ascontiguousarray(self.nchw().transpose(0, 2, 3, 1))
 
+    def without_labels(self) -> "Batch":
+        """The same images with every label unknown (-1): ImageNet labels say nothing about a fine-tune's classes."""
+        return Batch(self.pixels, np.full(len(self), -1, dtype=np.asarray(self.labels).dtype), self.names)
+
     def fingerprint(self) -> str:
         """Hash of the image names (the split's identity in a manifest)."""
         return hashlib.sha256("\n".join(self.names).encode()).hexdigest()[:16]

@@ -113,19 +113,22 @@ class PixelInput(nn.Module):
         return self.net((pixels / 255.0 - self.mean) / self.std)
 
 
-def classifier_labels() -> list[str]:
-    """The 1000 class names, made unique for Core ML's label -> probability dictionary.
+def classifier_labels(names: list[str] | None = None) -> list[str]:
+    """The class names (ImageNet-1k's by default), made unique for Core ML's label -> probability dictionary.
 
     ImageNet-1k has two names used twice ("crane": bird and machine, "maillot");
-    those get their wnid appended, e.g. ``crane (n02012849)``.
+    those get their wnid appended, e.g. ``crane (n02012849)``. A repeated name of
+    a fine-tune's own classes gets its class index appended, e.g. ``cat (7)``.
     """
     from collections import Counter
 
     from calibration.imagenet import wnids
 
-    names = class_names()
+    imagenet = class_names()
+    names = imagenet if names is None else names
+    tags = wnids() if names == imagenet else [str(i) for i in range(len(names))]
     dup = {n for n, c in Counter(names).items() if c > 1}
-    return [f"{n} ({w})" if n in dup else n for n, w in zip(names, wnids())]
+    return [f"{n} ({t})" if n in dup else n for n, t in zip(names, tags)]
 
 
 def _ct() -> Any:
@@ -267,7 +270,7 @@ def edited_model(prog: Any, source: Any, input_size: int, target: str, **convert
     return model
 
 
-def classifier_model(logits_model: Any, input_size: int, target: str) -> Any:
+def classifier_model(logits_model: Any, input_size: int, target: str, labels: list[str] | None = None) -> Any:
     """The classifier of a logits ML Program: the same program (weights, ops, compression, bit for bit)
     with a softmax on its logits, in the precision they are computed in, and Core ML's ``classify``.
 
@@ -293,7 +296,8 @@ def classifier_model(logits_model: Any, input_size: int, target: str) -> Any:
     if cast is not None:
         func.remove_ops([cast])
     return edited_model(prog, logits_model, input_size, target,
-                        classifier_config=ct.ClassifierConfig(classifier_labels(), predicted_feature_name="classLabel"))
+                        classifier_config=ct.ClassifierConfig(classifier_labels(labels),
+                                                              predicted_feature_name="classLabel"))
 
 
 def stored_palette(nbits: int) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
@@ -480,8 +484,10 @@ def describe(mlmodel: Any, ctx: ConvertContext, precision: str, form: str, targe
     mlmodel.license = validate_options(ctx.options)["license"]
     mlmodel.version = __version__
     kind = "classifier (classLabel + probabilities)" if classifier else "raw logits"
+    n = ctx.loaded.num_classes
+    classes = "ImageNet-1k" if ctx.imagenet_classes else f"{n}-class"
     mlmodel.short_description = (
-        f"EfficientMod {variant} ImageNet-1k image classifier, {kind}, {precision} Core ML ML Program "
+        f"EfficientMod {variant} {classes} image classifier, {kind}, {precision} Core ML ML Program "
         f"({form} form). Input: RGB {ctx.input_size}x{ctx.input_size} image; normalization is inside the model."
     )
     mlmodel.input_description["image"] = (
@@ -489,10 +495,10 @@ def describe(mlmodel: Any, ctx: ConvertContext, precision: str, form: str, targe
         f"center-cropped; pixels 0..255, no normalization needed"
     )
     if classifier:
-        mlmodel.output_description["classLabel"] = "most likely ImageNet-1k class name"
-        mlmodel.output_description["classLabel_probs"] = "softmax probability of every ImageNet-1k class"
+        mlmodel.output_description["classLabel"] = f"most likely {classes} class name"
+        mlmodel.output_description["classLabel_probs"] = f"softmax probability of every {classes} class"
     else:
-        mlmodel.output_description["logits"] = "(1, 1000) ImageNet-1k logits in class-index order (labels.txt)"
+        mlmodel.output_description["logits"] = f"(1, {n}) {classes} logits in class-index order (labels.txt)"
     meta = {
         "variant": variant,
         "weights_source": ctx.loaded.weights,
@@ -502,7 +508,8 @@ def describe(mlmodel: Any, ctx: ConvertContext, precision: str, form: str, targe
         "form": form,
         "deployment_target": target,
         "preprocessing": PREPROCESSING,
-        "labels": "ImageNet-1k, class index = sorted wnid order (labels.txt beside the package)",
+        "labels": ("ImageNet-1k, class index = sorted wnid order (labels.txt beside the package)"
+                   if ctx.imagenet_classes else f"{n} classes of a fine-tune, in labels.txt order (beside the package)"),
         "converter": f"effmod-edge {__version__} converters.to_coreml",
     }
     if classifier:
@@ -872,18 +879,19 @@ def _one_precision(
         details["activation_quantize_ops"] = details["ops_by_precision"].get("quantize", {}).get("int8", 0)
     extra: list[str] = []
     if precision in CLASSIFIER_PRECISIONS:
-        cmodel = classifier_model(model, ctx.input_size, b.target)
+        cmodel = classifier_model(model, ctx.input_size, b.target, ctx.class_names)
         describe(cmodel, ctx, precision, b.form, b.target, True)
         cname = f"{ctx.stem}_{precision}_classifier.mlpackage"
         _save(cmodel, ctx.work_dir / cname)
         n = min(CLASSIFIER_CHECK_IMAGES, len(ctx.split.eval))
         labels = classify_package(ctx.work_dir / cname, ctx.split.eval.pixels[:n])
-        names = classifier_labels()
+        names = classifier_labels(ctx.class_names)
         expected = [names[i] for i in logits[:n].argmax(1)]
         details["classifier"] = {
             "path": cname,
             "outputs": ["classLabel", "classLabel_probs"],
-            "labels": "ImageNet-1k names; the two duplicated names carry their wnid",
+            "labels": ("ImageNet-1k names; the two duplicated names carry their wnid" if ctx.imagenet_classes
+                       else "the names of labels.txt; a repeated name carries its class index"),
             "checked_images": n,
             "label_agreement_with_logits_package": float(np.mean([a == e for a, e in zip(labels, expected)])) if n else None,
         }
@@ -893,7 +901,7 @@ def _one_precision(
         path=name,
         input=TensorSpec(name="image", layout="image", dtype="image", shape=[1, 3, ctx.input_size, ctx.input_size],
                          mean=list(MEAN), std=list(STD)),
-        output=TensorSpec(name="logits", layout="NC", dtype="float32", shape=[1, 1000]),
+        output=TensorSpec(name="logits", layout="NC", dtype="float32", shape=[1, ctx.loaded.num_classes]),
         logits=logits,
         details=details,
         extra_files=extra,

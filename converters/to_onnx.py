@@ -41,10 +41,10 @@ def onnx_logits(path: Path, images_nchw: np.ndarray, batch: int = 1, threads: in
     return np.concatenate(out).astype(np.float32)
 
 
-def io_specs(input_size: int, batch: int | None) -> tuple[TensorSpec, TensorSpec]:
+def io_specs(input_size: int, batch: int | None, num_classes: int = 1000) -> tuple[TensorSpec, TensorSpec]:
     return (
         TensorSpec("input", "NCHW", "float32", [batch, 3, input_size, input_size], list(MEAN), list(STD)),
-        TensorSpec("logits", "NC", "float32", [batch, 1000]),
+        TensorSpec("logits", "NC", "float32", [batch, num_classes]),
     )
 
 
@@ -57,7 +57,7 @@ def convert(ctx: ConvertContext, precisions: list[str]) -> list[ArtifactResult]:
         log.info("onnx: exporting %s", name)
         export_onnx(ctx.deploy, ctx.work_dir / name, ctx.input_size, dynamic_batch=dynamic)
         logits = onnx_logits(ctx.work_dir / name, images, batch=16 if dynamic else 1)
-        inp, out = io_specs(ctx.input_size, None if dynamic else 1)
+        inp, out = io_specs(ctx.input_size, None if dynamic else 1, ctx.loaded.num_classes)
         results.append(
             ArtifactResult("fp32", name, inp, out, logits, {"opset": OPSET, "batch": "dynamic" if dynamic else 1})
         )

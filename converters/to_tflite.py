@@ -318,7 +318,7 @@ def _io_specs(model_info: dict, input_size: int) -> tuple[TensorSpec, TensorSpec
 
     return (
         spec(model_info["input"], "NHWC", [1, input_size, input_size, 3], True),
-        spec(model_info["output"], "NC", [1, 1000], False),
+        spec(model_info["output"], "NC", [1, model_info["output"]["shape"][-1]], False),
     )
 
 
@@ -331,7 +331,7 @@ def _sidecar(path: Path, inp: TensorSpec, out: TensorSpec, precision: str, label
                   "mean": inp.mean, "std": inp.std, "quantization": inp.quantization,
                   "preprocessing": "RGB, shorter side to 256 (bicubic), center crop 224, /255, (x-mean)/std"},
         "output": {"name": out.name, "dtype": out.dtype, "shape": out.shape, "quantization": out.quantization,
-                   "meaning": "logits over the 1000 ImageNet-1K classes in labels order"},
+                   "meaning": f"logits over the {out.shape[-1]} classes in labels order"},
     }, indent=1))
     return side.name
 

@@ -158,7 +158,7 @@ def bench_manifest(
         if include_torch:
             from edge.efficientmod import create_model
 
-            model = create_model(manifest.model).eval()
+            model = create_model(manifest.model, num_classes=manifest.num_classes).eval()
             size = int((manifest.tool or {}).get("input_size", 224))
             for t in threads:
                 timers.append(({"target": "pytorch", "precision": "fp32", "path": "", "bytes": 0, "threads": t,

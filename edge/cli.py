@@ -107,6 +107,9 @@ def main(verbose: bool) -> None:
 @click.option("--model", default=None, help="Variant, e.g. efficientmod_xxs; detected from --weights if omitted.")
 @click.option("--weights", default=None, type=click.Path(dir_okay=False),
               help="Checkpoint (.pth); omitted = random weights, for trying the pipeline.")
+@click.option("--labels", default=None, type=click.Path(dir_okay=False),
+              help="Class names, one per line in class-index order, for a fine-tune's own head "
+                   "[default: ImageNet-1k's for 1000 classes].")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--calib-dir", default=None, type=click.Path(), help="Image folder (else $EFFMOD_CALIB_DIR, else the download cache).")
 @click.option("--calib-size", default=200, show_default=True, help="Calibration images (class-balanced).")
@@ -120,7 +123,7 @@ def main(verbose: bool) -> None:
               help="Core ML graph: Neural-Engine-friendly layout or the plain deploy form [default: ane].")
 @click.option("--option", "option_pairs", multiple=True, metavar="KEY=VALUE",
               help="Converter option, repeatable; `effmod-edge options` lists them.")
-def convert(targets, precisions, model, weights, output, calib_dir, calib_size, eval_size, seed, check_threshold,
+def convert(targets, precisions, model, weights, labels, output, calib_dir, calib_size, eval_size, seed, check_threshold,
             with_report, deployment_target, coreml_form, option_pairs) -> None:
     """Convert a checkpoint, check every artifact against PyTorch, write manifest.json."""
     from edge.pipeline import ConvertRequest, convert as run_convert
@@ -133,7 +136,7 @@ def convert(targets, precisions, model, weights, output, calib_dir, calib_size, 
         ConvertRequest(
             targets=list(targets), precisions=list(precisions) or None, model=model, weights=weights,
             output=output, calib_dir=calib_dir, calib_size=calib_size, eval_size=eval_size, seed=seed,
-            options=options,
+            options=options, labels=labels,
         )
     )
     m = result.manifest

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from calibration.imagenet import class_names
 from calibration.splits import Split
 from edge.efficientmod import EfficientModDeploy
 from edge.manifest import TensorSpec
@@ -27,6 +28,8 @@ class ConvertContext:
     seed: int = 0
     input_size: int = 224
     options: dict = field(default_factory=dict)
+    class_names: list[str] = field(default_factory=class_names)  # labels.txt, in class-index order
+    imagenet_classes: bool = True  # False: a fine-tune's own classes (the images' ImageNet labels do not apply)
 
     @property
     def stem(self) -> str:

@@ -19,7 +19,7 @@ Two forms share one set of weights:
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -583,14 +583,30 @@ def get_config(name: str) -> VariantConfig:
     return VARIANTS[key]
 
 
-def create_model(name: str, seed: int | None = 0) -> EfficientMod:
-    """A randomly initialised variant (deterministic for a given seed), in eval mode."""
-    cfg = get_config(name)
+def create_model(name: str, seed: int | None = 0, num_classes: int | None = None) -> EfficientMod:
+    """A randomly initialised variant (deterministic for a given seed), in eval mode.
+
+    ``num_classes`` replaces the 1000-class ImageNet head (a fine-tune's own classes)."""
+    cfg = with_classes(get_config(name), num_classes)
     if seed is not None:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             return EfficientMod(cfg).eval()
     return EfficientMod(cfg).eval()
+
+
+MAX_CLASSES = 100_000
+
+
+def with_classes(cfg: VariantConfig, num_classes: int | None) -> VariantConfig:
+    """``cfg`` with a head of ``num_classes`` outputs (None keeps its own)."""
+    if num_classes is None or num_classes == cfg.num_classes:
+        return cfg
+    if not 1 <= num_classes <= MAX_CLASSES:
+        from edge.errors import ConfigError
+
+        raise ConfigError(f"a head of {num_classes} classes is not supported (1 to {MAX_CLASSES})")
+    return replace(cfg, num_classes=num_classes)
 
 
 def count_params(model: nn.Module) -> int:
@@ -645,10 +661,18 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module | None = None) -> di
     return out
 
 
-def expected_shapes(name: str) -> dict[str, tuple[int, ...]]:
-    """Parameter shapes of a variant, computed without allocating its weights."""
+def head_classes(state_dict: dict[str, torch.Tensor]) -> int | None:
+    """The number of classes of a checkpoint's head (a fine-tune may have replaced ImageNet's 1000), if it has one."""
+    w = state_dict.get("head.weight")
+    if isinstance(w, torch.Tensor) and w.dim() == 2 and 1 <= w.shape[0] <= MAX_CLASSES:
+        return int(w.shape[0])
+    return None
+
+
+def expected_shapes(name: str, num_classes: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of a variant (with a head of ``num_classes``), computed without allocating its weights."""
     with torch.device("meta"):
-        model = EfficientMod(get_config(name))
+        model = EfficientMod(with_classes(get_config(name), num_classes))
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
@@ -665,7 +689,8 @@ class ShapeMatch:
 
 
 def match_variant(state_dict: dict[str, torch.Tensor], name: str) -> ShapeMatch:
-    shapes = expected_shapes(name)
+    """How ``state_dict`` fits variant ``name``, with a head of as many classes as the checkpoint's."""
+    shapes = expected_shapes(name, head_classes(state_dict))
     got = {k: tuple(v.shape) for k, v in state_dict.items()}
     return ShapeMatch(
         variant=get_config(name).name,

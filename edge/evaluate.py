@@ -195,6 +195,8 @@ def evaluate_manifest(
     refuse_in_the_way(root / EVALUATION_FILE, f"the {EVALUATION_FILE} evaluate writes", "move it away")
     refuse_in_the_way(root / CACHE_DIR, "evaluate's cache folder", "move it away", want_dir=True)
     batch, images = _manifest_images(manifest, data_dir, limit, heldout)
+    if not manifest.imagenet_classes:  # a fine-tune's own classes: the images' ImageNet labels give no top-1
+        batch = batch.without_labels()
     cache = root / CACHE_DIR
     tool = manifest.tool or {}
     ref_id = f"{manifest.weights}|{manifest.weights_sha256}|{manifest.model}|{tool.get('seed', 0)}|{tool.get('input_size', 224)}"

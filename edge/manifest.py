@@ -159,6 +159,8 @@ class Manifest:
     weights_sha256: str | None = None
     data: dict | None = None
     tool: dict = field(default_factory=dict)
+    num_classes: int = 1000  # a fine-tune may have replaced ImageNet's head
+    imagenet_classes: bool = True  # False: the classes are the user's, so ImageNet labels give no top-1
     schema_version: int = SCHEMA_VERSION
 
     def validate(self) -> "Manifest":
@@ -179,6 +181,10 @@ class Manifest:
             _check_type(value, TOOL_FIELDS[key], f"manifest.tool.{key}")
         if not 0 <= self.tool.get("seed", 0) < 2**63:
             raise ConfigError(f"manifest.tool.seed: {self.tool['seed']} is not between 0 and 2**63-1")
+        if not 1 <= self.num_classes <= 100_000:
+            raise ConfigError(f"manifest.num_classes: {self.num_classes} is not between 1 and 100000")
+        if self.imagenet_classes and self.num_classes != 1000:
+            raise ConfigError(f"manifest.imagenet_classes: true, but num_classes is {self.num_classes}, not 1000")
         if not 0 < self.tool.get("input_size", 224) <= 4096:
             raise ConfigError(f"manifest.tool.input_size: {self.tool['input_size']} is not an image size in pixels")
         return self

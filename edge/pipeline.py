@@ -7,7 +7,7 @@ import shutil
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from calibration.folder import scan_folder
@@ -41,6 +41,7 @@ class ConvertRequest:
     seed: int = 0
     input_size: int = 224
     options: dict = field(default_factory=dict)
+    labels: str | None = None  # class names, one per line (a fine-tune's own classes)
 
     def plan(self) -> dict[str, list[str]]:
         """Target -> precisions to build, validated against the target table."""
@@ -126,6 +127,32 @@ def _check_destinations(staging: Path, output: Path, entries: list[str]) -> None
                           want_dir=(staging / entry).is_dir())
 
 
+def resolve_class_names(labels: str | None, num_classes: int) -> tuple[list[str], bool]:
+    """The model's class names in index order, and whether they are ImageNet-1k's (then images' labels count)."""
+    if labels is None:
+        if num_classes == 1000:
+            return class_names(), True
+        log.warning("the checkpoint's head has %d classes and no --labels was given: labels.txt names them "
+                    "class_0 .. class_%d; pass --labels FILE (one name per line) to name them", num_classes,
+                    num_classes - 1)
+        return [f"class_{i}" for i in range(num_classes)], False
+    path = Path(labels).expanduser()
+    fix = "pass a UTF-8 text file with one class name per line, in class-index order"
+    try:
+        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except FileNotFoundError:
+        raise ConfigError(f"--labels {path} not found; {fix}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--labels {path} cannot be read ({getattr(exc, 'strerror', None) or exc}); {fix}") from None
+    while names and not names[-1]:
+        names.pop()
+    if len(names) != num_classes:
+        raise ConfigError(f"--labels {path} has {len(names)} names but the model has {num_classes} classes; {fix}")
+    if "" in names:
+        raise ConfigError(f"--labels {path} line {names.index('') + 1} is empty; {fix}")
+    return names, names == class_names()
+
+
 def run_target(ctx: ConvertContext, target: str, precisions: list[str]) -> tuple[list[ArtifactResult], list[Failure]]:
     """Run one target's converter; any exception becomes a timed failure for that target."""
     spec = get_target(target)
@@ -153,6 +180,7 @@ def convert(request: ConvertRequest) -> ConvertResult:
     image_dir = resolve_image_dir(request.calib_dir)
     folder = scan_folder(image_dir, image_dir_origin(request.calib_dir))
     loaded = load_model(request.model, request.weights, seed=request.seed)
+    names, imagenet_classes = resolve_class_names(request.labels, loaded.num_classes)
     output = Path(request.output).expanduser()
     for name in ("manifest.json", LABELS_FILE):  # the artifacts' own names are checked again before they move
         refuse_in_the_way(output / name, f"the {name} this run writes", "move it away or choose another --output")
@@ -163,6 +191,8 @@ def convert(request: ConvertRequest) -> ConvertResult:
     try:
         staging = prepare_output(output)
         split = make_split(folder, request.calib_size, request.eval_size, request.seed)
+        if not imagenet_classes:
+            split = replace(split, calib=split.calib.without_labels(), eval=split.eval.without_labels())
         log.info("data: %s; calib %d, eval %d", folder.summary(), len(split.calib), len(split.eval))
         reference = torch_logits(loaded.model, split.eval.nchw())
         ctx = ConvertContext(
@@ -174,8 +204,10 @@ def convert(request: ConvertRequest) -> ConvertResult:
             seed=request.seed,
             input_size=request.input_size,
             options=dict(request.options),
+            class_names=names,
+            imagenet_classes=imagenet_classes,
         )
-        (staging / LABELS_FILE).write_text("\n".join(class_names()) + "\n")
+        (staging / LABELS_FILE).write_text("\n".join(names) + "\n", encoding="utf-8")
         artifacts: list[Artifact] = []
         failures: list[Failure] = []
         all_results: list[ArtifactResult] = []
@@ -215,6 +247,8 @@ def convert(request: ConvertRequest) -> ConvertResult:
             artifacts=artifacts,
             failures=failures,
             data={**split.describe(), "labels": LABELS_FILE},
+            num_classes=loaded.num_classes,
+            imagenet_classes=imagenet_classes,
             tool={"name": "effmod-edge", "version": __version__, "input_size": request.input_size,
                   "seed": request.seed, "options": {k: list(v) if isinstance(v, tuple) else v
                                                      for k, v in request.options.items()}},

@@ -21,7 +21,9 @@ from edge.efficientmod import (
     create_model,
     detect_variant,
     get_config,
+    head_classes,
     match_variant,
+    with_classes,
 )
 from edge.errors import CheckpointError
 
@@ -39,6 +41,10 @@ class LoadedModel:
     @property
     def untrained(self) -> bool:
         return self.weights == "untrained"
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.cfg.num_classes
 
 
 def file_sha256(path: Path) -> str:
@@ -84,6 +90,11 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     except Exception as exc:  # torch.load raises many types for damaged files
         raise CheckpointError(_unreadable_message(path, exc)) from None
     state = checkpoint_filter_fn(obj) if isinstance(obj, dict) else {}
+    holders = [k for k in CHECKPOINT_WRAPPER_KEYS if isinstance(obj, dict) and isinstance(obj.get(k), dict) and obj[k]]
+    if state and len(holders) > 1:
+        log.warning("%s holds weights under %s; converting %r, as upstream's validate.py does without --use-ema "
+                    "(to convert %r, save it alone: torch.save(ckpt[%r], 'other.pth'))",
+                    path.name, ", ".join(repr(k) for k in holders), holders[0], holders[1], holders[1])
     if not state:
         dicts = [obj, *(obj.get(k) for k in CHECKPOINT_WRAPPER_KEYS)] if isinstance(obj, dict) else []
         for d in (d for d in dicts if isinstance(d, dict)):
@@ -150,6 +161,10 @@ def load_model(model: str | None = None, weights: str | Path | None = None, seed
     if bad:
         raise CheckpointError(f"checkpoint {path} has NaN or infinite values in {len(bad)} tensor(s) (e.g. {bad[0]}); "
                               f"the training run diverged or the file is damaged: pass a checkpoint from before that")
-    net = EfficientMod(get_config(name))
+    classes = head_classes(state)
+    if classes != get_config(name).num_classes:
+        log.info("checkpoint %s has a head of %d classes (a fine-tune), not ImageNet-1k's %d",
+                 path.name, classes, get_config(name).num_classes)
+    net = EfficientMod(with_classes(get_config(name), classes))
     net.load_state_dict(state, strict=True)
     return LoadedModel(net.eval(), name, str(path.resolve()), file_sha256(path))
