@@ -922,10 +922,11 @@ def convert(ctx: ConvertContext, precisions: list[str]) -> list[ArtifactResult |
     out: list[ArtifactResult | PrecisionFailure] = []
     for precision in precisions:
         log.info("coreml: %s (%s form, %s)", precision, form, target)
+        start = time.perf_counter()
         try:
             out.append(_one_precision(builder, precision, float_ops, float_head))
         except Exception as exc:  # one precision's failure must not stop the others
             log.debug("coreml %s failed:\n%s", precision, traceback.format_exc())
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            out.append(PrecisionFailure(precision, f"{type(exc).__name__}: {msg}"))
+            out.append(PrecisionFailure(precision, f"{type(exc).__name__}: {msg}", round(time.perf_counter() - start, 2)))
     return out

@@ -121,10 +121,26 @@ def _env() -> dict:
 def _describe_exit(rc: int) -> str:
     if rc < 0:
         try:
-            return f"killed by {signal.Signals(-rc).name}"
+            name = signal.Signals(-rc).name
         except ValueError:
             return f"killed by signal {-rc}"
+        return f"killed by {name}" + (", out of memory?" if -rc == signal.SIGKILL else "")
     return f"exit code {rc}"
+
+
+_LIVE: set["_Started"] = set()  # runs not yet awaited or killed: stopped when a conversion is abandoned
+
+# A child asks the kernel to kill it when the converting process dies (even by SIGKILL); Linux only.
+_DIE_WITH_PARENT = ("import ctypes, os, signal, sys\n"
+                    "if sys.platform.startswith('linux'):\n"
+                    "    ctypes.CDLL(None).prctl(1, signal.SIGKILL)\n"
+                    "    if os.getppid() != int(os.environ['EFFMOD_PARENT_PID']): os._exit(1)\n")
+
+
+def stop_all_runs() -> None:
+    """Kill every worker and onnx2tf run this process started and has not awaited (an interrupted convert)."""
+    for run in list(_LIVE):
+        run.kill()
 
 
 # TensorFlow's glog info/warning lines and absl's preamble: never the reason a step failed
@@ -138,13 +154,15 @@ class _Started:
     def __init__(self, cmd: list[str], cwd: Path, what: str, timeout: float = WORKER_TIMEOUT_S):
         self.what, self.timeout = what, timeout
         self.deadline = time.monotonic() + timeout
-        self._logs = (tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+"))  # files, not pipes: no deadlock
-        try:
-            self.proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=self._logs[0], stderr=self._logs[1],
-                                         text=True)
+        self._logs = (tempfile.TemporaryFile(), tempfile.TemporaryFile())  # files, not pipes: no deadlock
+        env = {**_env(), "EFFMOD_PARENT_PID": str(os.getpid())}
+        try:  # its own process group, so kill() also stops what it started (onnx2tf's onnxsim)
+            self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=self._logs[0], stderr=self._logs[1],
+                                         start_new_session=True)
         except OSError:
             self._close_logs()
             raise
+        _LIVE.add(self)
 
     def wait(self) -> None:
         try:
@@ -153,18 +171,32 @@ class _Started:
             except subprocess.TimeoutExpired:
                 self.kill()
                 raise ConversionError(f"{self.what} timed out after {self.timeout:.0f}s") from None
+            except BaseException:  # interrupted while waiting (SIGINT, SIGTERM): the child must not outlive us
+                self.kill()
+                raise
             if rc != 0:
                 lines = [l for l in _ANSI.sub("", self._read_logs()).splitlines()
                          if l.strip() and not _LOG_NOISE.match(l)]
-                raise ConversionError(f"{self.what} failed ({_describe_exit(rc)}): {(lines or [''])[-1][:300]}")
+                last = f": {lines[-1][:300]}" if lines else ""
+                raise ConversionError(f"{self.what} failed ({_describe_exit(rc)}){last}")
         finally:
+            _LIVE.discard(self)
             self._close_logs()
 
     def kill(self) -> None:
-        """Stop the process if it still runs (a conversion that ends early leaves no orphans)."""
+        """Stop the process and its group if it still runs (a conversion that ends early leaves no orphans)."""
         if self.proc.poll() is None:
-            self.proc.kill()
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                self.proc.kill()
             self.proc.wait()
+        else:
+            try:  # the leader is gone; what it started may still run in its group
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        _LIVE.discard(self)
         self._close_logs()
 
     def _read_logs(self) -> str:
@@ -172,7 +204,7 @@ class _Started:
         for f in self._logs:
             if not f.closed:
                 f.seek(0)
-                text += f.read() + "\n"
+                text += f.read().decode("utf-8", errors="replace") + "\n"  # native stderr need not be UTF-8
         return text
 
     def _close_logs(self) -> None:
@@ -192,7 +224,8 @@ def start_worker(command: str, args: dict, build_dir: Path, timeout: float = WOR
     build_dir.mkdir(parents=True, exist_ok=True)
     arg_file = build_dir / f"{command}-{time.monotonic_ns()}.json"
     arg_file.write_text(json.dumps(args))
-    return _Started([sys.executable, "-m", "converters.litert_worker", command, str(arg_file)], build_dir,
+    return _Started([sys.executable, "-c", _DIE_WITH_PARENT + "from converters.litert_worker import main; "
+                     "main(sys.argv[1:])", command, str(arg_file)], build_dir,
                     f"LiteRT {command}", timeout)
 
 
@@ -287,7 +320,7 @@ class SavedModelRun:
         log.info("tflite: onnx2tf started (%s)", build_dir.name)
         self.saved = build_dir / "saved_model"
         self._proc: _Started | None = _Started(
-            [sys.executable, "-c", "from onnx2tf.onnx2tf import main; main()",
+            [sys.executable, "-c", _DIE_WITH_PARENT + "from onnx2tf.onnx2tf import main; main()",
              "-i", str(onnx_path), "-o", str(self.saved), "-n"], build_dir, "onnx2tf")
         self._error: ConversionError | None = None
 
@@ -301,6 +334,8 @@ class SavedModelRun:
                     raise ConversionError(f"onnx2tf wrote no model_float32.tflite in {self.saved}")
             except ConversionError as exc:
                 self._error = exc
+            except Exception as exc:  # any failure is this run's, and no later precision may use its folder
+                self._error = ConversionError(f"onnx2tf: {type(exc).__name__}: {exc}")
         if self._error is not None:
             raise self._error
         return self.saved
@@ -347,6 +382,7 @@ class _Builder:
         self.calib_npy = build / "calib.npy"
         self._calibrated: Path | None = None
         self._calibration: _Started | None = None
+        self._calibration_error: ConversionError | None = None
         opts = validate_options(ctx.options)
         self.ranges = opts["tflite_ranges"]
         self.mixed_priority = opts["tflite_mixed_priority"]
@@ -405,11 +441,12 @@ class _Builder:
                 log.debug("tflite: could not start calibration early: %s", exc)
 
     def close(self) -> None:
-        """Stop onnx2tf runs still going (a precision list that ended early)."""
+        """Stop onnx2tf runs and workers still going (a precision list that ended early, or an interrupt)."""
         for run in self._runs.values():
             run.kill()
         if self._calibration is not None:
             self._calibration.kill()
+        stop_all_runs()
 
     def int8_saved(self) -> Path:
         """The saved model the full-integer files are quantized from."""
@@ -485,12 +522,18 @@ class _Builder:
         The converter records each tensor's min/max; with ``tflite_ranges="mse"``
         (default) they are then narrowed to the MSE-optimal int8 range.
         """
+        if self._calibration_error is not None:  # int8 and int8-mixed share one calibration: it fails once
+            raise self._calibration_error
         if self._calibrated is None:
             if not self.calib_npy.exists():
                 raise ConversionError("int8 needs calibration images: use --calib-size > 0")
-            self.start_calibration()
-            run, self._calibration = self._calibration, None
-            run.wait()
+            try:
+                self.start_calibration()
+                run, self._calibration = self._calibration, None
+                run.wait()
+            except ConversionError as exc:
+                self._calibration_error = exc
+                raise
             out = self.build / "calibrated.tflite"
             refined, summary = self.build / "calibrated_ranges.tflite", self.build / "ranges.json"
             log.info("tflite: %s activation ranges", "MSE-optimal" if self.ranges == "mse" else "min/max")
@@ -565,9 +608,9 @@ def _search_latency(b: _Builder, files: list[Path], tried: list[dict]) -> dict:
     try:
         samples = time_tflite(files, b.build, threads=threads, rounds=SEARCH_BENCH_ROUNDS, runs=SEARCH_BENCH_RUNS,
                               warmup_secs=WARMUP_SECS)
-    except ConversionError as exc:  # the files already ran for the checks; a failed timing loses only the record
+    except Exception as exc:  # the files already ran for the checks; a failed timing loses only the record
         log.warning("tflite int8-mixed: timing the search steps failed: %s", exc)
-        return {"error": str(exc)}
+        return {"error": f"{type(exc).__name__}: {exc}"}
     first = float(np.median(samples[files[0]]))
     for t, f in zip(tried, files):
         ms = float(np.median(samples[f]))
@@ -653,7 +696,7 @@ def convert(ctx: ConvertContext, precisions: list[str]) -> list[ArtifactResult |
                 out.append(r)
         except Exception as exc:  # a crash of one precision is recorded, the rest go on
             log.error("tflite %s failed: %s", precision, exc)
-            out.append(PrecisionFailure(precision, f"{type(exc).__name__}: {exc}"))
+            out.append(PrecisionFailure(precision, f"{type(exc).__name__}: {exc}", round(time.perf_counter() - start, 2)))
 
     def copy(src: str, precision: str) -> ArtifactResult:
         dst = ctx.work_dir / f"{stem}_{precision}.tflite"

@@ -53,6 +53,7 @@ class ArtifactResult:
 class PrecisionFailure:
     precision: str
     error: str
+    seconds: float | None = None  # this precision's own time (None: the target's whole time is recorded)
 
 
 def torch_logits(model: torch.nn.Module, images_nchw: np.ndarray, batch: int = 32) -> np.ndarray:

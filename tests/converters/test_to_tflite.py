@@ -426,17 +426,21 @@ def test_failing_precision_spares_the_others(tmp_path, samples_dir, monkeypatch,
     import converters.to_tflite as tfl
 
     real = tfl._Started
+    aborted = []
 
     def abort(cmd, cwd, what, timeout=tfl.WORKER_TIMEOUT_S):
         dynamic_form = what == "onnx2tf" and Path(cwd).name == f"{tfl.FLOAT_NORM}-gptq"
         if dynamic_form if broken == "dynamic" else _is_calibration(cmd, what):
             cmd = [sys.executable, "-c", "import os; os.abort()"]
+            aborted.append(what)
         return real(cmd, cwd, what, timeout)
 
     monkeypatch.setattr(tfl, "_Started", abort)
+    failing = [broken] + (["int8-mixed"] if broken == "int8" else [])  # both need the one calibration
     result = convert(ConvertRequest(targets=["tflite"], model=TINY, weights=str(proxy_tiny_checkpoint), output=tmp_path,
-                                    calib_dir=str(samples_dir), calib_size=4, eval_size=4, precisions=["fp32", broken]))
-    assert [f.precision for f in result.manifest.failures] == [broken]
+                                    calib_dir=str(samples_dir), calib_size=4, eval_size=4, precisions=["fp32", *failing]))
+    assert [f.precision for f in result.manifest.failures] == failing
+    assert len(aborted) == 1, f"the failed step was started {len(aborted)} times: {aborted}"
     assert message in result.manifest.failures[0].error, result.manifest.failures[0].error
     assert [a.precision for a in result.manifest.artifacts] == ["fp32"]
     fp32 = result.manifest.artifacts[0].checks  # proxy weights; measured max|d| 8.6e-7, SQNR 129.7 dB
@@ -546,3 +550,75 @@ def test_sigterm_during_convert_leaves_no_staging_and_no_workers(tmp_path, sampl
     time.sleep(0.5)
     assert not _processes_mentioning(str(out)), "worker processes outlived convert"
     assert not out.exists() or not list(out.glob(".effmod-staging-*")), list(out.iterdir())
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+def test_kill_stops_what_the_run_started(tmp_path):
+    """onnx2tf starts onnxsim: killing onnx2tf alone left onnxsim running."""
+    import time
+
+    child = tmp_path / "child.pid"
+    script = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+              f"open({str(child)!r}, 'w').write(str(p.pid)); time.sleep(60)")
+    run = _Started([sys.executable, "-c", script], tmp_path, "onnx2tf")
+    deadline = time.monotonic() + 30
+    while not (child.exists() and child.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    grandchild = int(child.read_text())
+    run.kill()
+    time.sleep(0.3)
+    assert not _alive(grandchild), "the run's own child outlived kill()"
+
+
+def test_an_interrupted_wait_kills_the_run(tmp_path, monkeypatch):
+    run = _Started([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path, "LiteRT run")
+
+    def interrupted(timeout=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run.proc, "wait", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run.wait()
+    monkeypatch.undo()
+    assert run.proc.wait(timeout=10) < 0, "the worker went on after its wait was interrupted"
+
+
+def test_a_worker_dies_with_the_converting_process(tmp_path):
+    """The OOM killer's SIGKILL gives convert no chance to clean up: its workers must not run on."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from converters.to_tflite import _Started, _DIE_WITH_PARENT; "
+        "r = _Started([sys.executable, '-c', _DIE_WITH_PARENT + 'import time; time.sleep(60)'], Path('.'), 'w'); "
+        "print(r.proc.pid, flush=True); time.sleep(60)")], cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+    worker_pid = int(parent.stdout.readline())
+    time.sleep(1.0)  # the worker has set its parent-death signal
+    assert _alive(worker_pid)
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while _alive(worker_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(worker_pid), "the worker outlived the SIGKILLed convert"
+
+
+@pytest.mark.parametrize("script, message", [
+    ("import sys; sys.stderr.buffer.write(bytes(range(128, 256))); sys.exit(3)", "LiteRT run failed (exit code 3): \ufffd"),
+    ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", "LiteRT run failed (killed by SIGKILL, out of memory?)"),
+])
+def test_a_failed_run_is_one_conversion_error_whatever_it_printed(tmp_path, script, message):
+    with pytest.raises(ConversionError) as err:
+        _run([sys.executable, "-c", script], tmp_path, "LiteRT run")
+    assert str(err.value).startswith(message) and not str(err.value).endswith(": "), str(err.value)
