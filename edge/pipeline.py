@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field, replace
@@ -19,7 +22,7 @@ from edge.checks import NearTies, check_record, compare_logits, images_to_settle
 from edge.context import ArtifactResult, ConvertContext, PrecisionFailure, log, torch_logits
 from edge.efficientmod import to_deploy
 from edge.errors import ConfigError, ConversionError, EffmodError
-from edge.manifest import DERIVED_FILES, Artifact, Failure, Manifest, artifact_digest, refuse_in_the_way
+from edge.manifest import DERIVED_FILES, Artifact, Failure, Manifest, artifact_digest, artifact_problem, refuse_in_the_way
 from edge.targets import TARGETS, get_target, resolve_precisions, validate_options
 from edge.weights import load_model
 
@@ -60,6 +63,11 @@ class ConvertRequest:
             raise ConfigError(
                 f"precision {unknown[0]!r} is not offered by target(s) {', '.join(plan)}; choose from {', '.join(choices)}"
             )
+        for name in plan if self.precisions else ():  # a target none of --precision names would build all of its own
+            spec = get_target(name)
+            if len(spec.precision_names) > 1 and not set(self.precisions) & set(spec.precision_names):
+                raise ConfigError(f"--precision {', '.join(self.precisions)} names none of {name}'s precisions "
+                                  f"({', '.join(spec.precision_names)}); add the ones you want or drop --target {name}")
         self.options = validate_options(self.options)
         if self.calib_size < 0 or self.eval_size < 1:
             raise ConfigError(f"--calib-size must be >= 0 and --eval-size >= 1 (got {self.calib_size}, {self.eval_size})")
@@ -91,15 +99,44 @@ class ConvertResult:
         return [a for a in self.manifest.artifacts if not a.checks.get("passed", False)]
 
 
+STAGING_PREFIX, STAGING_OWNER = ".effmod-staging-", ".owner-pid"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def sweep_abandoned_staging(output: Path) -> None:
+    """Remove staging folders of conversions that were killed (their process is gone) from ``output``."""
+    for d in output.glob(STAGING_PREFIX + "*"):
+        try:
+            pid = int((d / STAGING_OWNER).read_text())
+        except (OSError, ValueError):
+            continue  # not ours to judge
+        if pid != os.getpid() and not _pid_alive(pid):
+            shutil.rmtree(d, ignore_errors=True)
+            log.info("removed %s: left by a conversion that was killed (process %d)", d.name, pid)
+
+
 def prepare_output(output: Path) -> Path:
     """Create ``output`` if needed and return a private staging folder inside it.
 
     The staging path is absolute: converters hand paths under it to subprocesses
-    that run in other working directories (onnx2tf, the LiteRT worker).
+    that run in other working directories (onnx2tf, the LiteRT worker). Staging
+    folders that killed conversions left behind are removed first.
     """
     try:
         output.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=".effmod-staging-", dir=output.resolve()))
+        sweep_abandoned_staging(output)
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=output.resolve()))
+        (staging / STAGING_OWNER).write_text(str(os.getpid()))
+        return staging
     except OSError as exc:
         raise EffmodError(
             f"output folder {output} is not writable ({exc.strerror or exc}); choose another --output"
@@ -170,7 +207,8 @@ def run_target(ctx: ConvertContext, target: str, precisions: list[str]) -> tuple
         return [], [Failure(target, p, err, secs) for p in precisions]
     secs = round(time.perf_counter() - start, 2)
     results = [o for o in outcomes if isinstance(o, ArtifactResult)]
-    failures = [Failure(target, o.precision, o.error, secs) for o in outcomes if isinstance(o, PrecisionFailure)]
+    failures = [Failure(target, o.precision, o.error, secs if o.seconds is None else o.seconds)
+                for o in outcomes if isinstance(o, PrecisionFailure)]
     return results, failures
 
 
@@ -261,22 +299,96 @@ def convert(request: ConvertRequest) -> ConvertResult:
         extra = [f for r in all_results for f in r.extra_files]
         entries = [LABELS_FILE] + sorted({a.path for a in artifacts} | set(extra))
         _check_destinations(staging, output, entries)
-        for name in DERIVED_FILES if converted_before else ():  # they describe the files replaced now
-            stale = output / name
-            if stale.is_file() or stale.is_symlink():
-                stale.unlink()
-                log.info("removed %s: it described the previous conversion in %s", name, output)
-        for entry in entries:
-            _move_into_place(staging / entry, output / entry)
         manifest_path = output / "manifest.json"
-        manifest.save(manifest_path)
-        done = True
+        carried, retired = _previous_artifacts(output, manifest, plan, set(entries)) if converted_before else ([], [])
+        manifest.artifacts += carried
+        manifest.validate()
+        with _signals_held():  # the folder changes as a whole: an interrupt lands after the manifest is saved
+            for name in retired:
+                _remove(output / name)
+                log.info("removed %s: the previous conversion's file, which this conversion did not rebuild", name)
+            for name in DERIVED_FILES if converted_before else ():  # they describe the files replaced now
+                stale = output / name
+                if stale.is_file() or stale.is_symlink():
+                    stale.unlink()
+                    log.info("removed %s: it described the previous conversion in %s", name, output)
+            for entry in entries:
+                _move_into_place(staging / entry, output / entry)
+            manifest.save(manifest_path)
+            done = True
         return ConvertResult(manifest, manifest_path)
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
         if not done:
             _remove_empty(created)
+
+
+def artifact_files(a: Artifact) -> list[str]:
+    """The files a manifest entry stands for: the artifact, its TFLite sidecar, its Core ML classifier package."""
+    files = [a.path]
+    if a.target == "tflite":
+        files.append(a.path + ".json")
+    classifier = a.details.get("classifier")
+    if isinstance(classifier, dict) and isinstance(classifier.get("path"), str):
+        files.append(classifier["path"])
+    return [f for f in files if f not in ("", ".", "..") and "/" not in f and "\\" not in f]  # files of the folder
+
+
+def _same_conversion(old: Manifest, new: Manifest) -> bool:
+    """Same checkpoint, classes, images and settings: the old manifest's checks hold for the new one."""
+    keys = ("root", "seed", "calib_fingerprint", "eval_fingerprint")
+    return (old.model, old.weights, old.weights_sha256, old.num_classes, old.imagenet_classes, old.tool) == \
+        (new.model, new.weights, new.weights_sha256, new.num_classes, new.imagenet_classes, new.tool) and \
+        all((old.data or {}).get(k) == (new.data or {}).get(k) for k in keys)
+
+
+def _previous_artifacts(output: Path, new: Manifest, plan: dict[str, list[str]],
+                        written: set[str]) -> tuple[list[Artifact], list[str]]:
+    """What becomes of the files the folder's previous manifest recorded and this run does not rewrite.
+
+    An artifact of a precision this run did not attempt, from the same conversion (see ``_same_conversion``)
+    and unchanged on disk, stays and is carried into the new manifest (adding one precision keeps the
+    others). Every other one is retired: left in place, it would sit beside a manifest that does not
+    describe it (built from other weights, or a precision that failed this time).
+    """
+    try:
+        old = Manifest.load(output / "manifest.json")
+    except EffmodError:
+        return [], []
+    same = _same_conversion(old, new)
+    carried, retired = [], []
+    for a in old.artifacts:
+        files = [f for f in artifact_files(a) if f not in written]
+        if a.path in written or not files:
+            continue
+        keep = same and a.precision not in plan.get(a.target, []) and artifact_problem(output, a) is None
+        if keep:
+            carried.append(a)
+        else:
+            retired += [f for f in files if (output / f).exists() or (output / f).is_symlink()]
+    return carried, retired
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Hold SIGINT and SIGTERM until the block is done (the main thread only; a no-op elsewhere)."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def _remove_empty(folders: list[Path]) -> None:

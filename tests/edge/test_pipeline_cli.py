@@ -166,3 +166,65 @@ def test_cli_rejects_bad_option_in_one_line(tmp_path):
     assert "KEY=VALUE" in res.output and len(res.output.strip().splitlines()) == 1, res.output
     res = CliRunner().invoke(main, ["options"])
     assert res.exit_code == 0 and "tflite_ranges" in res.output
+
+
+def _add_old_entry(out, name: str = "old_fp16.tflite") -> None:
+    """Record in out's manifest a TFLite fp16 file and sidecar, as a previous conversion would have."""
+    import hashlib
+    import json
+
+    (out / name).write_bytes(b"an earlier conversion's file")
+    (out / f"{name}.json").write_text("{}")
+    m = json.loads((out / "manifest.json").read_text())
+    entry = dict(m["artifacts"][0], target="tflite", precision="fp16", path=name, bytes=28,
+                 sha256=hashlib.sha256(b"an earlier conversion's file").hexdigest())
+    entry["input"] = dict(entry["input"], layout="NHWC", shape=[1, 224, 224, 3])
+    m["artifacts"].append(entry)
+    (out / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("seed, kept", [(0, True), (1, False)])
+def test_a_rerun_keeps_the_same_conversions_other_files_and_retires_the_rest(tmp_path, samples_dir, seed, kept):
+    """Re-running onnx keeps a TFLite file of the same conversion (adding a target keeps the others); after a
+    conversion from other weights (another seed of random weights) it is removed, not left unrecorded."""
+    req = dict(targets=["onnx"], model="efficientmod_test_tiny", output=tmp_path, calib_dir=str(samples_dir),
+               calib_size=4, eval_size=4)
+    convert(ConvertRequest(**req))
+    _add_old_entry(tmp_path)
+    res = convert(ConvertRequest(**req, seed=seed))
+    paths = [a.path for a in Manifest.load(res.manifest_path).artifacts]
+    assert ("old_fp16.tflite" in paths) is kept, f"seed {seed}: manifest lists {paths}"
+    for name in ("old_fp16.tflite", "old_fp16.tflite.json"):
+        assert (tmp_path / name).exists() is kept, f"seed {seed}: {name} exists={not kept}, wanted {kept}"
+
+
+def test_a_rerun_retires_a_changed_file_of_the_same_conversion(tmp_path, samples_dir):
+    req = dict(targets=["onnx"], model="efficientmod_test_tiny", output=tmp_path, calib_dir=str(samples_dir),
+               calib_size=4, eval_size=4)
+    convert(ConvertRequest(**req))
+    _add_old_entry(tmp_path)
+    (tmp_path / "old_fp16.tflite").write_bytes(b"edited since")
+    res = convert(ConvertRequest(**req))
+    assert "old_fp16.tflite" not in [a.path for a in res.manifest.artifacts]
+    assert not (tmp_path / "old_fp16.tflite").exists(), "a file that no longer matches its record was kept"
+
+
+def test_precision_naming_none_of_a_targets_precisions_is_refused():
+    with pytest.raises(ConfigError, match="names none of coreml's precisions"):
+        ConvertRequest(targets=["tflite", "coreml"], precisions=["int8"], output="x").plan()
+    assert ConvertRequest(targets=["onnx", "tflite"], precisions=["int8"], output="x").plan() == \
+        {"onnx": ["fp32"], "tflite": ["int8"]}, "onnx has one precision: it is built beside any --precision"
+
+
+def test_convert_sweeps_staging_left_by_a_killed_conversion(tmp_path, samples_dir):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = tmp_path / ".effmod-staging-killed"
+    (left / "work").mkdir(parents=True)
+    (left / ".owner-pid").write_text(str(dead.pid))
+    other = tmp_path / ".effmod-staging-unknown"  # no owner recorded: not ours to judge
+    other.mkdir()
+    convert(ConvertRequest(targets=["onnx"], model="efficientmod_test_tiny", output=tmp_path,
+                           calib_dir=str(samples_dir), calib_size=0, eval_size=4))
+    assert not left.exists(), "a killed conversion's staging folder was left in place"
+    assert other.exists(), "a staging folder without an owner was removed"
