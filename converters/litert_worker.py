@@ -349,6 +349,7 @@ def cmd_sensitivity(args: dict) -> None:
 
     ``sqnr_db`` is the accumulated fidelity at that op's output; ``drop_db`` is how
     much this op lowers it below its worst input, i.e. the error the op itself adds.
+    ``layernorm_stat`` marks the ops of a LayerNorm's statistics chain (:func:`layernorm_stat_nodes`).
     """
     with open(args["float_model"], "rb") as f:
         float_model = f.read()
@@ -365,6 +366,7 @@ def cmd_sensitivity(args: dict) -> None:
         if float(np.sqrt(np.mean(ref.astype(np.float64) ** 2))) < 1e-6:
             continue  # a numerically zero tensor has no meaningful SQNR
         sqnr[name] = _sqnr_db(ref, np.concatenate([v.ravel() for v in vals]))
+    stats = set(layernorm_stat_nodes(float_model))
     rows = []
     for o in qops:
         name = o["out"][0]
@@ -372,7 +374,8 @@ def cmd_sensitivity(args: dict) -> None:
             continue
         inputs = [sqnr[i] for i in o["in"] if i in sqnr]
         drop = min(inputs) - sqnr[name] if inputs else 0.0
-        rows.append({"tensor": name, "op": o["op"], "sqnr_db": round(sqnr[name], 2), "drop_db": round(drop, 2)})
+        rows.append({"tensor": name, "op": o["op"], "sqnr_db": round(sqnr[name], 2), "drop_db": round(drop, 2),
+                     "layernorm_stat": name in stats})
     rows.sort(key=lambda r: -r["drop_db"])
     with open(args["out"], "w") as f:
         json.dump(rows, f, indent=1)

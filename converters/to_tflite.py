@@ -634,14 +634,20 @@ def _mixed(b: _Builder, stem: str) -> ArtifactResult:
     calib_n = min(64, len(ctx.split.calib))
     calib_imgs = np.load(b.calib_npy)[:calib_n]
     ref = torch_logits(ctx.loaded.model, np.ascontiguousarray(calib_imgs.transpose(0, 3, 1, 2)))
-    steps = tuple(s for s in MIXED_STEPS if s.kept_nodes <= len(ranked))
+
+    def candidates(step: MixedStep) -> list[dict]:
+        """The sensitive ops a step can add: those its LayerNorm and ADD settings do not already keep float."""
+        return [r for r in ranked if not (step.layernorm_stats and r.get("layernorm_stat"))
+                and not (step.adds and r["op"] == "ADD")]
+
+    steps = tuple(s for s in MIXED_STEPS if s.kept_nodes <= len(candidates(s)))
     paths: dict[MixedStep, Path] = {}
 
     def ops(step: MixedStep) -> list[str]:
         return list(RUNTIME_FLOAT_OPS) + (["ADD"] if step.adds else [])
 
     def evaluate(step: MixedStep) -> dict:
-        deny = {"ops": ops(step), "nodes": [r["tensor"] for r in ranked[: step.kept_nodes]],
+        deny = {"ops": ops(step), "nodes": [r["tensor"] for r in candidates(step)[: step.kept_nodes]],
                 "layernorm_stats": step.layernorm_stats}
         name = f"mixed_{int(step.layernorm_stats)}{int(step.adds)}_{step.kept_nodes}.tflite"
         path = paths[step] = b.quantize(b.build / name, denylist=deny)
@@ -666,7 +672,7 @@ def _mixed(b: _Builder, stem: str) -> ArtifactResult:
         "layernorm_stats_float": best.layernorm_stats,
         "adds_float": best.adds,
         "kept_float_nodes": [{"tensor": r["tensor"], "op": r["op"], "drop_db": r["drop_db"]}
-                             for r in ranked[: best.kept_nodes]],
+                             for r in candidates(best)[: best.kept_nodes]],
         "target_met_on_calibration": tried[chosen]["meets_target"],
         "search_priority": b.mixed_priority,
         "latency_cost_vs_first_step": (round(tried[chosen]["latency_vs_first_step"] - 1, 3)

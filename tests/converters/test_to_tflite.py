@@ -256,6 +256,11 @@ def _check_mixed(mixed, int8) -> None:
     assert (steps[chosen].layernorm_stats, steps[chosen].adds, steps[chosen].kept_nodes) == (
         d["layernorm_stats_float"], d["adds_float"], len(d["kept_float_nodes"])), (d["search"], chosen)
     assert set(RUNTIME_FLOAT_OPS) <= set(d["kept_float_op_types"])
+    stats = {r["tensor"] for r in d["sensitivity"] if r["layernorm_stat"]}
+    assert stats, "no sensitivity row is marked as a LayerNorm statistics op"
+    for node in d["kept_float_nodes"]:  # each counted op is one the step's other settings left int8
+        assert not (d["layernorm_stats_float"] and node["tensor"] in stats), f"{node} was float already"
+        assert not (d["adds_float"] and node["op"] == "ADD"), f"{node} was float already"
     assert ("ADD" in d["float_ops"]) == d["adds_float"], (d["float_ops"], d["adds_float"])
     assert not d["not_delegated"], f"int8-mixed ops outside XNNPACK: {d['not_delegated']}"
     assert mixed.checks["sqnr_db"] >= int8.checks["sqnr_db"] - 0.5, (mixed.checks, int8.checks)
