@@ -69,7 +69,7 @@ from calibration.preprocess import CROP, MEAN, RESIZE, STD
 from edge import __version__
 from edge.context import ArtifactResult, ConvertContext, PrecisionFailure, log
 from edge.errors import ConfigError, ConversionError
-from edge.manifest import TensorSpec
+from edge.manifest import TensorSpec, artifact_digest
 from edge.targets import validate_options
 
 if TYPE_CHECKING:
@@ -501,7 +501,7 @@ def describe(mlmodel: Any, ctx: ConvertContext, precision: str, form: str, targe
         mlmodel.output_description["logits"] = f"(1, {n}) {classes} logits in class-index order (labels.txt)"
     meta = {
         "variant": variant,
-        "weights_source": ctx.loaded.weights,
+        "weights_source": Path(ctx.loaded.weights).name,  # not the build machine's folders: the app ships this
         "weights_sha256": ctx.loaded.weights_sha256 or "",
         "untrained": str(ctx.loaded.untrained).lower(),
         "precision": precision,
@@ -793,7 +793,7 @@ def _compressed(b: _Builder, precision: str, stats: dict | None,
             kept += [op for op in b.act_search.keep if op not in kept]
         model = quantize_activations(model, stats or {}, tuple(kept))
     if precision in ("w8", "w8a8"):
-        model = compress_weights(model, precision, b.target, b.threshold)
+        model = compress_weights(model, precision, b.target, b.threshold, float_ops=tuple(float_ops))
     elif precision in ("pal6", "pal4"):
         plan = b.plans[precision]
         net = b.weights_net(plan.weights)
@@ -887,8 +887,11 @@ def _one_precision(
         labels = classify_package(ctx.work_dir / cname, ctx.split.eval.pixels[:n])
         names = classifier_labels(ctx.class_names)
         expected = [names[i] for i in logits[:n].argmax(1)]
+        cbytes, csha = artifact_digest(ctx.work_dir / cname)
         details["classifier"] = {
             "path": cname,
+            "bytes": cbytes,
+            "sha256": csha,
             "outputs": ["classLabel", "classLabel_probs"],
             "labels": ("ImageNet-1k names; the two duplicated names carry their wnid" if ctx.imagenet_classes
                        else "the names of labels.txt; a repeated name carries its class index"),

@@ -69,6 +69,13 @@ class ConvertRequest:
                 raise ConfigError(f"--precision {', '.join(self.precisions)} names none of {name}'s precisions "
                                   f"({', '.join(spec.precision_names)}); add the ones you want or drop --target {name}")
         self.options = validate_options(self.options)
+        coreml = plan.get("coreml", [])
+        if "w8a8" in coreml and self.options.get("deployment_target") == "iOS16":  # quantize ops need iOS 17
+            if "w8a8" in (self.precisions or []):
+                raise ConfigError("w8a8 needs --deployment-target iOS17 or newer (activation quantization); "
+                                  "drop --precision w8a8 or raise the deployment target")
+            coreml.remove("w8a8")
+            log.info("coreml: w8a8 left out: iOS16 has no activation quantization (iOS17 or newer has)")
         if self.calib_size < 0 or self.eval_size < 1:
             raise ConfigError(f"--calib-size must be >= 0 and --eval-size >= 1 (got {self.calib_size}, {self.eval_size})")
         if not 0 <= self.seed < 2**63:
@@ -304,18 +311,23 @@ def convert(request: ConvertRequest) -> ConvertResult:
         manifest.artifacts += carried
         manifest.validate()
         with _signals_held():  # the folder changes as a whole: an interrupt lands after the manifest is saved
-            for name in retired:
-                _remove(output / name)
-                log.info("removed %s: the previous conversion's file, which this conversion did not rebuild", name)
-            for name in DERIVED_FILES if converted_before else ():  # they describe the files replaced now
-                stale = output / name
-                if stale.is_file() or stale.is_symlink():
-                    stale.unlink()
-                    log.info("removed %s: it described the previous conversion in %s", name, output)
-            for entry in entries:
-                _move_into_place(staging / entry, output / entry)
-            manifest.save(manifest_path)
+            try:
+                for name in DERIVED_FILES if converted_before else ():  # they describe the files replaced now
+                    stale = output / name
+                    if stale.is_file() or stale.is_symlink():
+                        stale.unlink()
+                        log.info("removed %s: it described the previous conversion in %s", name, output)
+                for entry in entries:
+                    _move_into_place(staging / entry, output / entry)
+                manifest.save(manifest_path)
+            except OSError as exc:
+                raise EffmodError(f"could not write {exc.filename or output} ({exc.strerror or exc}) while moving "
+                                  f"the results into {output}; its files may now mix two conversions: fix the "
+                                  f"folder's permissions and convert again") from None
             done = True
+            for name in retired:  # only once the new manifest is in place
+                if _remove(output / name):
+                    log.info("removed %s: the previous conversion's file, which this conversion did not rebuild", name)
         return ConvertResult(manifest, manifest_path)
     finally:
         if staging is not None:
@@ -370,11 +382,18 @@ def _previous_artifacts(output: Path, new: Manifest, plan: dict[str, list[str]],
     return carried, retired
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+def _remove(path: Path) -> bool:
+    """Remove a retired file or package; a failure is logged, never raised (the conversion itself is done)."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+        return True
+    except OSError as exc:
+        log.warning("could not remove %s (%s); it is not in the new manifest: delete it by hand", path,
+                    exc.strerror or exc)
+        return False
 
 
 @contextlib.contextmanager

@@ -183,7 +183,7 @@ OPTIONS: dict[str, OptionSpec] = {
         OptionSpec("coreml_weight_threshold", "coreml", "int", 2048,
                    "weight tensors with fewer elements stay float when compressing"),
         OptionSpec("coreml_float_ops", "coreml", "list", (), "MIL op names whose weights/inputs stay float"),
-        OptionSpec("coreml_float_head", "coreml", "bool", True, "keep the classifier head float in w8a8"),
+        OptionSpec("coreml_float_head", "coreml", "bool", True, "keep the classifier head's input fp16 in w8a8"),
         OptionSpec("license", "coreml", "str",
                    "Apache-2.0 (effmod-edge conversion code); weights under the license of their source",
                    "license string written into the package metadata"),

@@ -526,3 +526,39 @@ def test_larger_variants_all_precisions(tmp_path, samples_dir, variant):
     sizes = {a.precision: a.bytes for a in res.manifest.artifacts if "classifier" not in a.path}
     assert sizes["pal4"] < sizes["pal6"] < sizes["w8"], sizes
     assert max(a.details["ane_check"]["rank5_ops"] for a in res.manifest.artifacts) == 0
+
+
+def test_a_changed_classifier_package_is_caught(ane_out, tmp_path):
+    """Apps ship the classifier package: the manifest records its sha256 and every consumer checks it."""
+    import shutil
+
+    from edge.manifest import artifact_problem
+
+    a = _artifact(Manifest.load(ane_out / "manifest.json"), "fp16")
+    assert artifact_problem(ane_out, a) is None
+    copy = tmp_path / "copy"
+    shutil.copytree(ane_out, copy)
+    weights = next((copy / a.details["classifier"]["path"]).rglob("weight.bin"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    problem = artifact_problem(copy, a)
+    assert problem and "classifier package" in problem and "sha256" in problem, problem
+
+
+def test_float_ops_keep_w8_weights_float(ane_out, tmp_path, samples_dir):
+    """--option coreml_float_ops applied to palettes only: w8 compressed the named convs' weights anyway."""
+    fp16 = load_package(ane_out / f"{TINY}_fp16.mlpackage").program.functions["main"].operations
+    conv = next(op for op in fp16 if op.op_type == "conv" and op.inputs["weight"].val.size >= 1024)
+
+    def weight_producer(ops, name):
+        op = next(o for o in ops if o.name == name)
+        return op.inputs["weight"].op.op_type if op.inputs["weight"].op is not None else "const"
+
+    out = tmp_path / "out"
+    convert(ConvertRequest(targets=["coreml"], model=TINY, output=out, calib_dir=str(samples_dir), calib_size=0,
+                           eval_size=2, precisions=["w8"], options={**OPTS, "coreml_float_ops": (conv.name,)}))
+    ops = load_package(out / f"{TINY}_w8.mlpackage").program.functions["main"].operations
+    assert weight_producer(ops, conv.name) == "const", f"{conv.name}: its weight is still compressed"
+    others = [o.name for o in ops if o.op_type == "conv" and o.name != conv.name]
+    assert any(weight_producer(ops, n).startswith("constexpr") for n in others), "no other conv was compressed"

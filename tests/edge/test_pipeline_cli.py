@@ -228,3 +228,34 @@ def test_convert_sweeps_staging_left_by_a_killed_conversion(tmp_path, samples_di
                            calib_dir=str(samples_dir), calib_size=0, eval_size=4))
     assert not left.exists(), "a killed conversion's staging folder was left in place"
     assert other.exists(), "a staging folder without an owner was removed"
+
+
+def test_ios16_leaves_w8a8_out_unless_it_is_named():
+    plan = ConvertRequest(targets=["coreml"], output="x", options={"deployment_target": "iOS16"}).plan()
+    assert plan == {"coreml": ["fp16", "fp32", "w8", "pal6", "pal4"]}, plan
+    with pytest.raises(ConfigError, match="w8a8 needs --deployment-target iOS17"):
+        ConvertRequest(targets=["coreml"], precisions=["w8a8"], output="x",
+                       options={"deployment_target": "iOS16"}).plan()
+    no_images = ConvertRequest(targets=["coreml"], output="x", calib_size=0, options={"deployment_target": "iOS16"})
+    assert "w8a8" not in no_images.plan()["coreml"], "iOS16 without calibration images was refused for w8a8"
+
+
+def test_a_failed_move_is_one_error_and_retires_nothing(tmp_path, samples_dir, monkeypatch):
+    import edge.pipeline
+
+    req = dict(targets=["onnx"], model="efficientmod_test_tiny", output=tmp_path, calib_dir=str(samples_dir),
+               calib_size=0, eval_size=4)
+    convert(ConvertRequest(**req))
+    _add_old_entry(tmp_path)
+    real, calls = edge.pipeline._move_into_place, []
+
+    def fails_second(src, dest):
+        calls.append(dest)
+        if len(calls) == 2:
+            raise PermissionError(13, "Permission denied", str(dest))
+        real(src, dest)
+
+    monkeypatch.setattr(edge.pipeline, "_move_into_place", fails_second)
+    with pytest.raises(EffmodError, match="could not write .*Permission denied.*convert again"):
+        convert(ConvertRequest(**req, seed=1))
+    assert (tmp_path / "old_fp16.tflite").exists(), "a retired file was removed although the new manifest never landed"
