@@ -518,11 +518,44 @@ def describe(mlmodel: Any, ctx: ConvertContext, precision: str, form: str, targe
         mlmodel.user_defined_metadata[k] = v
 
 
+CONVERSION_DATE_KEY = "com.github.apple.coremltools.conversion_date"
+
+
 def _save(mlmodel: Any, path: Path) -> None:
+    """Save a package byte-for-byte reproducibly (see :func:`make_reproducible`)."""
     if path.exists():
         shutil.rmtree(path)
+    if CONVERSION_DATE_KEY in mlmodel.user_defined_metadata:
+        del mlmodel.user_defined_metadata[CONVERSION_DATE_KEY]
     with _quiet():
         mlmodel.save(str(path))
+    make_reproducible(path)
+
+
+def make_reproducible(package: Path) -> None:
+    """Give a saved .mlpackage the same bytes for the same model on every run.
+
+    coremltools names the package's items with random UUIDs (Manifest.json) and
+    writes the spec's metadata map in hash order; the items get UUIDs derived
+    from their paths instead, and the spec is written with sorted map keys.
+    The conversion date is dropped before saving (:func:`_save`).
+    """
+    import json
+    import uuid
+
+    from coremltools.proto import Model_pb2
+
+    index = package / "Manifest.json"
+    manifest = json.loads(index.read_text())
+    renamed = {old: str(uuid.uuid5(uuid.NAMESPACE_URL, "effmod-edge:" + item["path"])).upper()
+               for old, item in manifest["itemInfoEntries"].items()}
+    manifest["itemInfoEntries"] = dict(sorted((renamed[k], v) for k, v in manifest["itemInfoEntries"].items()))
+    manifest["rootModelIdentifier"] = renamed[manifest["rootModelIdentifier"]]
+    index.write_text(json.dumps(manifest, indent=4) + "\n")
+    spec_file = package / "Data" / manifest["itemInfoEntries"][manifest["rootModelIdentifier"]]["path"]
+    spec = Model_pb2.Model()
+    spec.ParseFromString(spec_file.read_bytes())
+    spec_file.write_bytes(spec.SerializeToString(deterministic=True))
 
 
 def _summarize_check(check: dict, limit: int = 20) -> dict:

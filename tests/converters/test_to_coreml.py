@@ -562,3 +562,24 @@ def test_float_ops_keep_w8_weights_float(ane_out, tmp_path, samples_dir):
     assert weight_producer(ops, conv.name) == "const", f"{conv.name}: its weight is still compressed"
     others = [o.name for o in ops if o.op_type == "conv" and o.name != conv.name]
     assert any(weight_producer(ops, n).startswith("constexpr") for n in others), "no other conv was compressed"
+
+
+def test_the_same_conversion_gives_the_same_package_bytes(tmp_path, samples_dir):
+    """coremltools wrote random item UUIDs, hash-ordered metadata and the date: every run changed every sha256.
+    Two processes, as two users' runs are (op names depend on what a process exported before)."""
+    import subprocess
+
+    import coremltools as ct
+
+    digests = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        subprocess.run([sys.executable, "-m", "edge.cli", "convert", "--target", "coreml", "--precision", "fp16",
+                        "--model", TINY, "--calib-dir", str(samples_dir), "--calib-size", "0", "--eval-size", "2",
+                        "--output", str(out)], check=True, capture_output=True)
+        (a,) = Manifest.load(out / "manifest.json").artifacts
+        digests.append((a.sha256, a.details["classifier"]["sha256"]))
+    assert digests[0] == digests[1], f"package sha256s differ between two runs of one conversion: {digests}"
+    spec = ct.utils.load_spec(str(tmp_path / "b" / f"{TINY}_fp16.mlpackage"))  # still a package coremltools reads
+    assert spec.description.metadata.userDefined["variant"] == TINY
+    assert "com.github.apple.coremltools.conversion_date" not in spec.description.metadata.userDefined
