@@ -64,6 +64,8 @@ class Split:
             "eval_size": len(self.eval),
             "calib_fingerprint": self.calib.fingerprint(),
             "eval_fingerprint": self.eval.fingerprint(),
+            "calib_content_fingerprint": self.calib.content_fingerprint(),
+            "eval_content_fingerprint": self.eval.content_fingerprint(),
             "calib_images": list(self.calib.names),
             "eval_images": list(self.eval.names),
             "skipped": dict(self.folder.skipped),

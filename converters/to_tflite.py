@@ -130,11 +130,13 @@ def _describe_exit(rc: int) -> str:
 
 _LIVE: set["_Started"] = set()  # runs not yet awaited or killed: stopped when a conversion is abandoned
 
-# A child asks the kernel to kill it when the converting process dies (even by SIGKILL); Linux only.
+# A child asks the kernel to kill it when its parent dies (even by SIGKILL); Linux only, and not the
+# child's own children (onnx2tf's onnxsim). Then it checks the converting process did not die first.
 _DIE_WITH_PARENT = ("import ctypes, os, signal, sys\n"
                     "if sys.platform.startswith('linux'):\n"
                     "    ctypes.CDLL(None).prctl(1, signal.SIGKILL)\n"
-                    "    if os.getppid() != int(os.environ['EFFMOD_PARENT_PID']): os._exit(1)\n")
+                    "    try: os.kill(int(os.environ['EFFMOD_PARENT_PID']), 0)\n"
+                    "    except ProcessLookupError: sys.exit('effmod-edge worker: the converting process is gone')\n")
 
 
 def stop_all_runs() -> None:
@@ -621,6 +623,13 @@ def _search_latency(b: _Builder, files: list[Path], tried: list[dict]) -> dict:
             "warmup_secs": WARMUP_SECS, "runtime": "litert-xnnpack", "statistic": "median"}
 
 
+def mixed_candidates(ranked: list[dict], step: MixedStep) -> list[dict]:
+    """The sensitive ops (most error-adding first) a step can add: those its LayerNorm and ADD settings
+    do not already keep float, so a step of N kept nodes has N more float ops."""
+    return [r for r in ranked if not (step.layernorm_stats and r.get("layernorm_stat"))
+            and not (step.adds and r["op"] == "ADD")]
+
+
 def _mixed(b: _Builder, stem: str) -> ArtifactResult:
     """int8 with float islands: runtime-unsupported op types, then the least accurate ops."""
     ctx = b.ctx
@@ -636,9 +645,7 @@ def _mixed(b: _Builder, stem: str) -> ArtifactResult:
     ref = torch_logits(ctx.loaded.model, np.ascontiguousarray(calib_imgs.transpose(0, 3, 1, 2)))
 
     def candidates(step: MixedStep) -> list[dict]:
-        """The sensitive ops a step can add: those its LayerNorm and ADD settings do not already keep float."""
-        return [r for r in ranked if not (step.layernorm_stats and r.get("layernorm_stat"))
-                and not (step.adds and r["op"] == "ADD")]
+        return mixed_candidates(ranked, step)
 
     steps = tuple(s for s in MIXED_STEPS if s.kept_nodes <= len(candidates(s)))
     paths: dict[MixedStep, Path] = {}

@@ -142,6 +142,7 @@ class Failure:
 DATA_FIELDS: dict[str, Any] = {  # the images a convert used (calibration.splits.Split.describe + labels file)
     "root": str, "seed": int, "calib_size": int, "eval_size": int, "calib_fingerprint": str,
     "eval_fingerprint": str, "eval_images": list[str], "calib_images": list[str], "skipped": dict, "labels": str,
+    "calib_content_fingerprint": str, "eval_content_fingerprint": str, "labels_sha256": str,
 }
 
 

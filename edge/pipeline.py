@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import os
 import shutil
 import signal
@@ -106,29 +108,44 @@ class ConvertResult:
         return [a for a in self.manifest.artifacts if not a.checks.get("passed", False)]
 
 
-STAGING_PREFIX, STAGING_OWNER = ".effmod-staging-", ".owner-pid"
+STAGING_PREFIX, STAGING_LOCK = ".effmod-staging-", ".owner.lock"
+_STAGING_LOCKS: dict[Path, int] = {}  # staging folder -> descriptor holding its lock for the conversion's life
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
+def _lock_staging(staging: Path) -> None:
+    """Lock the staging folder's lock file for as long as this process converts into it."""
+    fd = os.open(staging / STAGING_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    _STAGING_LOCKS[staging] = fd
+
+
+def _unlock_staging(staging: Path) -> None:
+    fd = _STAGING_LOCKS.pop(staging, None)
+    if fd is not None:
+        os.close(fd)
 
 
 def sweep_abandoned_staging(output: Path) -> None:
-    """Remove staging folders of conversions that were killed (their process is gone) from ``output``."""
+    """Remove staging folders of killed conversions from ``output``: those whose lock nobody holds.
+
+    The kernel drops a dead process's lock, whichever machine or PID namespace ran it (a live
+    conversion elsewhere keeps its folder); a folder without a lock file is not ours to judge.
+    """
     for d in output.glob(STAGING_PREFIX + "*"):
+        if d in _STAGING_LOCKS or not (d / STAGING_LOCK).is_file():
+            continue
         try:
-            pid = int((d / STAGING_OWNER).read_text())
-        except (OSError, ValueError):
-            continue  # not ours to judge
-        if pid != os.getpid() and not _pid_alive(pid):
-            shutil.rmtree(d, ignore_errors=True)
-            log.info("removed %s: left by a conversion that was killed (process %d)", d.name, pid)
+            fd = os.open(d / STAGING_LOCK, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # held: a conversion is writing there now
+        finally:
+            os.close(fd)
+        shutil.rmtree(d, ignore_errors=True)
+        log.info("removed %s: left by a conversion that was killed", d.name)
 
 
 def prepare_output(output: Path) -> Path:
@@ -142,7 +159,7 @@ def prepare_output(output: Path) -> Path:
         output.mkdir(parents=True, exist_ok=True)
         sweep_abandoned_staging(output)
         staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=output.resolve()))
-        (staging / STAGING_OWNER).write_text(str(os.getpid()))
+        _lock_staging(staging)
         return staging
     except OSError as exc:
         raise EffmodError(
@@ -291,7 +308,8 @@ def convert(request: ConvertRequest) -> ConvertResult:
             weights_sha256=loaded.weights_sha256,
             artifacts=artifacts,
             failures=failures,
-            data={**split.describe(), "labels": LABELS_FILE},
+            data={**split.describe(), "labels": LABELS_FILE,
+                  "labels_sha256": hashlib.sha256(("\n".join(names) + "\n").encode()).hexdigest()},
             num_classes=loaded.num_classes,
             imagenet_classes=imagenet_classes,
             tool={"name": "effmod-edge", "version": __version__, "input_size": request.input_size,
@@ -332,6 +350,7 @@ def convert(request: ConvertRequest) -> ConvertResult:
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+            _unlock_staging(staging)
         if not done:
             _remove_empty(created)
 
@@ -349,7 +368,8 @@ def artifact_files(a: Artifact) -> list[str]:
 
 def _same_conversion(old: Manifest, new: Manifest) -> bool:
     """Same checkpoint, classes, images and settings: the old manifest's checks hold for the new one."""
-    keys = ("root", "seed", "calib_fingerprint", "eval_fingerprint")
+    keys = ("root", "seed", "calib_fingerprint", "eval_fingerprint", "calib_content_fingerprint",
+            "eval_content_fingerprint", "labels_sha256")
     return (old.model, old.weights, old.weights_sha256, old.num_classes, old.imagenet_classes, old.tool) == \
         (new.model, new.weights, new.weights_sha256, new.num_classes, new.imagenet_classes, new.tool) and \
         all((old.data or {}).get(k) == (new.data or {}).get(k) for k in keys)
@@ -398,16 +418,24 @@ def _remove(path: Path) -> bool:
 
 @contextlib.contextmanager
 def _signals_held():
-    """Hold SIGINT and SIGTERM until the block is done (the main thread only; a no-op elsewhere)."""
-    held = {signal.SIGINT, signal.SIGTERM}
+    """Defer SIGINT and SIGTERM until the block is done, then deliver them (a no-op outside the main thread).
+
+    Python handlers, not a signal mask: the process has other OS threads (torch's), and a signal
+    they take still runs its Python handler in the main thread at once.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        for s in dict.fromkeys(caught):
+            signal.raise_signal(s)
 
 
 def _remove_empty(folders: list[Path]) -> None:

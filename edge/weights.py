@@ -19,6 +19,7 @@ from edge.efficientmod import (
     VARIANTS,
     checkpoint_filter_fn,
     create_model,
+    unwrap_state_dict,
     detect_variant,
     get_config,
     head_classes,
@@ -90,7 +91,8 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     except Exception as exc:  # torch.load raises many types for damaged files
         raise CheckpointError(_unreadable_message(path, exc)) from None
     state = checkpoint_filter_fn(obj) if isinstance(obj, dict) else {}
-    holders = [k for k in CHECKPOINT_WRAPPER_KEYS if isinstance(obj, dict) and isinstance(obj.get(k), dict) and obj[k]]
+    holders = [k for k in CHECKPOINT_WRAPPER_KEYS  # the wrapper keys holding tensor dicts, in the order tried
+               if isinstance(obj, dict) and isinstance(obj.get(k), dict) and unwrap_state_dict(obj[k]) is obj[k]]
     if state and len(holders) > 1:
         log.warning("%s holds weights under %s; converting %r, as upstream's validate.py does without --use-ema "
                     "(to convert %r, save it alone: torch.save(ckpt[%r], 'other.pth'))",

@@ -627,3 +627,15 @@ def test_a_failed_run_is_one_conversion_error_whatever_it_printed(tmp_path, scri
     with pytest.raises(ConversionError) as err:
         _run([sys.executable, "-c", script], tmp_path, "LiteRT run")
     assert str(err.value).startswith(message) and not str(err.value).endswith(": "), str(err.value)
+
+
+def test_a_mixed_step_counts_only_ops_its_other_settings_left_int8():
+    """The ranking held LayerNorm statistics and ADDs that a step kept float already: step 64 added 47 ops."""
+    from converters.to_tflite import MixedStep, mixed_candidates
+
+    ranked = [{"tensor": "ln", "op": "MUL", "layernorm_stat": True}, {"tensor": "res", "op": "ADD"},
+              {"tensor": "c1", "op": "CONV_2D"}, {"tensor": "c2", "op": "DEPTHWISE_CONV_2D"}]
+    names = lambda step: [r["tensor"] for r in mixed_candidates(ranked, step)]  # noqa: E731
+    assert names(MixedStep(False, False, 4)) == ["ln", "res", "c1", "c2"]
+    assert names(MixedStep(True, False, 4)) == ["res", "c1", "c2"]
+    assert names(MixedStep(True, True, 4)) == ["c1", "c2"]

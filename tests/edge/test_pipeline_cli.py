@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -217,17 +218,33 @@ def test_precision_naming_none_of_a_targets_precisions_is_refused():
 
 
 def test_convert_sweeps_staging_left_by_a_killed_conversion(tmp_path, samples_dir):
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
+    """A staging folder whose lock nobody holds is a killed conversion's; a held one is a live conversion's."""
+    import fcntl
+
     left = tmp_path / ".effmod-staging-killed"
     (left / "work").mkdir(parents=True)
-    (left / ".owner-pid").write_text(str(dead.pid))
-    other = tmp_path / ".effmod-staging-unknown"  # no owner recorded: not ours to judge
-    other.mkdir()
-    convert(ConvertRequest(targets=["onnx"], model="efficientmod_test_tiny", output=tmp_path,
-                           calib_dir=str(samples_dir), calib_size=0, eval_size=4))
-    assert not left.exists(), "a killed conversion's staging folder was left in place"
-    assert other.exists(), "a staging folder without an owner was removed"
+    (left / ".owner.lock").write_text("")
+    live = tmp_path / ".effmod-staging-live"  # held by another process, e.g. in another PID namespace
+    live.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+        "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)"), str(live / ".owner.lock")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        other = tmp_path / ".effmod-staging-unknown"  # no lock file: not ours to judge
+        other.mkdir()
+        convert(ConvertRequest(targets=["onnx"], model="efficientmod_test_tiny", output=tmp_path,
+                               calib_dir=str(samples_dir), calib_size=0, eval_size=4))
+        assert not left.exists(), "a killed conversion's staging folder was left in place"
+        assert live.exists(), "a live conversion's staging folder was removed"
+        assert other.exists(), "a staging folder without a lock file was removed"
+    finally:
+        holder.kill()
+        holder.wait()
+    fd = os.open(live / ".owner.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released with its holder
+    os.close(fd)
 
 
 def test_ios16_leaves_w8a8_out_unless_it_is_named():
@@ -259,3 +276,49 @@ def test_a_failed_move_is_one_error_and_retires_nothing(tmp_path, samples_dir, m
     with pytest.raises(EffmodError, match="could not write .*Permission denied.*convert again"):
         convert(ConvertRequest(**req, seed=1))
     assert (tmp_path / "old_fp16.tflite").exists(), "a retired file was removed although the new manifest never landed"
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signals_wait_for_the_held_block_even_with_other_threads(tmp_path, sig):
+    """torch's threads took the signal while the main thread's mask held it: the handler ran mid-block."""
+    import signal
+
+    script = tmp_path / "held.py"
+    script.write_text(
+        "import os, signal, sys, time, torch\n"
+        "torch.set_num_threads(2); torch.ones(512, 512) @ torch.ones(512, 512)\n"
+        "from edge.pipeline import _signals_held\n"
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))\n"
+        "done = 0\n"
+        "try:\n"
+        "    with _signals_held():\n"
+        "        for done in range(1, 21):\n"
+        "            if done == 2: print('ready', flush=True)\n"
+        "            time.sleep(0.1)\n"
+        "finally:\n"
+        "    print('steps', done, flush=True)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(getattr(signal, sig))
+    out, err = proc.communicate(timeout=60)
+    assert "steps 20" in out, f"{sig} interrupted the held block: {out!r} {err[-300:]!r}"
+    assert proc.returncode != 0, f"{sig} was swallowed: exit {proc.returncode}"
+
+
+def test_a_rerun_on_same_named_but_other_photos_retires_the_old_files(tmp_path, samples_dir):
+    photos = sorted(samples_dir.glob("n*.JPEG"))[:6]
+    images = tmp_path / "images"
+    images.mkdir()
+    for p in photos:
+        os.symlink(p, images / p.name)
+    out = tmp_path / "out"
+    req = dict(targets=["onnx"], model="efficientmod_test_tiny", output=out, calib_dir=str(images), calib_size=0,
+               eval_size=4)
+    convert(ConvertRequest(**req))
+    _add_old_entry(out)
+    for p, other in zip(photos, reversed(photos)):  # the same names, other pixels
+        (images / p.name).unlink()
+        os.symlink(other, images / p.name)
+    res = convert(ConvertRequest(**req))
+    assert "old_fp16.tflite" not in [a.path for a in res.manifest.artifacts], "kept a file checked on other photos"
+    assert not (out / "old_fp16.tflite").exists()

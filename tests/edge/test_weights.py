@@ -10,7 +10,7 @@ import torch
 
 from edge.efficientmod import checkpoint_filter_fn, create_model
 from edge.errors import CheckpointError
-from edge.weights import file_sha256, load_model
+from edge.weights import file_sha256, load_model, read_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +140,19 @@ def test_weights_mixed_with_other_values_are_named(tmp_path, xxs):
     mixed = tmp_path / "mixed.pth"
     torch.save({"state_dict": sd}, mixed)
     assert "mixes weights with other values ('n_averaged' is a int)" in _one_line_error(mixed)
+
+
+def test_a_file_with_raw_and_ema_weights_says_which_converts(tmp_path, caplog):
+    import logging
+
+    model = create_model("efficientmod_test_tiny", seed=0)
+    both = tmp_path / "both.pth"
+    torch.save({"state_dict": model.state_dict(), "state_dict_ema": model.state_dict(), "epoch": 3}, both)
+    other = tmp_path / "other.pth"  # a 'model' entry that is not weights must not be named
+    torch.save({"model": {"arch": "efficientmod_test_tiny"}, "state_dict": model.state_dict()}, other)
+    with caplog.at_level(logging.WARNING, logger="effmod_edge"):
+        read_checkpoint(both)
+        read_checkpoint(other)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "converting 'state_dict'" in warnings[0] and "'state_dict_ema'" in warnings[0], \
+        warnings
