@@ -698,8 +698,16 @@ class _Builder:
         if weights == "int8" and weights not in self._nets:
             r = self.rounder()
             log.info("coreml: GPTQ int8 weight rounding")
-            self._nets["int8"] = r.network({n: r.int8(n) for n in r.layers})
-            self.rounding_summary = r.report("int8", list(r.layers)).as_dict()
+            float_ops = validate_options(self.ctx.options)["coreml_float_ops"]
+            skip: set[str] = set()
+            if float_ops:  # their weights stay float: not rounded to int8 levels either
+                from converters.coreml_palette import match_parameters, op_weights
+
+                match = match_parameters(self.net, op_weights(self.float_model("fp16")._mil_program, "const"))
+                skip = {match[op] for op in float_ops if op in match}
+            layers = [n for n in r.layers if f"{n}.weight" not in skip]
+            self._nets["int8"] = r.network({n: r.int8(n) for n in layers})
+            self.rounding_summary = r.report("int8", layers).as_dict()
         return self._nets[weights]
 
     def search_images(self) -> np.ndarray:

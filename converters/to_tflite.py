@@ -135,8 +135,8 @@ _LIVE: set["_Started"] = set()  # runs not yet awaited or killed: stopped when a
 _DIE_WITH_PARENT = ("import ctypes, os, signal, sys\n"
                     "if sys.platform.startswith('linux'):\n"
                     "    ctypes.CDLL(None).prctl(1, signal.SIGKILL)\n"
-                    "    try: os.kill(int(os.environ['EFFMOD_PARENT_PID']), 0)\n"
-                    "    except ProcessLookupError: sys.exit('effmod-edge worker: the converting process is gone')\n")
+                    "    if os.getppid() != int(os.environ['EFFMOD_PARENT_PID']):\n"
+                    "        sys.exit('effmod-edge worker: the converting process is gone (or python forked it)')\n")
 
 
 def stop_all_runs() -> None:

@@ -245,14 +245,14 @@ def artifact_problem(root: Path, artifact: Artifact) -> str | None:
     if artifact_digest(path)[1] != artifact.sha256:
         return f"artifact file {artifact.path} does not match its sha256 in the manifest"
     classifier = artifact.details.get("classifier")
-    if isinstance(classifier, dict) and isinstance(classifier.get("sha256"), str):  # the package apps ship
+    if isinstance(classifier, dict) and "path" in classifier:  # the package apps ship
         name = classifier.get("path")
         if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name:
             return f"classifier package {name!r} of {artifact.path} is not a file name of the manifest's folder"
         cpath = root / name
         if not cpath.exists():
             return f"classifier package {classifier.get('path')} of {artifact.path} is missing"
-        if artifact_digest(cpath)[1] != classifier["sha256"]:
+        if isinstance(classifier.get("sha256"), str) and artifact_digest(cpath)[1] != classifier["sha256"]:
             return f"classifier package {classifier.get('path')} does not match its sha256 in the manifest"
     return None
 

@@ -113,9 +113,17 @@ _STAGING_LOCKS: dict[Path, int] = {}  # staging folder -> descriptor holding its
 
 
 def _lock_staging(staging: Path) -> None:
-    """Lock the staging folder's lock file for as long as this process converts into it."""
-    fd = os.open(staging / STAGING_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    fcntl.flock(fd, fcntl.LOCK_EX)
+    """Lock the staging folder's lock file for as long as this process converts into it.
+
+    Locked under a temporary name, then renamed: a sweep never sees the lock file unlocked."""
+    tmp = staging / (STAGING_LOCK + ".new")
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.replace(tmp, staging / STAGING_LOCK)
+    except OSError:
+        os.close(fd)
+        raise
     _STAGING_LOCKS[staging] = fd
 
 
@@ -131,7 +139,7 @@ def sweep_abandoned_staging(output: Path) -> None:
     The kernel drops a dead process's lock, whichever machine or PID namespace ran it (a live
     conversion elsewhere keeps its folder); a folder without a lock file is not ours to judge.
     """
-    for d in output.glob(STAGING_PREFIX + "*"):
+    for d in output.resolve().glob(STAGING_PREFIX + "*"):
         if d in _STAGING_LOCKS or not (d / STAGING_LOCK).is_file():
             continue
         try:
@@ -159,7 +167,12 @@ def prepare_output(output: Path) -> Path:
         output.mkdir(parents=True, exist_ok=True)
         sweep_abandoned_staging(output)
         staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=output.resolve()))
-        _lock_staging(staging)
+        try:
+            _lock_staging(staging)
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise EffmodError(f"cannot lock a staging folder in {output} ({exc.strerror or exc}); choose an --output "
+                              f"on a file system with file locks") from None
         return staging
     except OSError as exc:
         raise EffmodError(
@@ -339,7 +352,7 @@ def convert(request: ConvertRequest) -> ConvertResult:
                     _move_into_place(staging / entry, output / entry)
                 manifest.save(manifest_path)
             except OSError as exc:
-                raise EffmodError(f"could not write {exc.filename or output} ({exc.strerror or exc}) while moving "
+                raise EffmodError(f"could not write {exc.filename2 or exc.filename or output} ({exc.strerror or exc}) while moving "
                                   f"the results into {output}; its files may now mix two conversions: fix the "
                                   f"folder's permissions and convert again") from None
             done = True
@@ -427,15 +440,16 @@ def _signals_held():
         yield
         return
     caught: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
+    held = [s for s in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(s) is not None]  # None: a C handler
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in held}
     try:
         yield
     finally:
         for s, handler in previous.items():
-            signal.signal(s, signal.SIG_DFL if handler is None else handler)
-        for s in dict.fromkeys(caught):
-            signal.raise_signal(s)
+            signal.signal(s, handler)
+        for s in held:  # SIGTERM first: either one ends the process, and a SIGTERM must not be lost
+            if s in caught:
+                signal.raise_signal(s)
 
 
 def _remove_empty(folders: list[Path]) -> None:

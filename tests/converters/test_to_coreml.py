@@ -14,6 +14,7 @@ pytest.importorskip("coremltools", reason="Core ML extra not installed (pip inst
 from converters.mil_interp import load_package, run_package  # noqa: E402
 from edge.ane import to_ane  # noqa: E402
 from edge.efficientmod import to_deploy  # noqa: E402
+from edge.errors import ConfigError  # noqa: E402
 from edge.manifest import Manifest  # noqa: E402
 from edge.pipeline import ConvertRequest, convert  # noqa: E402
 
@@ -346,13 +347,16 @@ def test_range_cache_budget_follows_free_memory(monkeypatch):
 
 def test_ios16_target(tmp_path, samples_dir):
     res = convert(ConvertRequest(targets=["coreml"], model=TINY, output=tmp_path, calib_dir=str(samples_dir),
-                                 calib_size=4, eval_size=3, precisions=["fp16", "w8a8"],
+                                 calib_size=4, eval_size=3, precisions=["fp16"],
                                  options={**OPTS, "deployment_target": "iOS16"}))
     (a,) = res.manifest.artifacts
     assert a.details["deployment_target"] == "iOS16", a.details
     assert a.checks["sqnr_db"] >= 56.0, f"iOS16 fp16 package SQNR (measured 59.3 dB): {a.checks}"
-    (f,) = res.failed
-    assert f.precision == "w8a8" and "iOS17" in f.error
+    assert not res.failed, res.failed
+    with pytest.raises(ConfigError, match="w8a8 needs --deployment-target iOS17"):  # refused before converting
+        convert(ConvertRequest(targets=["coreml"], model=TINY, output=tmp_path / "w8a8", calib_dir=str(samples_dir),
+                               precisions=["fp16", "w8a8"], options={**OPTS, "deployment_target": "iOS16"}))
+    assert not (tmp_path / "w8a8").exists()
 
 
 @pytest.mark.macos
@@ -546,22 +550,29 @@ def test_a_changed_classifier_package_is_caught(ane_out, tmp_path):
     assert problem and "classifier package" in problem and "sha256" in problem, problem
 
 
-def test_float_ops_keep_w8_weights_float(ane_out, tmp_path, samples_dir):
-    """--option coreml_float_ops applied to palettes only: w8 compressed the named convs' weights anyway."""
+def test_float_ops_keep_w8_and_w8a8_weights_float(ane_out, tmp_path, samples_dir):
+    """--option coreml_float_ops applied to palettes only: w8 compressed the named conv's weights anyway, and
+    w8a8 (GPTQ weights) stored them fp16 but already rounded to int8 levels."""
     fp16 = load_package(ane_out / f"{TINY}_fp16.mlpackage").program.functions["main"].operations
     conv = next(op for op in fp16 if op.op_type == "conv" and op.inputs["weight"].val.size >= 1024)
 
-    def weight_producer(ops, name):
-        op = next(o for o in ops if o.name == name)
-        return op.inputs["weight"].op.op_type if op.inputs["weight"].op is not None else "const"
+    def weight(ops, name):
+        w = next(o for o in ops if o.name == name).inputs["weight"]
+        return ("const" if w.op is None or w.op.op_type == "const" else w.op.op_type), w.val
 
     out = tmp_path / "out"
-    convert(ConvertRequest(targets=["coreml"], model=TINY, output=out, calib_dir=str(samples_dir), calib_size=0,
-                           eval_size=2, precisions=["w8"], options={**OPTS, "coreml_float_ops": (conv.name,)}))
-    ops = load_package(out / f"{TINY}_w8.mlpackage").program.functions["main"].operations
-    assert weight_producer(ops, conv.name) == "const", f"{conv.name}: its weight is still compressed"
-    others = [o.name for o in ops if o.op_type == "conv" and o.name != conv.name]
-    assert any(weight_producer(ops, n).startswith("constexpr") for n in others), "no other conv was compressed"
+    convert(ConvertRequest(targets=["coreml"], model=TINY, output=out, calib_dir=str(samples_dir), calib_size=8,
+                           eval_size=2, precisions=["fp16", "w8", "w8a8"],
+                           options={**OPTS, "coreml_float_ops": (conv.name,)}))
+    ref = load_package(out / f"{TINY}_fp16.mlpackage").program.functions["main"].operations
+    _, want = weight(ref, conv.name)
+    for precision in ("w8", "w8a8"):
+        ops = load_package(out / f"{TINY}_{precision}.mlpackage").program.functions["main"].operations
+        kind, got = weight(ops, conv.name)
+        assert kind == "const", f"{precision} {conv.name}: its weight is still compressed ({kind})"
+        assert np.array_equal(got, want), f"{precision} {conv.name}: float weight differs from fp16's (int8 levels?)"
+        others = [o.name for o in ops if o.op_type == "conv" and o.name != conv.name]
+        assert any(weight(ops, n)[0].startswith("constexpr") for n in others), f"{precision}: no conv compressed"
 
 
 def test_the_same_conversion_gives_the_same_package_bytes(tmp_path, samples_dir):

@@ -289,6 +289,7 @@ def test_signals_wait_for_the_held_block_even_with_other_threads(tmp_path, sig):
         "torch.set_num_threads(2); torch.ones(512, 512) @ torch.ones(512, 512)\n"
         "from edge.pipeline import _signals_held\n"
         "signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)  # also when pytest runs with SIGINT ignored\n"
         "done = 0\n"
         "try:\n"
         "    with _signals_held():\n"
