@@ -187,17 +187,14 @@ class _Started:
 
     def kill(self) -> None:
         """Stop the process and its group if it still runs (a conversion that ends early leaves no orphans)."""
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
+        running = self.proc.poll() is None
+        try:  # the group, also when the leader is gone: what it started may still run
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            if running:
                 self.proc.kill()
+        if running:
             self.proc.wait()
-        else:
-            try:  # the leader is gone; what it started may still run in its group
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
         _LIVE.discard(self)
         self._close_logs()
 

@@ -237,6 +237,11 @@ def artifact_digest(path: Path) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
+def is_file_name(name: object) -> bool:
+    """A plain name of a file in the manifest's own folder (no path, not . or ..)."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+
+
 def artifact_problem(root: Path, artifact: Artifact) -> str | None:
     """Why ``artifact`` under ``root`` cannot be trusted (missing, changed), or None."""
     path = root / artifact.path
@@ -247,7 +252,7 @@ def artifact_problem(root: Path, artifact: Artifact) -> str | None:
     classifier = artifact.details.get("classifier")
     if isinstance(classifier, dict) and "path" in classifier:  # the package apps ship
         name = classifier.get("path")
-        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name:
+        if not is_file_name(name):
             return f"classifier package {name!r} of {artifact.path} is not a file name of the manifest's folder"
         cpath = root / name
         if not cpath.exists():

@@ -24,7 +24,8 @@ from edge.checks import NearTies, check_record, compare_logits, images_to_settle
 from edge.context import ArtifactResult, ConvertContext, PrecisionFailure, log, torch_logits
 from edge.efficientmod import to_deploy
 from edge.errors import ConfigError, ConversionError, EffmodError
-from edge.manifest import DERIVED_FILES, Artifact, Failure, Manifest, artifact_digest, artifact_problem, refuse_in_the_way
+from edge.manifest import (DERIVED_FILES, Artifact, Failure, Manifest, artifact_digest, artifact_problem, is_file_name,
+                           refuse_in_the_way)
 from edge.targets import TARGETS, get_target, resolve_precisions, validate_options
 from edge.weights import load_model
 
@@ -376,7 +377,7 @@ def artifact_files(a: Artifact) -> list[str]:
     classifier = a.details.get("classifier")
     if isinstance(classifier, dict) and isinstance(classifier.get("path"), str):
         files.append(classifier["path"])
-    return [f for f in files if f not in ("", ".", "..") and "/" not in f and "\\" not in f]  # files of the folder
+    return [f for f in files if is_file_name(f)]
 
 
 def _same_conversion(old: Manifest, new: Manifest) -> bool:
