@@ -17,6 +17,8 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
     """Serves files with HTTP Range support; counts requested ranges."""
 
     ranges: list = []
+    cut_after: int | None = None  # send only this many bytes of the next body, then close
+    status: int | None = None  # answer the next request with this error status
 
     def log_message(self, *args):
         pass
@@ -30,6 +32,13 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
             return
         rng = self.headers.get("Range")
         RangeHandler.ranges.append(rng)
+        if RangeHandler.status is not None:
+            status, RangeHandler.status = RangeHandler.status, None
+            self.send_error(status)
+            return
+        if rng and int(rng.split("=")[1].split("-")[0]) >= len(data):
+            self.send_error(416)
+            return
         if rng:
             start = int(rng.split("=")[1].split("-")[0])
             body = data[start:]
@@ -40,7 +49,8 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
             self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        cut, RangeHandler.cut_after = RangeHandler.cut_after, None
+        self.wfile.write(body if cut is None else body[:cut])
 
 
 @pytest.fixture()
@@ -90,7 +100,7 @@ def test_checksum_mismatch_leaves_no_file(server, tmp_path, monkeypatch):
     first = sorted(bad)[0]
     bad[first] = "0" * 64
     monkeypatch.setattr(dl, "checksums", lambda: bad)
-    with pytest.raises(DataError, match="checksum mismatch"):
+    with pytest.raises(DataError, match="SHA-256 mismatch"):
         dl.download_samples(url, progress=False)
     assert not (tmp_path / "cache" / "imagenet-samples" / first).exists()
     assert dl.cached_samples_dir() is None
@@ -106,3 +116,65 @@ def test_unreachable_server_is_a_clear_error(tmp_path, monkeypatch):
 def test_packaged_checksums_cover_the_sample_set():
     sums = dl.checksums()
     assert len(sums) == 1000 and all(len(v) == 64 for v in sums.values())
+
+
+def test_body_cut_off_stays_partial_and_resumes(server, tmp_path, monkeypatch):
+    url, files, _ = server
+    monkeypatch.setenv("EFFMOD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(dl, "checksums", lambda: _sums(files))
+    name = sorted(files)[0]
+    RangeHandler.ranges.clear()
+    RangeHandler.cut_after = 300
+    with pytest.raises(DataError, match=f"{name} .*was cut off \\(700 bytes missing\\); rerun to resume"):
+        dl.download_samples(url, progress=False)
+    dest = tmp_path / "cache" / "imagenet-samples"
+    assert (dest / (name + ".part")).read_bytes() == files[name][:300] and not (dest / name).exists()
+    dl.download_samples(url, progress=False)
+    assert (dest / name).read_bytes() == files[name]
+    assert RangeHandler.ranges[1] == "bytes=300-", RangeHandler.ranges
+
+
+def test_complete_part_file_is_kept_without_a_request(server, tmp_path, monkeypatch):
+    url, files, _ = server
+    monkeypatch.setenv("EFFMOD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(dl, "checksums", lambda: _sums(files))
+    dest = tmp_path / "cache" / "imagenet-samples"
+    dest.mkdir(parents=True)
+    name = sorted(files)[2]
+    (dest / (name + ".part")).write_bytes(files[name])  # killed between the last write and the rename
+    RangeHandler.ranges.clear()
+    dl.download_samples(url, progress=False)
+    assert (dest / name).read_bytes() == files[name]
+    assert len(RangeHandler.ranges) == 2, RangeHandler.ranges  # only the two other files were asked for
+
+
+def test_part_file_longer_than_the_remote_starts_over(server, tmp_path, monkeypatch):
+    url, files, _ = server
+    monkeypatch.setenv("EFFMOD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(dl, "checksums", lambda: _sums(files))
+    dest = tmp_path / "cache" / "imagenet-samples"
+    dest.mkdir(parents=True)
+    name = sorted(files)[0]
+    (dest / (name + ".part")).write_bytes(b"x" * 5000)  # the server answers 416 to its Range
+    RangeHandler.ranges.clear()
+    dl.download_samples(url, progress=False)
+    assert (dest / name).read_bytes() == files[name]
+    assert RangeHandler.ranges[:2] == ["bytes=5000-", None], RangeHandler.ranges
+
+
+@pytest.mark.parametrize("status, fix", [(404, "no such file .*check --url"), (503, "server error .*rerun later")])
+def test_http_errors_name_their_fix(server, tmp_path, monkeypatch, status, fix):
+    url, files, _ = server
+    monkeypatch.setenv("EFFMOD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(dl, "checksums", lambda: _sums(files))
+    RangeHandler.status = status
+    with pytest.raises(DataError, match=fix):
+        dl.download_samples(url, progress=False)
+
+
+def test_bad_port_and_empty_cache_variable(tmp_path, monkeypatch):
+    with pytest.raises(DataError, match="bad port"):
+        dl.download_samples("http://127.0.0.1:80a/", progress=False)
+    monkeypatch.setenv("EFFMOD_CACHE", "")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert dl.cache_root() == tmp_path / ".cache" / "effmod-edge"
