@@ -71,7 +71,10 @@ def scan_folder(root: str | os.PathLike, flag: str = "--calib-dir") -> ImageFold
         raise DataError(f"{flag} {root} does not exist or is not a folder; {fix}")
     items: list[ImageItem] = []
     skipped: Counter = Counter()
-    for dirpath, dirnames, filenames in os.walk(root):
+    def unreadable(exc: OSError) -> None:  # os.walk would drop the folder silently
+        skipped["unreadable folder"] += 1
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for fname in sorted(filenames):
             if fname.startswith("."):

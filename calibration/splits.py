@@ -148,9 +148,8 @@ def make_split(folder: ImageFolder, calib_size: int, eval_size: int, seed: int =
         )
     if len(calib) < calib_size or len(evaluation) < eval_size:
         usable = len(calib) + len(evaluation)
-        raise DataError(
+        raise DataError(  # calibration took all it asked for (else evaluation would be empty): evaluate the rest
             f"{folder.root} has {usable} usable images, fewer than --calib-size {calib_size} plus --eval-size "
-            f"{eval_size}; lower them (e.g. --calib-size {max(0, usable - max(1, usable // 3))} --eval-size "
-            f"{max(1, usable // 3)}) or add images"
+            f"{eval_size}; lower them (e.g. --eval-size {usable - calib_size}) or add images"
         )
     return Split(calib=calib, eval=evaluation, seed=seed, folder=folder)

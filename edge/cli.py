@@ -257,14 +257,14 @@ def evaluate(manifest: str, data: str | None, heldout: bool, limit: int | None, 
 
 
 @main.command()
-@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.argument("out_dir", type=click.Path())
 @click.option("--fail-under", "fail_under", multiple=True,
               help="Gate, e.g. agreement=0.99 or sqnr=25; exits 1 naming the rows below it.")
 def report(out_dir: str, fail_under: tuple[str, ...]) -> None:
     """Render report.md and a self-contained report.html from OUT_DIR's json files."""
-    from edge.report import FailUnder, render
+    from edge.report import FailUnder, render, report_folder
 
-    md, page, misses = render(Path(out_dir), [FailUnder.parse(f) for f in fail_under])
+    md, page, misses = render(report_folder(out_dir), [FailUnder.parse(f) for f in fail_under])
     click.echo(f"{md}\n{page}")
     if misses:
         for m in misses:

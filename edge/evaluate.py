@@ -146,11 +146,13 @@ def _checkpoint(manifest: Manifest) -> Path | None:
 def _reference_model(manifest: Manifest):
     seed = int((manifest.tool or {}).get("seed", 0))
     path = _checkpoint(manifest)
-    if path is None:
-        return load_model(manifest.model, None, seed=seed).model
-    if manifest.weights_sha256 and file_sha256(path) != manifest.weights_sha256:
+    if path is not None and manifest.weights_sha256 and file_sha256(path) != manifest.weights_sha256:
         raise EffmodError(f"checkpoint {path} changed since the conversion (sha256 differs); re-run convert")
-    return load_model(manifest.model, path).model
+    try:
+        return load_model(manifest.model, path, seed=seed).model
+    except (CheckpointError, ConfigError) as exc:  # their fixes name convert's --model
+        raise ConfigError(f"the manifest's model {manifest.model!r} and checkpoint do not load "
+                          f"({str(exc).split(';')[0]}); restore manifest.json's 'model' or re-run convert") from None
 
 
 def artifact_logits(root: Path, a: Artifact, batch: Batch, work: Path) -> np.ndarray:

@@ -200,21 +200,24 @@ class Manifest:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Manifest":
         path = Path(path)
+        redo = ("re-run convert to write it again" if path.name == "manifest.json" else
+                "is it a manifest? pass OUT or OUT/manifest.json from a convert run")
         try:
             data = parse_json(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"manifest {path} not found; pass the manifest.json a convert wrote") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"manifest {path} is not valid JSON ({exc}); re-run convert to write it again") from None
+            raise ConfigError(f"manifest {path} is not valid JSON ({str(exc)[:80]}); {redo}") from None
         except OSError as exc:
             raise ConfigError(f"manifest {path} cannot be read ({exc.strerror or exc}); check the path and its "
                               f"permissions") from None
         except TooDeepError:
-            raise ConfigError(f"manifest {path} nests too deeply to be a manifest; re-run convert to write it again") from None
+            raise ConfigError(f"manifest {path} nests too deeply to be a manifest; {redo}") from None
         try:
             return cls.from_dict(data)
         except ConfigError as exc:
-            raise ConfigError(f"{exc} in {path}; re-run convert to write a manifest this version reads") from None
+            fix = ("re-run convert to write a manifest this version reads" if path.name == "manifest.json" else redo)
+            raise ConfigError(f"{exc} in {path}; {fix}") from None
 
     def save(self, path: str | os.PathLike) -> None:
         write_json_atomic(Path(path), self.to_dict())

@@ -40,7 +40,21 @@ class FailUnder:
             raise ConfigError(f"--fail-under {text!r}: {value!r} is not a number") from None
         if bar != bar or bar in (float("inf"), float("-inf")):  # a NaN bar would pass every row
             raise ConfigError(f"--fail-under {text!r}: the bar must be a finite number, e.g. {name}=0.99")
+        low = -1.0 if name == "cosine" else 0.0
+        if name != "sqnr" and not low <= bar <= 1.0:  # agreement=99 would fail every row
+            raise ConfigError(f"--fail-under {text!r}: {name} is a fraction from {low:g} to 1; did you mean "
+                              f"{name}={bar / 100:g}?")
         return cls(name, bar)
+
+
+def report_folder(path: str | os.PathLike) -> Path:
+    """The output folder a report reads: OUT itself, or the folder of OUT/manifest.json."""
+    p = Path(path)
+    if p.is_file():
+        if p.name != "manifest.json":
+            raise ConfigError(f"{p} is a file, not an output folder; pass OUT or OUT/manifest.json from a convert run")
+        return p.parent
+    return p
 
 
 def mixed_step_line(step: dict) -> str:

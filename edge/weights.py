@@ -69,7 +69,7 @@ def _unreadable_message(path: Path, exc: Exception) -> str:
     if found:
         return (f"{path} pickles a {found.group(1)} object, not only tensors, and is not loaded for safety "
                 f"(it could run code){fix}")
-    detail = text.strip().splitlines()[0][:160] if text.strip() else ""
+    detail = text.strip().splitlines()[0].split(". ")[0][:160] if text.strip() else ""
     reason = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
     return f"could not read checkpoint {path}: {reason}; the file is truncated or not a PyTorch checkpoint, download it again"
 

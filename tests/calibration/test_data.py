@@ -175,3 +175,29 @@ def test_unusable_images_are_skipped_with_the_reason(tmp_path):
     assert [k.path.name for k in kept] == ["n01440764_ok.png"], kept
     assert dict(folder.skipped) == {**skipped, "floating-point pixels (mode F; save as 8-bit)": 1,
                                     "aspect ratio over 100:1": 1}, folder.skipped
+
+
+def test_an_unreadable_class_folder_is_counted_not_dropped_silently(tmp_path, monkeypatch):
+    import os
+
+    for wnid in ("n01440764", "n01443537"):
+        (tmp_path / wnid).mkdir()
+        _jpeg(tmp_path / wnid / "a.jpg")
+    real = os.scandir
+
+    def scandir(path="."):  # root bypasses file permissions, so the refusal is simulated
+        if os.fspath(path).endswith("n01443537"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    folder = scan_folder(tmp_path)
+    assert [i.name for i in folder.items] == ["n01440764/a.jpg"]
+    assert folder.skipped["unreadable folder"] == 1 and "1 unreadable folder" in folder.summary()
+
+
+def test_too_few_images_suggests_sizes_that_fit(tmp_path):
+    for i in range(16):
+        _jpeg(tmp_path / f"n01440764_{i}.JPEG")
+    with pytest.raises(DataError, match=r"e\.g\. --eval-size 6\)"):
+        make_split(scan_folder(tmp_path), 10, 100)

@@ -217,3 +217,26 @@ def test_the_cache_recomputes_same_named_images_of_another_folder(tiny_tflite, t
             f"{got['target']} {got['precision']}: cached figures of folder a reused for folder b ({got} vs {want})"
     assert [r["sqnr_db"] for r in first["rows"][1:]] != [r["sqnr_db"] for r in second["rows"][1:]], \
         "folders a and b gave identical SQNRs: the test cannot tell a stale cache"
+
+
+def test_a_neighbouring_file_is_not_called_a_damaged_manifest(converted, tmp_path):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("tench\ngoldfish\n")
+    result = CliRunner().invoke(main, ["evaluate", str(labels)])
+    assert result.exit_code != 0 and "is it a manifest? pass OUT or OUT/manifest.json" in result.output, result.output
+    other = tmp_path / "evaluation.json"
+    other.write_text(json.dumps({"rows": []}))
+    result = CliRunner().invoke(main, ["evaluate", str(other)])
+    assert "is it a manifest?" in result.output and "re-run convert" not in result.output, result.output
+
+
+def test_a_hand_edited_model_names_the_manifest_not_a_missing_option(converted, tmp_path):
+    out = tmp_path / "edited"
+    shutil.copytree(converted, out)
+    path = out / "manifest.json"
+    d = json.loads(path.read_text())
+    d["model"] = "efficientmod_xxs"
+    path.write_text(json.dumps(d))
+    result = CliRunner().invoke(main, ["evaluate", str(out)])
+    assert result.exit_code != 0 and "manifest's model 'efficientmod_xxs'" in result.output, result.output
+    assert "--model" not in result.output, result.output

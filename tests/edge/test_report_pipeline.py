@@ -182,3 +182,21 @@ def test_report_says_how_latency_was_taken():
     older = {"settings": {"runs": 30, "warmup": 5, "rounds": 3}}  # bench.json from before --warmup-secs
     assert "and 0 s" in latency_method(older), latency_method(older)
     assert latency_method(None) == ""
+
+
+@pytest.mark.parametrize("text, hint", [("agreement=99", "agreement=0.99"), ("top1=87.5", "top1=0.875"),
+                                         ("cosine=-2", "cosine=-0.02")])
+def test_fail_under_refuses_a_percentage_for_a_fraction(text, hint):
+    with pytest.raises(ConfigError, match=f"did you mean {hint}"):
+        FailUnder.parse(text)
+    assert FailUnder.parse("sqnr=99").value == 99.0 and FailUnder.parse("cosine=-0.5").value == -0.5
+
+
+def test_report_takes_the_manifest_path_and_refuses_other_files(converted, tmp_path):
+    from edge.report import report_folder
+
+    assert report_folder(converted / "manifest.json") == converted
+    other = tmp_path / "bench.json"
+    other.write_text("{}")
+    with pytest.raises(ConfigError, match="not an output folder; pass OUT or OUT/manifest.json"):
+        report_folder(other)
