@@ -58,7 +58,7 @@ def _fake_quant(bound: float):
 
     def hook(_mod: nn.Module, inputs: tuple) -> tuple:
         x = inputs[0]
-        return (torch.round(x / scale).clamp(-127, 127) * scale,) + tuple(inputs[1:])
+        return (torch.round(x / scale).clamp(-128, 127) * scale,) + tuple(inputs[1:])  # as the package's quantize
 
     return hook
 

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from calibration.ranges import HistogramObserver
+from edge.errors import ConversionError
 
 # --------------------------------------------------------------------------- errors
 
@@ -880,6 +881,11 @@ def activation_stats(
             return
         arr = _widen16(arr)
         lo, hi = float(arr.min()), float(arr.max())
+        if not (np.isfinite(lo) and np.isfinite(hi)):  # min/max of a range would drop or keep a NaN by image order
+            raise ConversionError(
+                f"activation ranges: tensor {name} took non-finite values (NaN/inf) on a calibration image, so "
+                "no int8 range can hold it; the float program overflows there (check the checkpoint for huge or "
+                "NaN weights), or leave the activation-quantized precision out with --precision")
         s = stats[name]
         s["rmin"] = min(lo, s.get("rmin", lo))
         s["rmax"] = max(hi, s.get("rmax", hi))

@@ -79,3 +79,29 @@ def test_mse_symmetric_bound_beats_max_abs(kind, min_gain_db):
 
 def test_mse_symmetric_bound_of_empty_histogram_is_max_abs():
     assert mse_symmetric_bound(np.zeros(2048), -3.0, 1.0) == 3.0
+
+
+@pytest.mark.parametrize("share", [0.5, 0.9, 0.97])
+def test_mostly_zero_tensors_are_not_clipped_harder_than_min_max(share):
+    """Exact zeros are on the int8 grid: charging them rounding error made the MSE range clip too hard."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(200_000)
+    x[rng.random(x.size) < share] = 0.0
+    obs = _observe(x)
+    lo, hi = obs.mse_ranges()["t"]
+    mse, minmax = _fake_quant_mse(x, lo, hi), _fake_quant_mse(x, float(x.min()), float(x.max()))
+    assert mse <= minmax, f"{share:.0%} zeros: MSE range [{lo:.2f}, {hi:.2f}] error {mse:.3e} > min/max {minmax:.3e}"
+    t = obs.mse_bounds()["t"]
+    full = float(np.abs(x).max())
+    assert _fake_quant_sym(x, t) <= _fake_quant_sym(x, full), f"{share:.0%} zeros: symmetric bound {t:.2f} loses"
+
+
+def _fake_quant_sym(x: np.ndarray, t: float) -> float:
+    scale = t / 127
+    return float(np.mean((np.clip(np.round(x / scale), -128, 127) * scale - x) ** 2))
+
+
+def test_non_finite_values_are_left_out_of_the_histogram():
+    obs = HistogramObserver({"t": (-1.0, 1.0)}, bins=8)
+    obs.update("t", np.array([np.nan, np.inf, -np.inf, 0.99, -0.99, 1e300]))
+    assert obs.hist["t"].tolist() == [1, 0, 0, 0, 0, 0, 0, 2], obs.hist["t"]

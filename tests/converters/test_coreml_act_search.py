@@ -56,3 +56,12 @@ def test_zero_budget_keeps_nothing(measured):
     res = search(net, program, stats, quantized, x[:2], budget=0.0)
     assert res.keep == [] and res.candidates > 0
     assert res.predicted_sqnr_db["all_int8"] == res.predicted_sqnr_db["with_kept_fp16"]
+
+
+def test_search_quantizer_clips_where_the_package_does():
+    """The package's int8 quantize reaches code -128; the search's fake quantizer clipped at -127."""
+    from converters.coreml_act_search import _fake_quant
+
+    hook = _fake_quant(127.0)  # scale 1
+    (out,) = hook(None, (torch.tensor([-128.0, -127.6, 127.0, 200.0]),))
+    assert out.tolist() == [-128.0, -128.0, 127.0, 127.0], out

@@ -403,3 +403,22 @@ def test_cast_float_matches_numpy_bit_for_bit():
         assert np.array_equal(out, src.astype(dst))
     reversed_view = _randn(4, 100)[:, ::-1]
     assert np.array_equal(cast_float(reversed_view, np.float16), reversed_view.astype(np.float16))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("last", [False, True])
+def test_activation_stats_refuse_non_finite_values_in_any_image_order(monkeypatch, bad, last):
+    """min/max kept or dropped a NaN depending on which image came last; the range then became NaN or inf."""
+    import converters.mil_interp as mi
+    from edge.errors import ConversionError
+
+    images = [np.array([-2.0, 3.0], np.float32), np.array([bad, 1.0], np.float32)]
+    images = images if last else images[::-1]
+
+    def observe(program, feeds, update, fp16=None):
+        for arr in images:
+            update("t", arr)
+
+    monkeypatch.setattr(mi, "observe_tensors", observe)
+    with pytest.raises(ConversionError, match="tensor t took non-finite values"):
+        mi.activation_stats(None, [])
