@@ -70,24 +70,28 @@ def _sums(files):
     return {n: hashlib.sha256(d).hexdigest() for n, d in files.items()}
 
 
-def test_download_verifies_and_marks_complete(server, tmp_path, monkeypatch):
+@pytest.fixture()
+def remote(server, tmp_path, monkeypatch):
+    """The server's URL and files, a cache under tmp_path that expects them, and the cache's sample folder."""
     url, files, _ = server
     monkeypatch.setenv("EFFMOD_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(dl, "checksums", lambda: _sums(files))
+    RangeHandler.ranges.clear()
+    return url, files, tmp_path / "cache" / "imagenet-samples"
+
+
+def test_download_verifies_and_marks_complete(remote):
+    url, files, _ = remote
     out = dl.download_samples(url, progress=False)
     assert {p.name: p.read_bytes() for p in out.glob("*.JPEG")} == files
     assert dl.cached_samples_dir() == out
 
 
-def test_download_resumes_partial_file(server, tmp_path, monkeypatch):
-    url, files, _ = server
-    monkeypatch.setenv("EFFMOD_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(dl, "checksums", lambda: _sums(files))
-    dest = tmp_path / "cache" / "imagenet-samples"
+def test_download_resumes_partial_file(remote):
+    url, files, dest = remote
     dest.mkdir(parents=True)
     name = sorted(files)[1]
     (dest / (name + ".part")).write_bytes(files[name][:400])
-    RangeHandler.ranges.clear()
     dl.download_samples(url, progress=False)
     assert (dest / name).read_bytes() == files[name]
     assert "bytes=400-" in RangeHandler.ranges
@@ -118,55 +122,41 @@ def test_packaged_checksums_cover_the_sample_set():
     assert len(sums) == 1000 and all(len(v) == 64 for v in sums.values())
 
 
-def test_body_cut_off_stays_partial_and_resumes(server, tmp_path, monkeypatch):
-    url, files, _ = server
-    monkeypatch.setenv("EFFMOD_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(dl, "checksums", lambda: _sums(files))
+def test_body_cut_off_stays_partial_and_resumes(remote):
+    url, files, dest = remote
     name = sorted(files)[0]
-    RangeHandler.ranges.clear()
     RangeHandler.cut_after = 300
     with pytest.raises(DataError, match=f"{name} .*was cut off \\(700 bytes missing\\); rerun to resume"):
         dl.download_samples(url, progress=False)
-    dest = tmp_path / "cache" / "imagenet-samples"
     assert (dest / (name + ".part")).read_bytes() == files[name][:300] and not (dest / name).exists()
     dl.download_samples(url, progress=False)
     assert (dest / name).read_bytes() == files[name]
     assert RangeHandler.ranges[1] == "bytes=300-", RangeHandler.ranges
 
 
-def test_complete_part_file_is_kept_without_a_request(server, tmp_path, monkeypatch):
-    url, files, _ = server
-    monkeypatch.setenv("EFFMOD_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(dl, "checksums", lambda: _sums(files))
-    dest = tmp_path / "cache" / "imagenet-samples"
+def test_complete_part_file_is_kept_without_a_request(remote):
+    url, files, dest = remote
     dest.mkdir(parents=True)
     name = sorted(files)[2]
     (dest / (name + ".part")).write_bytes(files[name])  # killed between the last write and the rename
-    RangeHandler.ranges.clear()
     dl.download_samples(url, progress=False)
     assert (dest / name).read_bytes() == files[name]
     assert len(RangeHandler.ranges) == 2, RangeHandler.ranges  # only the two other files were asked for
 
 
-def test_part_file_longer_than_the_remote_starts_over(server, tmp_path, monkeypatch):
-    url, files, _ = server
-    monkeypatch.setenv("EFFMOD_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(dl, "checksums", lambda: _sums(files))
-    dest = tmp_path / "cache" / "imagenet-samples"
+def test_part_file_longer_than_the_remote_starts_over(remote):
+    url, files, dest = remote
     dest.mkdir(parents=True)
     name = sorted(files)[0]
     (dest / (name + ".part")).write_bytes(b"x" * 5000)  # the server answers 416 to its Range
-    RangeHandler.ranges.clear()
     dl.download_samples(url, progress=False)
     assert (dest / name).read_bytes() == files[name]
     assert RangeHandler.ranges[:2] == ["bytes=5000-", None], RangeHandler.ranges
 
 
 @pytest.mark.parametrize("status, fix", [(404, "no such file .*check --url"), (503, "server error .*rerun later")])
-def test_http_errors_name_their_fix(server, tmp_path, monkeypatch, status, fix):
-    url, files, _ = server
-    monkeypatch.setenv("EFFMOD_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(dl, "checksums", lambda: _sums(files))
+def test_http_errors_name_their_fix(remote, status, fix):
+    url, _, _ = remote
     RangeHandler.status = status
     with pytest.raises(DataError, match=fix):
         dl.download_samples(url, progress=False)
