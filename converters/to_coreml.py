@@ -519,6 +519,7 @@ def describe(mlmodel: Any, ctx: ConvertContext, precision: str, form: str, targe
 
 
 CONVERSION_DATE_KEY = "com.github.apple.coremltools.conversion_date"
+DEBUG_MAP = "executorch_debug_handle_mapping.json"  # coremltools' op-name map, not part of the model
 
 
 def _save(mlmodel: Any, path: Path) -> None:
@@ -538,13 +539,17 @@ def make_reproducible(package: Path) -> None:
     coremltools names the package's items with random UUIDs (Manifest.json) and
     writes the spec's metadata map in hash order; the items get UUIDs derived
     from their paths instead, and the spec is written with sorted map keys.
-    The conversion date is dropped before saving (:func:`_save`).
+    The conversion date is dropped before saving (:func:`_save`). The debug map
+    coremltools leaves beside Manifest.json after a torch.export conversion
+    (``DEBUG_MAP``: op names, not part of the model, only in the converted
+    packages) is removed, so a package holds its model and nothing else.
     """
     import json
     import uuid
 
     from coremltools.proto import Model_pb2
 
+    (package / DEBUG_MAP).unlink(missing_ok=True)
     index = package / "Manifest.json"
     manifest = json.loads(index.read_text())
     renamed = {old: str(uuid.uuid5(uuid.NAMESPACE_URL, "effmod-edge:" + item["path"])).upper()

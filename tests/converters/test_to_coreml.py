@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -594,3 +595,9 @@ def test_the_same_conversion_gives_the_same_package_bytes(tmp_path, samples_dir)
     spec = ct.utils.load_spec(str(tmp_path / "b" / f"{TINY}_fp16.mlpackage"))  # still a package coremltools reads
     assert spec.description.metadata.userDefined["variant"] == TINY
     assert "com.github.apple.coremltools.conversion_date" not in spec.description.metadata.userDefined
+    package = tmp_path / "b" / f"{TINY}_fp16.mlpackage"
+    listed = {"Manifest.json"} | {f"Data/{item['path']}" for item in
+                                  json.loads((package / "Manifest.json").read_text())["itemInfoEntries"].values()}
+    stray = [p.relative_to(package).as_posix() for p in package.rglob("*") if p.is_file()
+             and not any(p.relative_to(package).as_posix().startswith(x) for x in listed)]
+    assert not stray, f"files in the package that its Manifest.json does not list: {stray}"
