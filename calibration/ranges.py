@@ -4,8 +4,9 @@ Min/max calibration spends int8 levels on the few most extreme values a tensor
 ever took; a range that clips them can give a lower total error (clipping error
 of the tails plus rounding error Δ²/12 of everything inside). ``mse_range``
 picks, from candidate bounds at tail quantiles, the pair that minimises that
-expected squared error for a histogram. Exact zeros (padding, ReLU) are stored
-exactly and are charged no rounding error. Pure NumPy, no framework.
+expected squared error for a histogram. Exact zeros (padding, ReLU) are left
+out of the histograms: zero is on every candidate's grid and inside every
+candidate range, so they cost nothing whatever the range. Pure NumPy, no framework.
 """
 
 from __future__ import annotations
@@ -24,39 +25,36 @@ class HistogramObserver:
         self.bins = bins
         self.ranges = {n: (float(lo), float(hi)) for n, (lo, hi) in ranges.items() if _usable(lo, hi)}
         self.hist = {n: np.zeros(bins, np.int64) for n in self.ranges}
-        self.zeros = {n: 0 for n in self.ranges}  # exact zeros among the counts: int8 stores them exactly
 
     def update(self, name: str, values: np.ndarray) -> None:
-        """Count ``values``; non-finite ones are left out, values beyond the range go to the edge bins."""
+        """Count ``values``: exact zeros and non-finite values are left out, values beyond the range go to
+        the edge bins."""
         if name not in self.ranges:
             return
         lo, hi = self.ranges[name]
         v = np.asarray(values, np.float64).ravel()
-        v = v[np.isfinite(v)]
+        v = v[np.isfinite(v) & (v != 0)]
         idx = np.clip((v - lo) * (self.bins / (hi - lo)), 0, self.bins - 1).astype(np.int64)
         self.hist[name] += np.bincount(idx, minlength=self.bins)
-        self.zeros[name] += int(np.count_nonzero(v == 0))
 
     def mse_ranges(self, levels: int = 255) -> dict[str, tuple[float, float]]:
-        return {n: mse_range(h, *self.ranges[n], levels=levels, zeros=self.zeros[n]) for n, h in self.hist.items()}
+        return {n: mse_range(h, *self.ranges[n], levels=levels) for n, h in self.hist.items()}
 
     def mse_bounds(self, levels: int = 254) -> dict[str, float]:
         """Per tensor the symmetric bound t of [-t, t] with the least int8 error."""
-        return {n: mse_symmetric_bound(h, *self.ranges[n], levels=levels, zeros=self.zeros[n])
-                for n, h in self.hist.items()}
+        return {n: mse_symmetric_bound(h, *self.ranges[n], levels=levels) for n, h in self.hist.items()}
 
 
 def _usable(lo: float, hi: float) -> bool:
     return bool(np.isfinite(lo) and np.isfinite(hi) and hi - lo > 1e-5 * max(abs(lo), abs(hi), 1e-12))
 
 
-def mse_range(hist: np.ndarray, lo: float, hi: float, levels: int = 255, zeros: int = 0) -> tuple[float, float]:
+def mse_range(hist: np.ndarray, lo: float, hi: float, levels: int = 255) -> tuple[float, float]:
     """The [a, b] (containing 0, within [lo, hi]) with the least expected int8 error.
 
     ``hist`` counts values in ``len(hist)`` equal bins over [lo, hi]. Values
     outside [a, b] cost their squared distance to the bound; values inside cost
-    Δ²/12 with Δ = (b - a) / levels, except the ``zeros`` exact zeros among
-    them (zero is always on the grid).
+    Δ²/12 with Δ = (b - a) / levels.
     """
     h = np.asarray(hist, np.float64)
     total = h.sum()
@@ -81,19 +79,19 @@ def mse_range(hist: np.ndarray, lo: float, hi: float, levels: int = 255, zeros: 
     high_err = high_s2 - 2 * b * high_s1 + b * b * high_cnt
     width = b[None, :] - a[:, None]
     inside = total - low_cnt[:, None] - high_cnt[None, :]
-    err = low_err[:, None] + high_err[None, :] + (inside - zeros) * (width / levels) ** 2 / 12.0
+    err = low_err[:, None] + high_err[None, :] + inside * (width / levels) ** 2 / 12.0
     err = np.where(width > 0, err, np.inf)
     i, j = np.unravel_index(int(np.argmin(err)), err.shape)
     return float(a[i]), float(b[j])
 
 
-def mse_symmetric_bound(hist: np.ndarray, lo: float, hi: float, levels: int = 254, zeros: int = 0) -> float:
+def mse_symmetric_bound(hist: np.ndarray, lo: float, hi: float, levels: int = 254) -> float:
     """The bound t of a symmetric range [-t, t] with the least expected int8 error.
 
     For symmetric quantization (zero point 0, step t / 127; the int8 code -128
     also exists, but only values below -t reach it, and they are charged as clipped).
     Same cost model as :func:`mse_range` on the magnitudes |x|: values beyond t
-    cost (|x| - t)², values inside Δ²/12 with Δ = 2t / levels, exact zeros nothing.
+    cost (|x| - t)², values inside Δ²/12 with Δ = 2t / levels.
     Returns max(|lo|, |hi|) (min/max) for an empty histogram or unusable range.
     """
     h = np.asarray(hist, np.float64)
@@ -115,5 +113,5 @@ def mse_symmetric_bound(hist: np.ndarray, lo: float, hi: float, levels: int = 25
     k = np.searchsorted(mag, t, side="right")  # bins [0, k) (centre within t, ties included) lie inside
     out_cnt, out_s1, out_s2 = c0[-1] - c0[k], c1[-1] - c1[k], c2[-1] - c2[k]
     clip_err = out_s2 - 2 * t * out_s1 + t * t * out_cnt
-    err = clip_err + (c0[k] - zeros) * (2 * t / levels) ** 2 / 12.0
+    err = clip_err + c0[k] * (2 * t / levels) ** 2 / 12.0
     return float(t[int(np.argmin(err))])

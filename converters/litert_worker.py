@@ -175,8 +175,7 @@ def cmd_histograms(args: dict) -> None:
         for name, idx in index.items():
             obs.update(name, it.get_tensor(idx))
     names = sorted(index)
-    rows = [np.append(obs.hist[n], obs.zeros[n]) for n in names]  # last column: exact zeros
-    np.save(args["out"], np.stack(rows) if rows else np.zeros((0, obs.bins + 1), np.int64))
+    np.save(args["out"], np.stack([obs.hist[n] for n in names]) if names else np.zeros((0, obs.bins), np.int64))
     with open(args["out"] + ".json", "w") as f:
         json.dump({"names": names, "images": int(len(images))}, f)
 
@@ -207,8 +206,7 @@ def cmd_refine_ranges(args: dict) -> None:
             with open(shard + ".json") as f:
                 meta = json.load(f)
             for name, counts in zip(meta["names"], np.load(shard)):
-                obs.hist[name] += counts[:-1]
-                obs.zeros[name] += int(counts[-1])
+                obs.hist[name] += counts
             seen.update(meta["names"])
             images += meta["images"]
         # the model's input and output keep min/max: clipping the largest logits
