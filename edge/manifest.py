@@ -200,8 +200,8 @@ class Manifest:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Manifest":
         path = Path(path)
-        redo = ("re-run convert to write it again" if path.name == "manifest.json" else
-                "is it a manifest? pass OUT or OUT/manifest.json from a convert run")
+        named = path.name == "manifest.json"  # another file name is more likely a mix-up than a damaged manifest
+        redo = "re-run convert to write it again" if named else "is it a manifest? pass OUT or OUT/manifest.json from a convert run"
         try:
             data = parse_json(path.read_text())
         except FileNotFoundError:
@@ -216,7 +216,7 @@ class Manifest:
         try:
             return cls.from_dict(data)
         except ConfigError as exc:
-            fix = ("re-run convert to write a manifest this version reads" if path.name == "manifest.json" else redo)
+            fix = "re-run convert to write a manifest this version reads" if named else redo
             raise ConfigError(f"{exc} in {path}; {fix}") from None
 
     def save(self, path: str | os.PathLike) -> None:
