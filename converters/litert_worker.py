@@ -381,6 +381,75 @@ def cmd_sensitivity(args: dict) -> None:
         json.dump(rows, f, indent=1)
 
 
+CONV_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+
+
+def _dequantized_weight(it, t: dict) -> np.ndarray:
+    """A constant weight tensor in float, per-channel int8 scales applied; layout as stored."""
+    v = it.get_tensor(t["index"]).astype(np.float32)
+    q = t["quantization_parameters"]
+    if len(q["scales"]):
+        shape = [1] * v.ndim
+        shape[q["quantized_dimension"]] = -1
+        v = (v - q["zero_points"].reshape(shape)) * q["scales"].reshape(shape)
+    return v
+
+
+def cmd_conv_ops(args: dict) -> None:
+    """The conv/FC ops of an int8 .tflite, in graph order, for the int8-mixed logit-noise ranking.
+
+    For each: the name the quantizer's denylist knows it by (its output in the
+    ``calibrated`` model; an int8 file renames the model's output), its input
+    and output quantization, and whether keeping it float removes its input's
+    and output's int8 rounding in ``step_model`` (the producer, resp. every
+    consumer, is already float there). Weights (float, PyTorch's OIHW / OI
+    layout) go to ``weights`` (.npz, keyed by position).
+    """
+    from ai_edge_litert import interpreter as lit
+
+    def conv_ops(path: str, allocate: bool = False):
+        it = lit.Interpreter(model_path=path)
+        if allocate:
+            it.allocate_tensors()
+        det = {t["index"]: t for t in it.get_tensor_details()}
+        ops = it._get_ops_details()
+        return it, det, ops, [o for o in ops if o["op_name"] in CONV_OPS]
+
+    it, det, _, quant = conv_ops(args["quant_model"], allocate=True)
+    _, cdet, _, cal = conv_ops(args["calibrated"])
+    _, sdet, sops, step = conv_ops(args["step_model"])
+    if not (len(quant) == len(cal) == len(step)):
+        raise SystemExit(f"conv ops differ: {len(quant)} int8, {len(cal)} calibrated, {len(step)} in the step model")
+    producer = {o["outputs"][0]: o for o in sops}
+    consumers: dict[int, list[dict]] = {}
+    for o in sops:
+        for i in o["inputs"]:
+            consumers.setdefault(i, []).append(o)
+    rows, weights = [], {}
+    for k, (q, c, s) in enumerate(zip(quant, cal, step)):
+        w = _dequantized_weight(it, det[q["inputs"][1]])
+        shapes = {tuple(d[o["inputs"][1]]["shape"]) for d, o in ((cdet, c), (sdet, s))}
+        if shapes != {w.shape} or not q["op_name"] == c["op_name"] == s["op_name"]:
+            raise SystemExit(f"conv op {k} differs between the int8 and the calibrated model")
+        if q["op_name"] == "CONV_2D":
+            w = w.transpose(0, 3, 1, 2)
+        elif q["op_name"] == "DEPTHWISE_CONV_2D":
+            w = w.transpose(3, 0, 1, 2)
+        weights[str(k)] = w
+        pin = producer.get(s["inputs"][0])
+        outs = consumers.get(s["outputs"][0], [])
+        rows.append({
+            "tensor": cdet[c["outputs"][0]]["name"], "op": q["op_name"],
+            "input_q": [float(x) for x in det[q["inputs"][0]]["quantization"]],
+            "output_q": [float(x) for x in det[q["outputs"][0]]["quantization"]],
+            "float_input_removable": pin is None or pin["op_name"] == "QUANTIZE",
+            "float_output_removable": bool(outs) and all(o["op_name"] == "DEQUANTIZE" for o in outs),
+        })
+    np.savez(args["weights"], **weights)
+    with open(args["out"], "w") as f:
+        json.dump(rows, f, indent=1)
+
+
 def _interpreter(args: dict):
     """A LiteRT interpreter with the default (XNNPACK) delegate, tensors allocated."""
     from ai_edge_litert import interpreter as lit
@@ -484,6 +553,7 @@ COMMANDS = {
     "histograms": cmd_histograms,
     "refine_ranges": cmd_refine_ranges,
     "sensitivity": cmd_sensitivity,
+    "conv_ops": cmd_conv_ops,
     "run": cmd_run,
     "inspect": cmd_inspect,
     "bench": cmd_bench,

@@ -28,9 +28,13 @@ had one, and 26 ADDs of xxs fell out of the delegate).
 ``int8-mixed`` keeps the op types XNNPACK has no int8 kernel for in float, then
 searches (:func:`search_steps`): LayerNorm statistics in float, every ADD in
 float (the residual stream in per-tensor int8 carried most of the error on
-proxy weights), then the ops the per-op sensitivity ranks worst, stopping at
-the first step that meets the agreement target on calibration images, or when
-a sensitivity step gains less than ``MIN_STEP_GAIN_DB``, and keeping a step
+proxy weights), then 4, 8 and 16 convs in float, ranked by the logit noise
+their int8 rounding adds per byte their float weights add
+(:mod:`converters.tflite_noise`; the per-op SQNR sensitivity is still measured
+and recorded, and serves if that ranking fails), within a file size of
+option ``tflite_mixed_max_size`` (30 %) of fp32's. The walk stops at the first step that
+meets the agreement target on the calibration images, or when a kept-convs step
+gains less than ``MIN_STEP_GAIN_DB``, and keeps a step
 only if it meets the target or gains at least ``MIN_GAIN_DB``. The tried steps'
 files are then timed side by side (LiteRT, 2 threads) and the manifest records
 each step's latency against the first: what its float ops cost. The timing is a
@@ -64,7 +68,7 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -93,12 +97,13 @@ class MixedStep:
 
     layernorm_stats: bool  # LayerNorm statistics (1x1 convs) in float
     adds: bool  # every ADD in float
-    kept_nodes: int  # number of most error-adding ops (sensitivity ranking) in float
+    kept_nodes: int  # number of convs of most logit noise per byte kept in float
 
 
 MIXED_STEPS = (MixedStep(False, False, 0), MixedStep(True, False, 0), MixedStep(True, True, 0),
-               MixedStep(True, True, 4), MixedStep(True, True, 16), MixedStep(True, True, 64))
-MIN_GAIN_DB = 1.0  # a step is taken over a faster one only if it meets the target or gains this much
+               MixedStep(True, True, 4), MixedStep(True, True, 8), MixedStep(True, True, 16))
+NOISE_RANK_IMAGES = 16  # calibration images the logit-noise ranking of the convs runs on
+MIN_GAIN_DB = 0.5  # a step is taken over a faster one only if it meets the target or gains this much
 MIN_STEP_GAIN_DB = 0.2  # a kept-nodes step gaining less than this over the step before ends the search
 MIXED_BAR = TARGETS["tflite"].precision("int8-mixed").threshold  # what a step must meet on calibration images
 SEARCH_BENCH_THREADS, SEARCH_BENCH_ROUNDS, SEARCH_BENCH_RUNS = 2, 5, 20  # timing of the tried int8-mixed steps
@@ -385,6 +390,7 @@ class _Builder:
         opts = validate_options(ctx.options)
         self.ranges = opts["tflite_ranges"]
         self.mixed_priority = opts["tflite_mixed_priority"]
+        self.mixed_max_size = opts["tflite_mixed_max_size"]
         self.rounding = opts["tflite_weight_rounding"]
         self.ranges_summary: dict = {}
         self.rounding_summary: dict[str, dict] = {}
@@ -562,14 +568,15 @@ class _Builder:
         return ArtifactResult(precision, path.name, inp, out, logits, det, extra_files=[side])
 
 
-def search_steps(steps: tuple[MixedStep, ...], evaluate: Callable[[MixedStep], dict],
+def search_steps(steps: Iterable[MixedStep], evaluate: Callable[[MixedStep], dict],
                  priority: str = "accuracy") -> tuple[int, list[dict]]:
-    """Walk ``steps`` (each keeps more in float, so is slower and bigger); return the chosen index and the record.
+    """Walk ``steps`` (each keeps more in float, so is slower and bigger); return the chosen step's index among
+    those evaluated (the record's order) and the record.
 
     ``evaluate(step)`` measures a step on calibration images (``top1_agreement``,
     ``sqnr_db``, ``bytes``). The walk stops at the first step that meets the
     target, or when a kept-nodes step gains less than ``MIN_STEP_GAIN_DB`` over
-    the step before it (the sensitivity ranking has stopped paying). A step is
+    the step before it (the ranking has stopped paying). A step is
     chosen over the best earlier one only if it meets the target or gains at
     least ``MIN_GAIN_DB``. With ``priority="speed"`` the walk stops at the first
     (fastest) step whose SQNR meets the int8 SQNR bar, whatever its agreement.
@@ -595,6 +602,20 @@ def search_steps(steps: tuple[MixedStep, ...], evaluate: Callable[[MixedStep], d
     if best is None:
         raise ConversionError("int8-mixed: no search step to try")
     return best, tried
+
+
+def mixed_steps(available: Callable[[MixedStep], int]) -> Iterator[MixedStep]:
+    """:data:`MIXED_STEPS` as the search walks them: a kept-convs step keeps at most ``available(step)`` convs,
+    and is left out unless it keeps more than the step before (the size budget may leave fewer candidates
+    than a step asks for). Lazy: ``available`` is first called once the steps before are measured."""
+    done = 0
+    for step in MIXED_STEPS:
+        if step.kept_nodes:
+            n = min(step.kept_nodes, available(step))
+            if n <= done:
+                continue
+            step, done = replace(step, kept_nodes=n), n
+        yield step
 
 
 def _search_latency(b: _Builder, files: list[Path], tried: list[dict]) -> dict:
@@ -627,8 +648,35 @@ def mixed_candidates(ranked: list[dict], step: MixedStep) -> list[dict]:
             and not (step.adds and r["op"] == "ADD")]
 
 
+def _conv_noise(b: _Builder, full: Path, step_model: Path) -> tuple[list[dict], dict]:
+    """The int8 file's convs ranked by logit noise per extra float byte (:mod:`converters.tflite_noise`)."""
+    from converters.tflite_noise import rank_convs
+
+    rows_path, weights_path = b.build / "conv_ops.json", b.build / "conv_weights.npz"
+    worker("conv_ops", {"quant_model": str(full), "calibrated": str(b.calibrated()), "step_model": str(step_model),
+                        "out": str(rows_path), "weights": str(weights_path)}, b.build)
+    ops = json.loads(rows_path.read_text())
+    with np.load(weights_path) as z:
+        weights = [z[str(k)] for k in range(len(ops))]
+    net = b._gptq_deploy(INT8_NORM) if b.rounding == "gptq" else tflite_deploy(b.ctx, INT8_NORM)
+    images = b.ctx.split.calib.nchw()[:NOISE_RANK_IMAGES]
+    log.info("tflite int8-mixed: ranking %d convs by logit noise on %d calibration images", len(ops), len(images))
+    ranked, summary = rank_convs(net, ops, weights, images)
+    return [c.as_dict() for c in ranked], summary
+
+
+def _within(rows: list[dict], budget: int) -> list[dict]:
+    """``rows`` in order, each one taken if its float weights still fit in what is left of ``budget`` bytes."""
+    out, used = [], 0
+    for r in rows:
+        if used + r["extra_bytes"] <= budget:
+            out.append(r)
+            used += r["extra_bytes"]
+    return out
+
+
 def _mixed(b: _Builder, stem: str) -> ArtifactResult:
-    """int8 with float islands: runtime-unsupported op types, then the least accurate ops."""
+    """int8 with float islands: runtime-unsupported op types, then the convs of most logit noise per byte."""
     ctx = b.ctx
     full = b.quantize(b.build / "full_int8.tflite")
     sens_path = b.build / "sensitivity.json"
@@ -637,15 +685,33 @@ def _mixed(b: _Builder, stem: str) -> ArtifactResult:
                            "debug_limit": min(8, len(ctx.split.calib))}, b.build)
     sensitivity = json.loads(sens_path.read_text())
     ranked = [r for r in sensitivity if r["op"] not in RUNTIME_FLOAT_OPS and r["drop_db"] > 0]
-    calib_n = min(64, len(ctx.split.calib))
-    calib_imgs = np.load(b.calib_npy)[:calib_n]
+    calib_imgs = np.load(b.calib_npy)
     ref = torch_logits(ctx.loaded.model, np.ascontiguousarray(calib_imgs.transpose(0, 3, 1, 2)))
+    float_bytes = (b.int8_saved() / "model_float32.tflite").stat().st_size
+    paths: dict[MixedStep, Path] = {}
+    evaluated: list[MixedStep] = []
+    noise: dict[str, object] = {}
+
+    def conv_ranking() -> list[dict] | None:
+        """Computed once, on the file that keeps LayerNorm statistics and ADDs float; None: use the local one."""
+        if "rows" not in noise:
+            base = paths.get(MixedStep(True, True, 0))
+            try:
+                if base is None:
+                    raise ConversionError("the step keeping LayerNorm statistics and ADDs float was not built")
+                rows, noise["summary"] = _conv_noise(b, full, base)
+                budget = int(b.mixed_max_size * float_bytes) - base.stat().st_size
+                noise["rows"] = _within(rows, budget)
+                noise["summary"].update(size_budget_bytes=budget, within_budget=len(noise["rows"]))
+            except Exception as exc:  # the local ranking still serves; the manifest says why
+                log.warning("tflite int8-mixed: logit-noise ranking failed (%s); using the per-op sensitivity", exc)
+                noise["rows"], noise["summary"] = None, {"error": f"{type(exc).__name__}: {exc}",
+                                                         "fallback": "per-op sensitivity (drop_db)"}
+        return noise["rows"]  # type: ignore[return-value]
 
     def candidates(step: MixedStep) -> list[dict]:
-        return mixed_candidates(ranked, step)
-
-    steps = tuple(s for s in MIXED_STEPS if s.kept_nodes <= len(candidates(s)))
-    paths: dict[MixedStep, Path] = {}
+        rows = conv_ranking() if step.kept_nodes and step.layernorm_stats and step.adds else None
+        return rows if rows is not None else mixed_candidates(ranked, step)
 
     def ops(step: MixedStep) -> list[str]:
         return list(RUNTIME_FLOAT_OPS) + (["ADD"] if step.adds else [])
@@ -655,15 +721,16 @@ def _mixed(b: _Builder, stem: str) -> ArtifactResult:
                 "layernorm_stats": step.layernorm_stats}
         name = f"mixed_{int(step.layernorm_stats)}{int(step.adds)}_{step.kept_nodes}.tflite"
         path = paths[step] = b.quantize(b.build / name, denylist=deny)
+        evaluated.append(step)
         m = compare_logits(ref, litert_logits(path, calib_imgs, b.build))
-        log.info("tflite int8-mixed: LayerNorm stats %s, ADDs %s, %d sensitive ops in float -> calib agreement "
+        log.info("tflite int8-mixed: LayerNorm stats %s, ADDs %s, %d more ops in float -> calib agreement "
                  "%.1f%%, SQNR %.1f dB", "float" if step.layernorm_stats else "int8",
-                 "float" if step.adds else "int8", step.kept_nodes, 100 * m["top1_agreement"], m["sqnr_db"])
+                 "float" if step.adds else "int8", len(deny["nodes"]), 100 * m["top1_agreement"], m["sqnr_db"])
         return {**m, "bytes": path.stat().st_size}
 
-    chosen, tried = search_steps(steps, evaluate, b.mixed_priority)
-    best = steps[chosen]
-    latency = _search_latency(b, [paths[s] for s in steps[: len(tried)]], tried)
+    chosen, tried = search_steps(mixed_steps(lambda step: len(candidates(step))), evaluate, b.mixed_priority)
+    best = evaluated[chosen]
+    latency = _search_latency(b, [paths[s] for s in evaluated], tried)
     final = ctx.work_dir / f"{stem}_int8_mixed.tflite"
     shutil.copyfile(paths[best], final)
     details = {
@@ -675,8 +742,8 @@ def _mixed(b: _Builder, stem: str) -> ArtifactResult:
                                          "costs accuracy, see search)" if best.adds else ""),
         "layernorm_stats_float": best.layernorm_stats,
         "adds_float": best.adds,
-        "kept_float_nodes": [{"tensor": r["tensor"], "op": r["op"], "drop_db": r["drop_db"]}
-                             for r in candidates(best)[: best.kept_nodes]],
+        "kept_float_nodes": candidates(best)[: best.kept_nodes],
+        "kept_float_nodes_ranking": noise.get("summary", "not needed: the search ended before the kept-nodes steps"),
         "target_met_on_calibration": tried[chosen]["meets_target"],
         "search_priority": b.mixed_priority,
         "latency_cost_vs_first_step": (round(tried[chosen]["latency_vs_first_step"] - 1, 3)

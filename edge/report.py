@@ -295,8 +295,8 @@ def render(out_dir: str | os.PathLike, fail_under: list[FailUnder] | None = None
         d = r["details"]
         md += ["", f"## Mixed precision: {r['path']}",
                f"Kept in float: op types {', '.join(d.get('kept_float_op_types', []))}; LayerNorm statistics "
-               f"{'float' if d.get('layernorm_stats_float') else 'int8'}; {len(d.get('kept_float_nodes', []))} most "
-               f"error-adding ops. Target met on calibration: {d.get('target_met_on_calibration')}."]
+               f"{'float' if d.get('layernorm_stats_float') else 'int8'}; {len(d.get('kept_float_nodes', []))} more "
+               f"convs (logit-noise ranking). Target met on calibration: {d.get('target_met_on_calibration')}."]
         md += [f"- step: {mixed_step_line(s)}" for s in d["search"]]
     for f in manifest.failures:
         md.append(f"\nFailed: {f.target}/{f.precision} after {f.seconds:.0f}s: {f.error}")

@@ -209,6 +209,9 @@ OPTIONS: dict[str, OptionSpec] = {
                    "int8-mixed search: keep ops float until the agreement target is met (accuracy), or ship the "
                    "fastest step that meets the int8 SQNR bar (speed)",
                    ("accuracy", "speed")),
+        OptionSpec("tflite_mixed_max_size", "tflite", "fraction", 0.30,
+                   "int8-mixed: largest file size, as a fraction of the fp32 file's, up to which convs may be kept "
+                   "float (their weights take 4 bytes instead of 1; 0: none)"),
         OptionSpec("tflite_ranges", "tflite", "choice", "mse",
                    "int8 activation ranges: MSE-optimal clipping of the calibration histogram, or plain min/max",
                    ("mse", "minmax")),

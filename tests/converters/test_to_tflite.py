@@ -514,9 +514,35 @@ def test_mixed_search_stops_at_the_first_step_that_meets_the_target():
 
 
 def test_mixed_search_keeps_a_slower_step_only_for_a_real_gain():
-    chosen, tried = _walk([28.0, 28.5, 32.0, 32.1, 32.2, 32.3])
-    assert chosen == 2, f"+0.5 dB must not buy float LayerNorm stats, +4 dB must buy float ADDs: {tried}"
+    chosen, tried = _walk([28.0, 28.4, 32.0, 32.1, 32.2, 32.3])
+    assert chosen == 2, f"+0.4 dB must not buy float LayerNorm stats, +4 dB must buy float ADDs: {tried}"
+    chosen, _ = _walk([19.5, 24.0, 28.4, 29.2, 29.25])
+    assert chosen == 3, "+0.8 dB (distilled s, 4 convs kept float) must buy the step"
     assert len(tried) == 4 and "ended_search" in tried[-1], "a kept-nodes step gaining 0.1 dB ends the search"
+
+
+def test_kept_convs_steps_stop_where_the_size_budget_does():
+    from converters.to_tflite import MIXED_STEPS, mixed_steps
+
+    asked: list = []
+
+    def available(step):
+        asked.append(step)
+        return 6
+
+    walk = mixed_steps(available)
+    first = [next(walk) for _ in range(3)]
+    assert first == list(MIXED_STEPS[:3]) and not asked, "the ranking must not be asked for before the kept steps"
+    assert [s.kept_nodes for s in walk] == [4, 6], "8 and 16 asked, 6 in budget: one step of 6, no duplicate"
+    assert [s.kept_nodes for s in mixed_steps(lambda s: 0)] == [0, 0, 0], "no candidate: no kept-convs step"
+
+
+def test_size_budget_takes_what_still_fits_in_ranked_order():
+    from converters.to_tflite import _within
+
+    rows = [{"tensor": t, "extra_bytes": n} for t, n in (("a", 100), ("head", 900), ("b", 50), ("c", 60), ("d", 20))]
+    assert [r["tensor"] for r in _within(rows, 220)] == ["a", "b", "c"], "a conv too big is passed over, not an end"
+    assert _within(rows, -5) == [], "a file already over the budget keeps no conv float"
 
 
 def test_mixed_search_goes_on_while_sensitive_ops_pay():

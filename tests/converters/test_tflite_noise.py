@@ -1,0 +1,105 @@
+"""The int8-mixed conv ranking: modules found by their int8 weights, logit noise measured per conv."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from calibration.folder import scan_folder
+from calibration.splits import make_split
+from converters.tflite_noise import match_modules, rank_convs
+from edge.checks import sqnr_db
+from edge.efficientmod import to_deploy
+from edge.errors import ConversionError
+from edge.weights import load_model
+
+TINY = "efficientmod_test_tiny"
+
+
+@pytest.fixture(scope="module")
+def net(proxy_tiny_checkpoint) -> nn.Module:
+    return to_deploy(load_model(TINY, proxy_tiny_checkpoint).model, 224, norm_impl="conv", dw_impl="split")
+
+
+@pytest.fixture(scope="module")
+def images(samples_dir) -> np.ndarray:
+    return make_split(scan_folder(samples_dir), 8, 4, 0).calib.nchw()
+
+
+def _int8_grid(w: torch.Tensor) -> np.ndarray:
+    """``w`` on the per-output-channel symmetric int8 grid, as an int8 file stores it."""
+    w = w.detach().numpy()
+    scale = np.abs(w.reshape(len(w), -1)).max(axis=1).reshape((-1,) + (1,) * (w.ndim - 1)) / 127
+    return np.round(w / np.where(scale == 0, 1, scale)) * scale
+
+
+def _convs(net: nn.Module, images: np.ndarray) -> tuple[list[str], list[dict]]:
+    """Every conv/linear in execution order, with min/max int8 scales of its input and output on ``images``."""
+    seen: list[str] = []
+    ranges: dict[str, list[float]] = {}
+
+    def hook(name):
+        def f(_m, a, o):
+            seen.append(name)
+            ranges[name] = [float(a[0].min()), float(a[0].max()), float(o.min()), float(o.max())]
+        return f
+
+    hs = [m.register_forward_hook(hook(n)) for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        net(torch.from_numpy(images[:2]))
+    for h in hs:
+        h.remove()
+
+    def q(lo: float, hi: float) -> list[float]:
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+        scale = (hi - lo) / 255 or 1.0
+        return [scale, float(np.round(-128 - lo / scale))]
+
+    ops = [{"tensor": f"t{k}", "op": "CONV_2D", "input_q": q(*ranges[n][:2]), "output_q": q(*ranges[n][2:]),
+            "float_input_removable": True, "float_output_removable": True} for k, n in enumerate(seen)]
+    return seen, ops
+
+
+def test_modules_are_found_by_their_int8_weights(net):
+    mods = [(n, m) for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    order = np.random.default_rng(0).permutation(len(mods))
+    weights = [_int8_grid(mods[i][1].weight) for i in order]
+    found = match_modules(net, weights)
+    assert len(set(found)) == len(found) == len(mods), "a module was matched twice"
+    by_name = dict(mods)
+    for i, name in zip(order, found):  # LayerNorm statistics convs share weights: any of equal weights will do
+        same = torch.equal(by_name[name].weight, mods[i][1].weight)
+        assert same, f"{mods[i][0]}'s int8 weights matched {name}"
+    assert sum(name == mods[i][0] for i, name in zip(order, found)) > len(mods) // 2
+    far = weights[:1] + [weights[1] * 1.5]
+    with pytest.raises(ConversionError, match=r"conv 1 of the int8 file .* matches no module"):
+        match_modules(net, far)
+
+
+def test_a_coarse_conv_leads_the_noise_and_an_unremovable_one_is_left_out(net, images):
+    with torch.no_grad():
+        before = net(torch.from_numpy(images)).numpy()
+    names, ops = _convs(net, images)
+    weights = [dict(net.named_modules())[n].weight.detach().numpy() for n in names]
+    base, summary = rank_convs(net, ops, weights, images)
+    assert summary["convs"] == len(ops) and summary["candidates"] == len(base) > 10, summary
+    k = names.index("blocks.0.fc2")
+    coarse = [dict(r) for r in ops]
+    coarse[k]["output_q"] = [coarse[k]["output_q"][0] * 16, coarse[k]["output_q"][1]]
+    ranked, coarse_summary = rank_convs(net, coarse, weights, images)
+
+    def share(rows) -> float:
+        return next(c.share for c in rows if c.module == "blocks.0.fc2")
+
+    assert share(ranked) > 20 * share(base), (share(ranked), share(base))  # rounding noise grows with scale^2
+    assert coarse_summary["simulated_sqnr_db"] < summary["simulated_sqnr_db"], (coarse_summary, summary)
+    shares = [c.share / (c.extra_bytes + 4096) for c in ranked]
+    assert shares == sorted(shares, reverse=True), "not ranked by noise per extra float byte"
+    coarse[k]["float_input_removable"] = coarse[k]["float_output_removable"] = False
+    left, _ = rank_convs(net, coarse, weights, images)
+    assert "blocks.0.fc2" not in {c.module for c in left}, "a conv whose float copy removes nothing was ranked"
+    with torch.no_grad():  # no hook is left behind: the net computes its float logits again
+        after = net(torch.from_numpy(images)).numpy()
+    assert sqnr_db(before, after) > 100, "rank_convs left fake quantization in the net"
