@@ -12,9 +12,8 @@ images. Only the rounding that keeping the conv float would remove is
 simulated: its input's if the input comes from a float op, its output's if
 every consumer is float (``litert_worker.cmd_conv_ops``). Convs are tied to
 PyTorch modules by their weights. Float weights take 4 bytes instead of 1, so
-convs are ranked by logit noise per byte the file grows by keeping them float:
-the classifier head and the stems first, the wide late-stage convs only when
-they carry a large share.
+convs are ranked by logit noise per byte the file grows by keeping them float;
+``converters.to_tflite.fill_budget`` then decides what fits the size budget.
 """
 
 from __future__ import annotations
@@ -120,7 +119,7 @@ def rank_convs(net: nn.Module, ops: list[dict], weights: list[np.ndarray], image
     quantized = [k for k in range(len(ops)) if not names[k].endswith(exclude_modules)]
     summary = {
         "method": "per-conv logit noise of the int8 rounding that keeping it float removes (PyTorch fake-quant "
-                  "with the int8 file's scales, calibration images), per extra float byte",
+                  "with the int8 file's scales, calibration images)",
         "images": int(len(x)),
         "convs": len(ops),
         "candidates": len(ranked),

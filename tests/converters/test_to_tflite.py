@@ -545,6 +545,22 @@ def test_size_budget_takes_what_still_fits_in_ranked_order():
     assert _within(rows, -5) == [], "a file already over the budget keeps no conv float"
 
 
+def test_budget_goes_to_the_wide_conv_when_it_carries_more_noise_than_the_small_ones():
+    from converters.to_tflite import fill_budget
+
+    def rows(head_share):  # distilled s, rounded: small convs first per byte, the head 0.9 MB
+        return [{"tensor": "fc2_0", "noise_share": 0.02, "extra_bytes": 3_000},
+                {"tensor": "stem", "noise_share": 0.03, "extra_bytes": 14_000},
+                {"tensor": "fc2_25", "noise_share": 0.12, "extra_bytes": 292_000},
+                {"tensor": "head", "noise_share": head_share, "extra_bytes": 936_000},
+                {"tensor": "fc2_23", "noise_share": 0.05, "extra_bytes": 292_000}]
+
+    kept, order = fill_budget(rows(0.28), 1_146_000)
+    assert order == "noise" and [r["tensor"] for r in kept] == ["head", "stem", "fc2_0"], (order, kept)
+    kept, order = fill_budget(rows(0.10), 1_146_000)
+    assert order == "noise per extra byte" and "head" not in [r["tensor"] for r in kept], (order, kept)
+
+
 def test_mixed_search_goes_on_while_sensitive_ops_pay():
     chosen, tried = _walk([20.0, 20.1, 20.2, 21.0, 22.5, 22.6])
     assert len(tried) == 6 and chosen == 4, tried
