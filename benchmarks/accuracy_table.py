@@ -34,7 +34,7 @@ def table(manifest: Manifest) -> str:
         rows.append("")
         rows.append(f"int8-mixed kept in float: op types {', '.join(d['kept_float_op_types'])}; "
                     f"LayerNorm statistics {'float' if d['layernorm_stats_float'] else 'int8'}; "
-                    f"{len(d['kept_float_nodes'])} more convs (logit-noise ranking); target met on calibration: "
+                    f"{len(d['kept_float_nodes'])} more ops; target met on calibration: "
                     f"{d['target_met_on_calibration']}")
         rows += [f"- {mixed_step_line(s)}" for s in d["search"]]
     d = manifest.data or {}

@@ -416,7 +416,7 @@ def cmd_conv_ops(args: dict) -> None:
         return it, det, ops, [o for o in ops if o["op_name"] in CONV_OPS]
 
     it, det, _, quant = conv_ops(args["quant_model"], allocate=True)
-    _, cdet, _, cal = conv_ops(args["calibrated"])
+    cit, cdet, _, cal = conv_ops(args["calibrated"], allocate=True)
     _, sdet, sops, step = conv_ops(args["step_model"])
     if not (len(quant) == len(cal) == len(step)):
         raise SystemExit(f"conv ops differ: {len(quant)} int8, {len(cal)} calibrated, {len(step)} in the step model")
@@ -431,18 +431,26 @@ def cmd_conv_ops(args: dict) -> None:
         shapes = {tuple(d[o["inputs"][1]]["shape"]) for d, o in ((cdet, c), (sdet, s))}
         if shapes != {w.shape} or not q["op_name"] == c["op_name"] == s["op_name"]:
             raise SystemExit(f"conv op {k} differs between the int8 and the calibrated model")
+        step_size = float(np.max(det[q["inputs"][1]]["quantization_parameters"]["scales"], initial=0.0))
+        gap = float(np.abs(_dequantized_weight(cit, cdet[c["inputs"][1]]) - w).max())
+        if gap > step_size + 1e-6:  # same shape and type but another conv's weights: the graphs are ordered apart
+            raise SystemExit(f"conv op {k}: the int8 weights are {gap:.3g} from the calibrated model's")
+        if det[q["outputs"][0]]["name"] != sdet[s["outputs"][0]]["name"]:
+            raise SystemExit(f"conv op {k} differs between the int8 and the step model")
         if q["op_name"] == "CONV_2D":
             w = w.transpose(0, 3, 1, 2)
         elif q["op_name"] == "DEPTHWISE_CONV_2D":
             w = w.transpose(3, 0, 1, 2)
         weights[str(k)] = w
         pin = producer.get(s["inputs"][0])
+        source = s["inputs"][0] if pin is None else pin["inputs"][0]  # graph input, or what QUANTIZE reads
         outs = consumers.get(s["outputs"][0], [])
         rows.append({
             "tensor": cdet[c["outputs"][0]]["name"], "op": q["op_name"],
             "input_q": [float(x) for x in det[q["inputs"][0]]["quantization"]],
             "output_q": [float(x) for x in det[q["outputs"][0]]["quantization"]],
-            "float_input_removable": pin is None or pin["op_name"] == "QUANTIZE",
+            "float_input_removable": (pin is None or pin["op_name"] == "QUANTIZE")
+                                     and np.dtype(sdet[source]["dtype"]) == np.float32,
             "float_output_removable": bool(outs) and all(o["op_name"] == "DEQUANTIZE" for o in outs),
         })
     np.savez(args["weights"], **weights)

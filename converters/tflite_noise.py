@@ -10,7 +10,9 @@ from, one conv's int8 rounding at a time, with the very scales and zero points
 of the int8 file, and measures the noise it adds to the logits on calibration
 images. Only the rounding that keeping the conv float would remove is
 simulated: its input's if the input comes from a float op, its output's if
-every consumer is float (``litert_worker.cmd_conv_ops``). Convs are tied to
+every consumer is float (``litert_worker.cmd_conv_ops``). Their weight rounding
+is not simulated: with GPTQ weights (the default) the deploy form holds the
+int8 file's weights already, so keeping a conv float does not change them. Convs are tied to
 PyTorch modules by their weights. Float weights take 4 bytes instead of 1, so
 convs are ranked by logit noise per byte the file grows by keeping them float;
 ``converters.to_tflite.fill_budget`` then decides what fits the size budget.
@@ -48,6 +50,8 @@ class ConvNoise:
 
 def _fake_quant(scale: float, zero_point: float):
     def f(x: torch.Tensor) -> torch.Tensor:
+        if scale <= 0:  # a tensor the file does not quantize
+            return x
         return (torch.clamp(torch.round(x / scale) + zero_point, -128, 127) - zero_point) * scale
 
     return f
@@ -96,14 +100,14 @@ def rank_convs(net: nn.Module, ops: list[dict], weights: list[np.ndarray], image
 
     def logits(sel: list[int], only_removable: bool, changed: str | None = None) -> np.ndarray:
         hooks = []
-        for k in sel:
-            m, r = mods[names[k]], ops[k]
-            fin, fout = _fake_quant(*r["input_q"]), _fake_quant(*r["output_q"])
-            if r["float_input_removable"] or not only_removable:
-                hooks.append(m.register_forward_pre_hook(lambda _m, a, f=fin: (f(a[0]),) + tuple(a[1:])))
-            if r["float_output_removable"] or not only_removable:
-                hooks.append(m.register_forward_hook(lambda _m, _a, o, f=fout: f(o)))
         try:
+            for k in sel:
+                m, r = mods[names[k]], ops[k]
+                fin, fout = _fake_quant(*r["input_q"]), _fake_quant(*r["output_q"])
+                if r["float_input_removable"] or not only_removable:
+                    hooks.append(m.register_forward_pre_hook(lambda _m, a, f=fin: (f(a[0]),) + tuple(a[1:])))
+                if r["float_output_removable"] or not only_removable:
+                    hooks.append(m.register_forward_hook(lambda _m, _a, o, f=fout: f(o)))
             return cache.logits(changed)
         finally:
             for h in hooks:
@@ -124,5 +128,7 @@ def rank_convs(net: nn.Module, ops: list[dict], weights: list[np.ndarray], image
         "convs": len(ops),
         "candidates": len(ranked),
         "simulated_sqnr_db": round(float(sqnr_db(cache.reference, logits(quantized, False))), 2),
+        "simulated": "every conv's input and output in int8 but the LayerNorm variance convs', against the "
+                     "deploy form's float logits",
     }
     return ranked, summary

@@ -97,7 +97,7 @@ class MixedStep:
 
     layernorm_stats: bool  # LayerNorm statistics (1x1 convs) in float
     adds: bool  # every ADD in float
-    kept_nodes: int  # number of convs of most logit noise per byte kept in float
+    kept_nodes: int  # number of convs kept float, from the logit-noise ranking (per-op sensitivity if it failed)
 
 
 MIXED_STEPS = (MixedStep(False, False, 0), MixedStep(True, False, 0), MixedStep(True, True, 0),
@@ -682,11 +682,12 @@ def fill_budget(ranked: list[dict], budget: int) -> tuple[list[dict], str]:
     that carries more noise than all the small ones taken (on distilled s the
     classifier head: 28 % of the noise, 0.9 MB float); filling it in order of
     noise takes that one first. Whichever fill removes more of the noise is
-    kept (the usual greedy for a knapsack).
+    kept (the usual greedy for a knapsack), compared on the most convs a step keeps.
     """
     by_byte = _within(ranked, budget)
     by_noise = _within(sorted(ranked, key=lambda r: -r["noise_share"]), budget)
-    if sum(r["noise_share"] for r in by_noise) > sum(r["noise_share"] for r in by_byte):
+    most = max(s.kept_nodes for s in MIXED_STEPS)  # the steps take at most this many: compare what they can take
+    if sum(r["noise_share"] for r in by_noise[:most]) > sum(r["noise_share"] for r in by_byte[:most]):
         return by_noise, "noise"
     return by_byte, "noise per extra byte"
 
@@ -719,7 +720,8 @@ def _mixed(b: _Builder, stem: str) -> ArtifactResult:
                 budget = int(b.mixed_max_size * float_bytes) - base.stat().st_size
                 noise["rows"], order = fill_budget(rows, budget)
                 noise["summary"].update(size_budget_bytes=budget, within_budget=len(noise["rows"]), order=order,
-                                        noise_share_within_budget=round(sum(r["noise_share"] for r in noise["rows"]), 4))
+                                        noise_share_of_last_step=round(sum(
+                                            r["noise_share"] for r in noise["rows"][:MIXED_STEPS[-1].kept_nodes]), 4))
             except Exception as exc:  # the local ranking still serves; the manifest says why
                 log.warning("tflite int8-mixed: logit-noise ranking failed (%s); using the per-op sensitivity", exc)
                 noise["rows"], noise["summary"] = None, {"error": f"{type(exc).__name__}: {exc}",

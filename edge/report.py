@@ -57,6 +57,16 @@ def report_folder(path: str | os.PathLike) -> Path:
     return p
 
 
+def _ranking(details: dict) -> str:
+    """Which ranking chose an int8-mixed file's kept ops (manifests before session 19: the per-op sensitivity)."""
+    r = details.get("kept_float_nodes_ranking")
+    if isinstance(r, str):
+        return "the search ended before it kept any"
+    if isinstance(r, dict) and "error" not in r:
+        return "convs ranked by logit noise"
+    return "ranked by per-op sensitivity" + (": the logit-noise ranking failed" if isinstance(r, dict) else "")
+
+
 def mixed_step_line(step: dict) -> str:
     """One int8-mixed search step of a manifest, as a line of text."""
     line = (f"LN stats float={step.get('layernorm_stats_float')}, ADDs float={step.get('adds_float', False)}, "
@@ -296,7 +306,7 @@ def render(out_dir: str | os.PathLike, fail_under: list[FailUnder] | None = None
         md += ["", f"## Mixed precision: {r['path']}",
                f"Kept in float: op types {', '.join(d.get('kept_float_op_types', []))}; LayerNorm statistics "
                f"{'float' if d.get('layernorm_stats_float') else 'int8'}; {len(d.get('kept_float_nodes', []))} more "
-               f"convs (logit-noise ranking). Target met on calibration: {d.get('target_met_on_calibration')}."]
+               f"ops ({_ranking(d)}). Target met on calibration: {d.get('target_met_on_calibration')}."]
         md += [f"- step: {mixed_step_line(s)}" for s in d["search"]]
     for f in manifest.failures:
         md.append(f"\nFailed: {f.target}/{f.precision} after {f.seconds:.0f}s: {f.error}")

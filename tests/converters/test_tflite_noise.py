@@ -103,3 +103,34 @@ def test_a_coarse_conv_leads_the_noise_and_an_unremovable_one_is_left_out(net, i
     with torch.no_grad():  # no hook is left behind: the net computes its float logits again
         after = net(torch.from_numpy(images)).numpy()
     assert sqnr_db(before, after) > 100, "rank_convs left fake quantization in the net"
+
+
+def test_conv_ops_of_a_real_file_rank_and_denylist(tmp_path, samples_dir, proxy_tiny_checkpoint):
+    """On the tiny model's own int8 files: every conv is found and matched, the simulated SQNR tracks what
+    LiteRT measures, and the ranking's name for the head (which the int8 file renames) keeps it float."""
+    pytest.importorskip("onnx2tf", reason="TFLite extra not installed (pip install -e '.[tflite]')")
+    from converters.to_tflite import INT8_NORM, RUNTIME_FLOAT_OPS, _Builder, _conv_noise, inspect_tflite, litert_logits
+    from edge.context import ConvertContext
+
+    loaded = load_model(TINY, proxy_tiny_checkpoint)
+    split = make_split(scan_folder(samples_dir), 16, 4, 0)
+    ctx = ConvertContext(loaded=loaded, deploy=to_deploy(loaded.model, 224), split=split,
+                         reference=np.zeros((0, 1000), np.float32), work_dir=tmp_path)
+    b = _Builder(ctx, tmp_path / "build")
+    full = b.quantize(tmp_path / "full.tflite")
+    deny = {"ops": list(RUNTIME_FLOAT_OPS) + ["ADD"], "nodes": [], "layernorm_stats": True}
+    step = b.quantize(tmp_path / "step.tflite", denylist=deny)
+    rows, summary = _conv_noise(b, full, step)
+    net = b._gptq_deploy(INT8_NORM)
+    convs = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in net.modules())
+    assert summary["convs"] == convs and summary["candidates"] == len(rows) > convs // 2, summary
+    images = split.calib.nchw()[:16]
+    with torch.no_grad():
+        ref = net(torch.from_numpy(images)).numpy()
+    measured = sqnr_db(ref, litert_logits(step, np.ascontiguousarray(images.transpose(0, 2, 3, 1)), b.build))
+    # measured: simulated 33.81 dB, LiteRT 32.92 dB (distilled s: 28.44 / 28.37)
+    assert abs(summary["simulated_sqnr_db"] - measured) < 2.0, (summary["simulated_sqnr_db"], measured)
+    (head,) = [r for r in rows if r["module"] == "head"]
+    kept = b.quantize(tmp_path / "kept.tflite", denylist={**deny, "nodes": [head["tensor"]]})
+    assert "FULLY_CONNECTED" not in inspect_tflite(step, b.build)["float_ops"]
+    assert inspect_tflite(kept, b.build)["float_ops"].get("FULLY_CONNECTED") == 1, "the head stayed int8"

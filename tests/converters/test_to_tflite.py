@@ -559,6 +559,9 @@ def test_budget_goes_to_the_wide_conv_when_it_carries_more_noise_than_the_small_
     assert order == "noise" and [r["tensor"] for r in kept] == ["head", "stem", "fc2_0"], (order, kept)
     kept, order = fill_budget(rows(0.10), 1_146_000)
     assert order == "noise per extra byte" and "head" not in [r["tensor"] for r in kept], (order, kept)
+    small = [{"tensor": f"c{i}", "noise_share": 0.01, "extra_bytes": 1_000} for i in range(40)]
+    kept, order = fill_budget(small + [{"tensor": "head", "noise_share": 0.25, "extra_bytes": 900_000}], 1_000_000)
+    assert order == "noise", "both fills hold everything, but the steps take 16: the head must be among them"
 
 
 def test_mixed_search_goes_on_while_sensitive_ops_pay():
