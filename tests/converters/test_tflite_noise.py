@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from calibration.folder import scan_folder
+from calibration.gptq import nearest_grid
 from calibration.splits import make_split
 from converters.tflite_noise import match_modules, rank_convs
 from edge.checks import sqnr_db
@@ -26,13 +27,6 @@ def net(proxy_tiny_checkpoint) -> nn.Module:
 @pytest.fixture(scope="module")
 def images(samples_dir) -> np.ndarray:
     return make_split(scan_folder(samples_dir), 8, 4, 0).calib.nchw()
-
-
-def _int8_grid(w: torch.Tensor) -> np.ndarray:
-    """``w`` on the per-output-channel symmetric int8 grid, as an int8 file stores it."""
-    w = w.detach().numpy()
-    scale = np.abs(w.reshape(len(w), -1)).max(axis=1).reshape((-1,) + (1,) * (w.ndim - 1)) / 127
-    return np.round(w / np.where(scale == 0, 1, scale)) * scale
 
 
 def _convs(net: nn.Module, images: np.ndarray) -> tuple[list[str], list[dict]]:
@@ -65,7 +59,7 @@ def _convs(net: nn.Module, images: np.ndarray) -> tuple[list[str], list[dict]]:
 def test_modules_are_found_by_their_int8_weights(net):
     mods = [(n, m) for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     order = np.random.default_rng(0).permutation(len(mods))
-    weights = [_int8_grid(mods[i][1].weight) for i in order]
+    weights = [nearest_grid(mods[i][1].weight.detach()).numpy() for i in order]
     found = match_modules(net, weights)
     assert len(set(found)) == len(found) == len(mods), "a module was matched twice"
     by_name = dict(mods)
