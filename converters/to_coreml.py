@@ -949,7 +949,7 @@ def _one_precision(
         precision=precision,
         path=name,
         input=TensorSpec(name="image", layout="image", dtype="image", shape=[1, 3, ctx.input_size, ctx.input_size],
-                         mean=list(MEAN), std=list(STD)),
+                         mean=list(MEAN), std=list(STD), normalization="in_model"),
         output=TensorSpec(name="logits", layout="NC", dtype="float32", shape=[1, ctx.loaded.num_classes]),
         logits=logits,
         details=details,

@@ -43,7 +43,8 @@ def onnx_logits(path: Path, images_nchw: np.ndarray, batch: int = 1, threads: in
 
 def io_specs(input_size: int, batch: int | None, num_classes: int = 1000) -> tuple[TensorSpec, TensorSpec]:
     return (
-        TensorSpec("input", "NCHW", "float32", [batch, 3, input_size, input_size], list(MEAN), list(STD)),
+        TensorSpec("input", "NCHW", "float32", [batch, 3, input_size, input_size], list(MEAN), list(STD),
+                   normalization="app"),
         TensorSpec("logits", "NC", "float32", [batch, num_classes]),
     )
 

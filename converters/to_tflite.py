@@ -352,8 +352,8 @@ class SavedModelRun:
 def _io_specs(model_info: dict, input_size: int) -> tuple[TensorSpec, TensorSpec]:
     def spec(d: dict, layout: str, shape: list, norm: bool) -> TensorSpec:
         q = d["quantization"] if d["dtype"] in ("int8", "uint8") else None
-        return TensorSpec(d["name"], layout, d["dtype"], shape,
-                          list(MEAN) if norm else None, list(STD) if norm else None, q)
+        return TensorSpec(d["name"], layout, d["dtype"], shape, list(MEAN) if norm else None,
+                          list(STD) if norm else None, q, "app" if norm else None)
 
     return (
         spec(model_info["input"], "NHWC", [1, input_size, input_size, 3], True),
@@ -367,7 +367,8 @@ def _sidecar(path: Path, inp: TensorSpec, out: TensorSpec, precision: str, label
     side.write_text(json.dumps({
         "model": path.name, "precision": precision, "labels": labels,
         "input": {"name": inp.name, "layout": inp.layout, "dtype": inp.dtype, "shape": inp.shape,
-                  "mean": inp.mean, "std": inp.std, "quantization": inp.quantization,
+                  "mean": inp.mean, "std": inp.std, "normalization": inp.normalization,
+                  "quantization": inp.quantization,
                   "preprocessing": "RGB, shorter side to 256 (bicubic), center crop 224, /255, (x-mean)/std"},
         "output": {"name": out.name, "dtype": out.dtype, "shape": out.shape, "quantization": out.quantization,
                    "meaning": f"logits over the {out.shape[-1]} classes in labels order"},

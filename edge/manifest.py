@@ -25,7 +25,12 @@ _SHA = re.compile(r"^[0-9a-f]{64}$")
 
 @dataclass
 class TensorSpec:
-    """What an app must feed or read: name, layout, dtype, shape and normalization."""
+    """What an app must feed or read: name, layout, dtype, shape and normalization.
+
+    ``normalization`` says who applies ``(x / 255 - mean) / std``: ``"app"``
+    (the app feeds normalized floats) or ``"in_model"`` (the app feeds 0-255
+    pixels; mean and std record what the model applies itself).
+    """
 
     name: str
     layout: str
@@ -34,6 +39,7 @@ class TensorSpec:
     mean: list[float] | None = None
     std: list[float] | None = None
     quantization: dict | None = None
+    normalization: str | None = None
 
     def validate(self, where: str) -> None:
         if self.layout not in ("NCHW", "NHWC", "NC", "image"):
@@ -43,6 +49,15 @@ class TensorSpec:
             raise ConfigError(f"{where}.shape: {self.shape} does not have the {rank} dimensions of layout {self.layout}")
         if self.dtype not in ("float32", "float16", "int8", "uint8", "image"):
             raise ConfigError(f"{where}.dtype: {self.dtype!r} is not a supported dtype")
+        if self.normalization not in (None, "app", "in_model"):
+            raise ConfigError(f"{where}.normalization: {self.normalization!r} is not one of app, in_model")
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            if self.normalization is not None and (values is None or len(values) != 3):
+                raise ConfigError(f"{where}.{key}: normalization {self.normalization!r} needs one {key} per RGB "
+                                  f"channel, got {values!r}")
+        if self.std is not None and any(v <= 0 for v in self.std):
+            raise ConfigError(f"{where}.std: {self.std} has a value that is not positive")
 
 
 @dataclass

@@ -57,6 +57,7 @@ def test_all_precisions_written(ane_out):
         assert a.path == f"{TINY}_{a.precision}.mlpackage"
         assert a.details["form"] == "ane" and a.details["deployment_target"] == "iOS17"
         assert a.input.layout == "image" and a.input.shape == [1, 3, 224, 224]
+        assert a.input.normalization == "in_model", "the package normalizes 0-255 pixels itself"
         assert a.bytes > 0
 
 

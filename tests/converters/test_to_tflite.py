@@ -333,6 +333,7 @@ def test_sidecar_and_labels(tflite_out):
     a = _by(m, "_int8_io.tflite")
     side = json.loads((tflite_out / a.details["sidecar"]).read_text())
     assert side["input"]["quantization"] == a.input.quantization
+    assert side["input"]["normalization"] == a.input.normalization == "app"
     assert side["input"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
     labels = (tflite_out / side["labels"]).read_text().splitlines()
     assert len(labels) == 1000 and labels[0] == "tench"

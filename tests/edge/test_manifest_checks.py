@@ -27,7 +27,8 @@ GOOD = {
     "artifacts": [{
         "target": "onnx", "precision": "fp32", "path": "m.onnx", "bytes": 10, "sha256": "a" * 64,
         "input": {"name": "input", "layout": "NCHW", "dtype": "float32", "shape": [None, 3, 224, 224],
-                  "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "quantization": None},
+                  "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "quantization": None,
+                  "normalization": "app"},
         "output": {"name": "logits", "layout": "NC", "dtype": "float32", "shape": [1, 1000]},
         "checks": {"max_abs_diff": 0.0}, "details": {},
     }],
@@ -60,6 +61,9 @@ def test_round_trip():
     (lambda d: d["artifacts"][0].update(precision="int4"), "int4"),
     (lambda d: d["artifacts"][0].update(bytes="10"), "'10'"),
     (lambda d: d["artifacts"][0]["input"].update(layout="CHW"), "CHW"),
+    (lambda d: d["artifacts"][0]["input"].update(normalization="maybe"), "maybe"),
+    (lambda d: d["artifacts"][0]["input"].update(normalization="app", std=[0.2, 0.2]), r"std: normalization 'app'"),
+    (lambda d: d["artifacts"][0]["input"].update(std=[0.2, 0.0, 0.2]), r"std: \[0.2, 0.0, 0.2\]"),
     (lambda d: d.pop("model"), "model"),
 ])
 def test_rejects_bad_values_naming_them(mutate, named):
