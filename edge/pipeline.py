@@ -181,18 +181,49 @@ def prepare_output(output: Path) -> Path:
         ) from None
 
 
-def _move_into_place(src: Path, dest: Path) -> None:
-    """Rename ``src`` over ``dest``; a folder (.mlpackage) replaces the old one whole."""
-    if src.is_dir():
-        trash = None
-        if dest.exists():
-            trash = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.replace(dest, trash)
+class _Swap:
+    """Moves staged entries into the output folder, setting each entry they replace (and each derived file
+    removed) aside in the staging folder until the new manifest is in place, so a failure puts the folder back."""
+
+    def __init__(self, staging: Path):
+        self.aside = staging / ".replaced"
+        self.done: list[list] = []  # [dest, its previous entry set aside or None, the new entry moved in]
+
+    def _set_aside(self, dest: Path) -> Path | None:
+        if not (dest.exists() or dest.is_symlink()):
+            return None
+        self.aside.mkdir(exist_ok=True)
+        old = self.aside / dest.name
+        os.replace(dest, old)
+        return old
+
+    def put(self, src: Path, dest: Path) -> None:
+        """Rename ``src`` over ``dest``; a folder (.mlpackage) replaces the old one whole."""
+        self.done.append([dest, self._set_aside(dest), False])
         os.replace(src, dest)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(src, dest)
+        self.done[-1][2] = True
+
+    def remove(self, dest: Path) -> bool:
+        old = self._set_aside(dest)
+        if old is not None:
+            self.done.append([dest, old, False])
+        return old is not None
+
+    def undo(self) -> list[str]:
+        """Put every replaced or removed entry back, newest first; returns the entries that could not be."""
+        failed = []
+        for dest, old, moved_in in reversed(self.done):
+            try:
+                if moved_in:
+                    if dest.is_dir() and not dest.is_symlink():
+                        shutil.rmtree(dest)
+                    else:
+                        dest.unlink()
+                if old is not None:
+                    os.replace(old, dest)
+            except OSError as exc:
+                failed.append(f"{dest.name} ({exc.strerror or exc})")
+        return failed
 
 
 def _check_destinations(staging: Path, output: Path, entries: list[str]) -> None:
@@ -343,19 +374,22 @@ def convert(request: ConvertRequest) -> ConvertResult:
         manifest.artifacts += carried
         manifest.validate()
         with _signals_held():  # the folder changes as a whole: an interrupt lands after the manifest is saved
+            swap = _Swap(staging)
             try:
                 for name in DERIVED_FILES if converted_before else ():  # they describe the files replaced now
-                    stale = output / name
-                    if stale.is_file() or stale.is_symlink():
-                        stale.unlink()
+                    if swap.remove(output / name):
                         log.info("removed %s: it described the previous conversion in %s", name, output)
                 for entry in entries:
-                    _move_into_place(staging / entry, output / entry)
-                manifest.save(manifest_path)
+                    swap.put(staging / entry, output / entry)
+                manifest.save(staging / "manifest.json")
+                swap.put(staging / "manifest.json", manifest_path)
             except OSError as exc:
-                raise EffmodError(f"could not write {exc.filename2 or exc.filename or output} ({exc.strerror or exc}) while moving "
-                                  f"the results into {output}; its files may now mix two conversions: fix the "
-                                  f"folder's permissions and convert again") from None
+                failed = swap.undo()
+                state = (f"and could not put back {', '.join(failed)}: its files may now mix two conversions"
+                         if failed else "and put the folder back as it was")
+                raise EffmodError(f"could not write {exc.filename2 or exc.filename or output} ({exc.strerror or exc}) "
+                                  f"while moving the results into {output}, {state}; fix the folder's permissions "
+                                  f"and convert again") from None
             done = True
             for name in retired:  # only once the new manifest is in place
                 if _remove(output / name):

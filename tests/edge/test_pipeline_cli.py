@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from edge.checks import sqnr_db
 from edge.cli import main
 from edge.efficientmod import create_model
 from edge.errors import ConfigError, EffmodError
-from edge.manifest import Manifest
+from edge.manifest import EVALUATION_FILE, Manifest
 from edge.pipeline import ConvertRequest, convert
 from edge.weights import file_sha256
 
@@ -257,25 +258,38 @@ def test_ios16_leaves_w8a8_out_unless_it_is_named():
     assert "w8a8" not in no_images.plan()["coreml"], "iOS16 without calibration images was refused for w8a8"
 
 
-def test_a_failed_move_is_one_error_and_retires_nothing(tmp_path, samples_dir, monkeypatch):
+@pytest.mark.parametrize("fail_at", [2, -1])
+def test_a_failed_move_is_one_error_and_puts_the_folder_back(tmp_path, samples_dir, monkeypatch, fail_at):
+    """A rename that fails in the middle of the move (2: the second entry; -1: the manifest, the last one)
+    leaves the folder byte for byte as the conversion before left it: artifacts, manifest, derived files."""
     import edge.pipeline
 
     req = dict(targets=["onnx"], model="efficientmod_test_tiny", output=tmp_path, calib_dir=str(samples_dir),
                calib_size=0, eval_size=4)
     convert(ConvertRequest(**req))
     _add_old_entry(tmp_path)
-    real, calls = edge.pipeline._move_into_place, []
+    (tmp_path / EVALUATION_FILE).write_text("{}")
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    real, calls = os.replace, []
 
-    def fails_second(src, dest):
-        calls.append(dest)
-        if len(calls) == 2:
-            raise PermissionError(13, "Permission denied", str(dest))
+    def fails_once(src, dest):
+        src, dest = Path(src), Path(dest)
+        if dest.parent == tmp_path and src.parent.name.startswith(edge.pipeline.STAGING_PREFIX):
+            calls.append(dest)
+            last = dest.name == "manifest.json"
+            if (fail_at == -1 and last) or (fail_at > 0 and len(calls) == fail_at and not last):
+                raise PermissionError(13, "Permission denied", str(dest))
         real(src, dest)
 
-    monkeypatch.setattr(edge.pipeline, "_move_into_place", fails_second)
-    with pytest.raises(EffmodError, match="could not write .*Permission denied.*convert again"):
+    monkeypatch.setattr(os, "replace", fails_once)
+    with pytest.raises(EffmodError, match="could not write .*Permission denied.*put the folder back.*convert again"):
         convert(ConvertRequest(**req, seed=1))
-    assert (tmp_path / "old_fp16.tflite").exists(), "a retired file was removed although the new manifest never landed"
+    monkeypatch.undo()
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert sorted(map(str, after)) == sorted(map(str, before)), "the folder's files changed after a failed move"
+    changed = [str(k) for k in before if after[k] != before[k]]
+    assert not changed, f"{changed} differ from the previous conversion's after a failed move"
+    assert len(calls) >= 2, calls
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
