@@ -15,6 +15,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -232,26 +233,40 @@ def cmd_refine_ranges(args: dict) -> None:
 
 @dataclass
 class Graph:
-    """A .tflite's ops with tensor names, each tensor's producing op and its consuming ops."""
+    """A .tflite's ops and tensor details, each tensor's producing op and its consuming ops."""
 
+    interpreter: Any
     ops: list[dict]
-    names: dict[int, str]
+    tensors: dict[int, dict]
     producer: dict[int, dict]
     consumers: dict[int, list[dict]]
 
+    @property
+    def names(self) -> dict[int, str]:
+        return {i: t["name"] for i, t in self.tensors.items()}
 
-def read_graph(model_content: bytes) -> Graph:
-    """The op graph of a .tflite (LiteRT's op details; no tensors are allocated)."""
+    def ops_of(self, types: tuple[str, ...]) -> list[dict]:
+        """The ops of ``types``, in graph order."""
+        return [o for o in self.ops if o["op_name"] in types]
+
+
+def read_graph(model: bytes | str, allocate: bool = False) -> Graph:
+    """The op graph of a .tflite, given as its bytes or its path (LiteRT's op and tensor details).
+
+    ``allocate`` allocates the tensors, so constant tensors can be read from ``Graph.interpreter``.
+    """
     from ai_edge_litert import interpreter as lit
 
-    it = lit.Interpreter(model_content=model_content)
+    it = lit.Interpreter(model_content=model) if isinstance(model, bytes) else lit.Interpreter(model_path=model)
+    if allocate:
+        it.allocate_tensors()
     ops = it._get_ops_details()
     consumers: dict[int, list[dict]] = {}
     for o in ops:
         for i in o["inputs"]:
             consumers.setdefault(i, []).append(o)
-    return Graph(ops, {t["index"]: t["name"] for t in it.get_tensor_details()},
-                 {o["outputs"][0]: o for o in ops if o["outputs"]}, consumers)
+    return Graph(it, ops, {t["index"]: t for t in it.get_tensor_details()},
+                 {o["outputs"][0]: o for o in ops if len(o["outputs"])}, consumers)
 
 
 def layernorm_stat_nodes(model_content: bytes) -> list[str]:
@@ -405,26 +420,12 @@ def cmd_conv_ops(args: dict) -> None:
     consumer, is already float there). Weights (float, PyTorch's OIHW / OI
     layout) go to ``weights`` (.npz, keyed by position).
     """
-    from ai_edge_litert import interpreter as lit
-
-    def conv_ops(path: str, allocate: bool = False):
-        it = lit.Interpreter(model_path=path)
-        if allocate:
-            it.allocate_tensors()
-        det = {t["index"]: t for t in it.get_tensor_details()}
-        ops = it._get_ops_details()
-        return it, det, ops, [o for o in ops if o["op_name"] in CONV_OPS]
-
-    it, det, _, quant = conv_ops(args["quant_model"], allocate=True)
-    cit, cdet, _, cal = conv_ops(args["calibrated"], allocate=True)
-    _, sdet, sops, step = conv_ops(args["step_model"])
+    qg, cg = read_graph(args["quant_model"], allocate=True), read_graph(args["calibrated"], allocate=True)
+    sg = read_graph(args["step_model"])
+    it, det, cit, cdet, sdet = qg.interpreter, qg.tensors, cg.interpreter, cg.tensors, sg.tensors
+    quant, cal, step = qg.ops_of(CONV_OPS), cg.ops_of(CONV_OPS), sg.ops_of(CONV_OPS)
     if not (len(quant) == len(cal) == len(step)):
         raise SystemExit(f"conv ops differ: {len(quant)} int8, {len(cal)} calibrated, {len(step)} in the step model")
-    producer = {o["outputs"][0]: o for o in sops}
-    consumers: dict[int, list[dict]] = {}
-    for o in sops:
-        for i in o["inputs"]:
-            consumers.setdefault(i, []).append(o)
     rows, weights = [], {}
     for k, (q, c, s) in enumerate(zip(quant, cal, step)):
         w = _dequantized_weight(it, det[q["inputs"][1]])
@@ -442,9 +443,9 @@ def cmd_conv_ops(args: dict) -> None:
         elif q["op_name"] == "DEPTHWISE_CONV_2D":
             w = w.transpose(3, 0, 1, 2)
         weights[str(k)] = w
-        pin = producer.get(s["inputs"][0])
+        pin = sg.producer.get(s["inputs"][0])
         source = s["inputs"][0] if pin is None else pin["inputs"][0]  # graph input, or what QUANTIZE reads
-        outs = consumers.get(s["outputs"][0], [])
+        outs = sg.consumers.get(s["outputs"][0], [])
         rows.append({
             "tensor": cdet[c["outputs"][0]]["name"], "op": q["op_name"],
             "input_q": [float(x) for x in det[q["inputs"][0]]["quantization"]],
