@@ -19,7 +19,8 @@ from typing import Any
 
 from edge.errors import ConfigError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: TensorSpec.normalization
+READABLE_SCHEMA_VERSIONS = (1, 2)  # a version-1 manifest reads with normalization None (not recorded)
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -180,8 +181,11 @@ class Manifest:
     schema_version: int = SCHEMA_VERSION
 
     def validate(self) -> "Manifest":
-        if self.schema_version != SCHEMA_VERSION:
-            raise ConfigError(f"schema_version: {self.schema_version} is not {SCHEMA_VERSION}")
+        if self.schema_version not in READABLE_SCHEMA_VERSIONS:
+            newer = isinstance(self.schema_version, int) and self.schema_version > SCHEMA_VERSION
+            raise ConfigError(f"schema_version: {self.schema_version} is not one this effmod-edge reads "
+                              f"({', '.join(map(str, READABLE_SCHEMA_VERSIONS))})"
+                              + ("; upgrade effmod-edge to read it" if newer else ""))
         for i, a in enumerate(self.artifacts):
             a.validate(f"artifacts[{i}]")
         if self.data is not None:

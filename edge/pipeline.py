@@ -167,6 +167,7 @@ def prepare_output(output: Path) -> Path:
     try:
         output.mkdir(parents=True, exist_ok=True)
         sweep_abandoned_staging(output)
+        warn_set_aside(output)
         staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=output.resolve()))
         try:
             _lock_staging(staging)
@@ -181,19 +182,26 @@ def prepare_output(output: Path) -> Path:
         ) from None
 
 
-class _Swap:
-    """Moves staged entries into the output folder, setting each entry they replace (and each derived file
-    removed) aside in the staging folder until the new manifest is in place, so a failure puts the folder back."""
+ASIDE_PREFIX = ".effmod-old-"  # + PID + "-" + name: an entry a conversion replaces, until its manifest is in place
 
-    def __init__(self, staging: Path):
-        self.aside = staging / ".replaced"
-        self.done: list[list] = []  # [dest, its previous entry set aside or None, the new entry moved in]
+
+class _Swap:
+    """Moves staged entries into the output folder so that a failure can put the folder back.
+
+    Each entry replaced (and each derived file removed) is first renamed aside in
+    the same folder (a rename within one folder works on a read-only .mlpackage)
+    and deleted by :meth:`commit` once the new manifest is in place; :meth:`undo`
+    renames them back. What cannot be put back stays under its aside name.
+    """
+
+    def __init__(self, output: Path):
+        self.output = output
+        self.done: list[list] = []  # [dest, its previous entry's aside path or None, the new entry moved in]
 
     def _set_aside(self, dest: Path) -> Path | None:
         if not (dest.exists() or dest.is_symlink()):
             return None
-        self.aside.mkdir(exist_ok=True)
-        old = self.aside / dest.name
+        old = dest.with_name(f"{ASIDE_PREFIX}{os.getpid()}-{dest.name}")
         os.replace(dest, old)
         return old
 
@@ -209,21 +217,33 @@ class _Swap:
             self.done.append([dest, old, False])
         return old is not None
 
-    def undo(self) -> list[str]:
-        """Put every replaced or removed entry back, newest first; returns the entries that could not be."""
-        failed = []
+    def commit(self) -> None:
+        for _, old, _ in self.done:
+            if old is not None:
+                _remove(old)
+
+    def undo(self) -> list[Path]:
+        """Put every replaced or removed entry back, newest first; returns the aside paths left where they are."""
+        left = []
         for dest, old, moved_in in reversed(self.done):
             try:
-                if moved_in:
-                    if dest.is_dir() and not dest.is_symlink():
-                        shutil.rmtree(dest)
-                    else:
-                        dest.unlink()
+                is_dir = dest.is_dir() and not dest.is_symlink()
+                if moved_in and (old is None or is_dir or (old.is_dir() and not old.is_symlink())):
+                    shutil.rmtree(dest) if is_dir else dest.unlink()  # a file is replaced below in one rename
                 if old is not None:
                     os.replace(old, dest)
             except OSError as exc:
-                failed.append(f"{dest.name} ({exc.strerror or exc})")
-        return failed
+                log.error("could not put %s back (%s)", dest.name, exc.strerror or exc)
+                if old is not None:
+                    left.append(old)
+        return left
+
+
+def warn_set_aside(output: Path) -> None:
+    """Name the entries a conversion killed while moving its results left under their aside names."""
+    for p in sorted(output.glob(ASIDE_PREFIX + "*")):
+        log.warning("%s: an entry set aside by a conversion that stopped while moving its results into %s; "
+                    "compare it with manifest.json, then delete it or rename it back", p.name, output)
 
 
 def _check_destinations(staging: Path, output: Path, entries: list[str]) -> None:
@@ -373,23 +393,31 @@ def convert(request: ConvertRequest) -> ConvertResult:
         carried, retired = _previous_artifacts(output, manifest, plan, set(entries)) if converted_before else ([], [])
         manifest.artifacts += carried
         manifest.validate()
-        with _signals_held():  # the folder changes as a whole: an interrupt lands after the manifest is saved
-            swap = _Swap(staging)
+        try:  # before anything moves: a manifest that cannot be written moves nothing
+            manifest.save(staging / "manifest.json")
+        except OSError as exc:
+            raise EffmodError(f"could not write the manifest into {staging} ({exc.strerror or exc}); nothing was "
+                              f"moved into {output}: free some space or fix its permissions and convert again") from None
+        with _signals_held():  # the folder changes as a whole: an interrupt lands after the manifest is in place
+            swap = _Swap(output)
             try:
                 for name in DERIVED_FILES if converted_before else ():  # they describe the files replaced now
                     if swap.remove(output / name):
                         log.info("removed %s: it described the previous conversion in %s", name, output)
                 for entry in entries:
                     swap.put(staging / entry, output / entry)
-                manifest.save(staging / "manifest.json")
                 swap.put(staging / "manifest.json", manifest_path)
-            except OSError as exc:
-                failed = swap.undo()
-                state = (f"and could not put back {', '.join(failed)}: its files may now mix two conversions"
-                         if failed else "and put the folder back as it was")
+            except BaseException as exc:
+                left = swap.undo()
+                state = (f"and could not put back {', '.join(p.name for p in left)} (kept in {output} under that "
+                         f"name: rename it back by hand)" if left else "and put the folder back as it was")
+                if not isinstance(exc, OSError):
+                    log.error("moving the results into %s failed, %s", output, state)
+                    raise
                 raise EffmodError(f"could not write {exc.filename2 or exc.filename or output} ({exc.strerror or exc}) "
                                   f"while moving the results into {output}, {state}; fix the folder's permissions "
                                   f"and convert again") from None
+            swap.commit()
             done = True
             for name in retired:  # only once the new manifest is in place
                 if _remove(output / name):

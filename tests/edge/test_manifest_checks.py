@@ -35,6 +35,15 @@ GOOD = {
 }
 
 
+def test_a_version_1_manifest_still_reads():
+    d = copy.deepcopy(GOOD)
+    d["schema_version"] = 1
+    del d["artifacts"][0]["input"]["normalization"]
+    m = Manifest.from_dict(d)
+    assert m.schema_version == 1 and m.artifacts[0].input.normalization is None
+    assert Manifest(model="m", weights="w").schema_version == 2
+
+
 def test_round_trip():
     m = Manifest.from_dict(GOOD)
     d = m.to_dict()
@@ -64,6 +73,7 @@ def test_round_trip():
     (lambda d: d["artifacts"][0]["input"].update(normalization="maybe"), "maybe"),
     (lambda d: d["artifacts"][0]["input"].update(normalization="app", std=[0.2, 0.2]), r"std: normalization 'app'"),
     (lambda d: d["artifacts"][0]["input"].update(std=[0.2, 0.0, 0.2]), r"std: \[0.2, 0.0, 0.2\]"),
+    (lambda d: d.update(schema_version=3), "schema_version: 3 is not one this effmod-edge reads .1, 2.; upgrade"),
     (lambda d: d.pop("model"), "model"),
 ])
 def test_rejects_bad_values_naming_them(mutate, named):

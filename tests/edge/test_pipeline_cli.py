@@ -269,6 +269,7 @@ def test_a_failed_move_is_one_error_and_puts_the_folder_back(tmp_path, samples_d
     convert(ConvertRequest(**req))
     _add_old_entry(tmp_path)
     (tmp_path / EVALUATION_FILE).write_text("{}")
+    (tmp_path / "labels.txt").write_text("an earlier conversion's labels\n")  # the first entry the rerun moves
     before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     real, calls = os.replace, []
 
@@ -290,6 +291,98 @@ def test_a_failed_move_is_one_error_and_puts_the_folder_back(tmp_path, samples_d
     changed = [str(k) for k in before if after[k] != before[k]]
     assert not changed, f"{changed} differ from the previous conversion's after a failed move"
     assert len(calls) >= 2, calls
+
+
+def _tree(root):
+    """Every entry under ``root``: a file's bytes, a symlink's target, a folder as None."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        out[rel] = os.readlink(p) if p.is_symlink() else None if p.is_dir() else p.read_bytes()
+    return out
+
+
+def _swap_fixture(tmp_path):
+    """An output folder with a file, a package folder and a symlink; staged replacements and one new entry."""
+    out, staging = tmp_path / "out", tmp_path / "out" / ".effmod-staging-x"
+    (out / "m.mlpackage" / "Data").mkdir(parents=True)
+    (out / "m.mlpackage" / "Data" / "w.bin").write_bytes(b"old weights")
+    (out / "a.tflite").write_bytes(b"old a")
+    (out / "link.json").symlink_to("a.tflite")
+    (out / "evaluation.json").write_text("old evaluation")
+    (staging / "m.mlpackage" / "Data").mkdir(parents=True)
+    (staging / "m.mlpackage" / "Data" / "w.bin").write_bytes(b"new weights")
+    for name in ("a.tflite", "link.json", "new.onnx"):
+        (staging / name).write_bytes(b"new " + name.encode())
+    return out, staging
+
+
+def _outside_staging(out):
+    return {k: v for k, v in _tree(out).items() if not k.startswith(".effmod-staging")}
+
+
+@pytest.mark.parametrize("fail_on", ["new.onnx", "link.json", None])
+def test_swap_undo_restores_files_packages_and_symlinks(tmp_path, monkeypatch, fail_on):
+    from edge.pipeline import ASIDE_PREFIX, _Swap
+
+    out, staging = _swap_fixture(tmp_path)
+    before = _outside_staging(out)
+    real = os.replace
+
+    def failing(src, dest):
+        if Path(dest) == out / str(fail_on) and Path(src).parent == staging:
+            raise PermissionError(13, "Permission denied", str(dest))
+        real(src, dest)
+
+    monkeypatch.setattr(os, "replace", failing)
+    swap = _Swap(out)
+    assert swap.remove(out / "evaluation.json") and not swap.remove(out / "bench.json")
+    try:
+        for name in ("a.tflite", "m.mlpackage", "new.onnx", "link.json"):
+            swap.put(staging / name, out / name)
+    except PermissionError:
+        assert fail_on is not None
+    assert swap.undo() == []
+    after = _outside_staging(out)
+    assert after == before, f"after undo the folder differs: {sorted(set(after) ^ set(before))}"
+    assert not list(out.glob(ASIDE_PREFIX + "*"))
+
+
+def test_swap_commit_removes_what_it_set_aside(tmp_path):
+    from edge.pipeline import ASIDE_PREFIX, _Swap
+
+    out, staging = _swap_fixture(tmp_path)
+    swap = _Swap(out)
+    swap.remove(out / "evaluation.json")
+    for name in ("a.tflite", "m.mlpackage", "new.onnx", "link.json"):
+        swap.put(staging / name, out / name)
+    swap.commit()
+    assert (out / "m.mlpackage" / "Data" / "w.bin").read_bytes() == b"new weights"
+    assert (out / "link.json").read_bytes() == b"new link.json" and not (out / "link.json").is_symlink()
+    assert not (out / "evaluation.json").exists() and not list(out.glob(ASIDE_PREFIX + "*"))
+
+
+def test_swap_keeps_what_it_cannot_put_back_under_its_aside_name(tmp_path, monkeypatch, caplog):
+    """A package whose new copy cannot be removed: the old one stays beside it, named, never deleted, and the
+    next conversion into the folder says so."""
+    import edge.pipeline
+    from edge.pipeline import ASIDE_PREFIX, _Swap, prepare_output
+
+    out, staging = _swap_fixture(tmp_path)
+    swap = _Swap(out)
+    swap.put(staging / "m.mlpackage", out / "m.mlpackage")
+
+    def rmtree_fails(path, *a, **k):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(edge.pipeline.shutil, "rmtree", rmtree_fails)
+    (left,) = swap.undo()
+    assert left.name.startswith(ASIDE_PREFIX) and (left / "Data" / "w.bin").read_bytes() == b"old weights"
+    monkeypatch.undo()
+    prepare_output(out)
+    assert any(left.name in r.getMessage() and "rename it back" in r.getMessage() for r in caplog.records), \
+        [r.getMessage() for r in caplog.records]
+    assert left.exists(), "a set-aside entry was deleted by the next conversion's sweep"
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
