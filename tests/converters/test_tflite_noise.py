@@ -128,3 +128,11 @@ def test_conv_ops_of_a_real_file_rank_and_denylist(tmp_path, samples_dir, proxy_
     kept = b.quantize(tmp_path / "kept.tflite", denylist={**deny, "nodes": [head["tensor"]]})
     assert "FULLY_CONNECTED" not in inspect_tflite(step, b.build)["float_ops"]
     assert inspect_tflite(kept, b.build)["float_ops"].get("FULLY_CONNECTED") == 1, "the head stayed int8"
+    from converters.litert_worker import read_graph
+
+    g = read_graph(full.read_bytes())
+    (fc,) = g.ops_of(("FULLY_CONNECTED",))
+    int8_name = g.names[fc["outputs"][0]]  # the int8 file's name for the head, which the quantizer would ignore
+    assert int8_name != head["tensor"], int8_name
+    with pytest.raises(ConversionError, match=f"denylisted tensors not in the calibrated model: {int8_name}"):
+        b.quantize(tmp_path / "unknown.tflite", denylist={**deny, "nodes": [int8_name]})
