@@ -386,6 +386,9 @@ def cmd_sensitivity(args: dict) -> None:
             continue  # a numerically zero tensor has no meaningful SQNR
         sqnr[name] = _sqnr_db(ref, np.concatenate([v.ravel() for v in vals]))
     stats = set(layernorm_stat_nodes(float_model))
+    g = read_graph(quant_model)
+    extra = {g.names[o["outputs"][0]]: 3 * int(np.prod(g.tensors[o["inputs"][1]]["shape"]))  # float32 over int8
+             for o in g.ops_of(CONV_OPS)}
     rows = []
     for o in qops:
         name = o["out"][0]
@@ -394,7 +397,7 @@ def cmd_sensitivity(args: dict) -> None:
         inputs = [sqnr[i] for i in o["in"] if i in sqnr]
         drop = min(inputs) - sqnr[name] if inputs else 0.0
         rows.append({"tensor": name, "op": o["op"], "sqnr_db": round(sqnr[name], 2), "drop_db": round(drop, 2),
-                     "layernorm_stat": name in stats})
+                     "layernorm_stat": name in stats, "extra_bytes": extra.get(name, 0)})
     rows.sort(key=lambda r: -r["drop_db"])
     with open(args["out"], "w") as f:
         json.dump(rows, f, indent=1)

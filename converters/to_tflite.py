@@ -32,7 +32,7 @@ proxy weights), then 4, 8 and 16 convs in float, ranked by the logit noise
 their int8 rounding adds (:mod:`converters.tflite_noise`; the per-op SQNR
 sensitivity is still measured and recorded, and serves if that ranking
 fails), as many as fit in a file size of option ``tflite_mixed_max_size``
-(30 %) of fp32's (:func:`fill_budget`). The walk stops at the first step that
+(30 %) of fp32's (:func:`fill_budget`; the fallback keeps to it too). The walk stops at the first step that
 meets the agreement target on the calibration images, or when a kept-convs step
 gains less than ``MIN_STEP_GAIN_DB``, and keeps a step
 only if it meets the target or gains at least ``MIN_GAIN_DB``. The tried steps'
@@ -642,11 +642,13 @@ def _search_latency(b: _Builder, files: list[Path], tried: list[dict]) -> dict:
             "warmup_secs": WARMUP_SECS, "runtime": "litert-xnnpack", "statistic": "median"}
 
 
-def mixed_candidates(ranked: list[dict], step: MixedStep) -> list[dict]:
+def mixed_candidates(ranked: list[dict], step: MixedStep, budget: int | None = None) -> list[dict]:
     """The sensitive ops (most error-adding first) a step can add: those its LayerNorm and ADD settings
-    do not already keep float, so a step of N kept nodes has N more float ops."""
-    return [r for r in ranked if not (step.layernorm_stats and r.get("layernorm_stat"))
+    do not already keep float, so a step of N kept nodes has N more float ops; with a ``budget``, only
+    those whose float weights (``extra_bytes``, 0 if unknown) still fit in it."""
+    rows = [r for r in ranked if not (step.layernorm_stats and r.get("layernorm_stat"))
             and not (step.adds and r["op"] == "ADD")]
+    return rows if budget is None else _within(rows, budget)
 
 
 def _conv_noise(b: _Builder, full: Path, step_model: Path) -> tuple[list[dict], dict]:
@@ -670,9 +672,9 @@ def _within(rows: list[dict], budget: int) -> list[dict]:
     """``rows`` in order, each one taken if its float weights still fit in what is left of ``budget`` bytes."""
     out, used = [], 0
     for r in rows:
-        if used + r["extra_bytes"] <= budget:
+        if used + r.get("extra_bytes", 0) <= budget:
             out.append(r)
-            used += r["extra_bytes"]
+            used += r.get("extra_bytes", 0)
     return out
 
 
@@ -710,17 +712,21 @@ def _mixed(b: _Builder, stem: str) -> ArtifactResult:
     evaluated: list[MixedStep] = []
     noise: dict[str, object] = {}
 
+    def budget() -> int:
+        """Bytes the kept convs' float weights may add to the file keeping LayerNorm statistics and ADDs float."""
+        base = paths.get(MixedStep(True, True, 0))
+        if base is None:
+            raise ConversionError("the step keeping LayerNorm statistics and ADDs float was not built")
+        return int(b.mixed_max_size * float_bytes) - base.stat().st_size
+
     def conv_ranking() -> list[dict] | None:
         """Computed once, on the file that keeps LayerNorm statistics and ADDs float; None: use the local one."""
         if "rows" not in noise:
-            base = paths.get(MixedStep(True, True, 0))
             try:
-                if base is None:
-                    raise ConversionError("the step keeping LayerNorm statistics and ADDs float was not built")
-                rows, noise["summary"] = _conv_noise(b, full, base)
-                budget = int(b.mixed_max_size * float_bytes) - base.stat().st_size
-                noise["rows"], order = fill_budget(rows, budget)
-                noise["summary"].update(size_budget_bytes=budget, within_budget=len(noise["rows"]), order=order,
+                room = budget()
+                rows, noise["summary"] = _conv_noise(b, full, paths[MixedStep(True, True, 0)])
+                noise["rows"], order = fill_budget(rows, room)
+                noise["summary"].update(size_budget_bytes=room, within_budget=len(noise["rows"]), order=order,
                                         noise_share_of_last_step=round(sum(
                                             r["noise_share"] for r in noise["rows"][:MIXED_STEPS[-1].kept_nodes]), 4))
             except Exception as exc:  # the local ranking still serves; the manifest says why
@@ -731,7 +737,10 @@ def _mixed(b: _Builder, stem: str) -> ArtifactResult:
 
     def candidates(step: MixedStep) -> list[dict]:
         rows = conv_ranking() if step.kept_nodes and step.layernorm_stats and step.adds else None
-        return rows if rows is not None else mixed_candidates(ranked, step)
+        if rows is not None:
+            return rows
+        room = budget() if step.kept_nodes and MixedStep(True, True, 0) in paths else None
+        return mixed_candidates(ranked, step, room)  # the fallback keeps to the size budget too
 
     def ops(step: MixedStep) -> list[str]:
         return list(RUNTIME_FLOAT_OPS) + (["ADD"] if step.adds else [])

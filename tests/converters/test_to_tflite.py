@@ -258,6 +258,9 @@ def _check_mixed(mixed, int8) -> None:
     assert set(RUNTIME_FLOAT_OPS) <= set(d["kept_float_op_types"])
     stats = {r["tensor"] for r in d["sensitivity"] if r["layernorm_stat"]}
     assert stats, "no sensitivity row is marked as a LayerNorm statistics op"
+    for r in d["sensitivity"]:  # what keeping it float costs: 3 bytes per weight of a conv, nothing otherwise
+        convs = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+        assert (r["extra_bytes"] > 0 and r["extra_bytes"] % 3 == 0) if r["op"] in convs else r["extra_bytes"] == 0, r
     for node in d["kept_float_nodes"]:  # each counted op is one the step's other settings left int8
         assert not (d["layernorm_stats_float"] and node["tensor"] in stats), f"{node} was float already"
         assert not (d["adds_float"] and node["op"] == "ADD"), f"{node} was float already"
@@ -685,3 +688,6 @@ def test_a_mixed_step_counts_only_ops_its_other_settings_left_int8():
     assert names(MixedStep(False, False, 4)) == ["ln", "res", "c1", "c2"]
     assert names(MixedStep(True, False, 4)) == ["res", "c1", "c2"]
     assert names(MixedStep(True, True, 4)) == ["c1", "c2"]
+    ranked[2]["extra_bytes"], ranked[3]["extra_bytes"] = 3000, 300  # the fallback keeps to the size budget
+    assert [r["tensor"] for r in mixed_candidates(ranked, MixedStep(True, True, 4), budget=1000)] == ["c2"]
+    assert [r["tensor"] for r in mixed_candidates(ranked, MixedStep(True, True, 4), budget=3300)] == ["c1", "c2"]
