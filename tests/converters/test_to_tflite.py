@@ -517,6 +517,14 @@ def test_mixed_search_stops_at_the_first_step_that_meets_the_target():
     assert chosen == 2 and len(tried) == 3 and tried[-1]["meets_target"], tried
 
 
+def test_mixed_search_asks_calibration_images_for_a_margin_over_the_sqnr_bar():
+    """Distilled s_conv: 25.6 dB / 99.0 % on calibration, 25.4 dB on held-out photos; the bar is 25 dB."""
+    chosen, tried = _walk([25.6, 28.4, 29.0], [0.99, 0.995, 0.995])
+    assert chosen == 1 and not tried[0]["meets_target"] and tried[1]["meets_target"], tried
+    chosen, tried = _walk([25.6, 28.4], priority="speed")
+    assert chosen == 1 and "1.0 dB to spare" in tried[-1]["ended_search"], tried
+
+
 def test_mixed_search_keeps_a_slower_step_only_for_a_real_gain():
     chosen, tried = _walk([28.0, 28.4, 32.0, 32.1, 32.2, 32.3])
     assert chosen == 2, f"+0.4 dB must not buy float LayerNorm stats, +4 dB must buy float ADDs: {tried}"
