@@ -194,8 +194,7 @@ class _Swap:
     renames them back. What cannot be put back stays under its aside name.
     """
 
-    def __init__(self, output: Path):
-        self.output = output
+    def __init__(self) -> None:
         self.done: list[list] = []  # [dest, its previous entry's aside path or None, the new entry moved in]
 
     def _set_aside(self, dest: Path) -> Path | None:
@@ -229,7 +228,10 @@ class _Swap:
             try:
                 is_dir = dest.is_dir() and not dest.is_symlink()
                 if moved_in and (old is None or is_dir or (old.is_dir() and not old.is_symlink())):
-                    shutil.rmtree(dest) if is_dir else dest.unlink()  # a file is replaced below in one rename
+                    if is_dir:
+                        shutil.rmtree(dest)
+                    else:  # a file put back over a file is replaced below in one rename
+                        dest.unlink()
                 if old is not None:
                     os.replace(old, dest)
             except OSError as exc:
@@ -399,7 +401,7 @@ def convert(request: ConvertRequest) -> ConvertResult:
             raise EffmodError(f"could not write the manifest into {staging} ({exc.strerror or exc}); nothing was "
                               f"moved into {output}: free some space or fix its permissions and convert again") from None
         with _signals_held():  # the folder changes as a whole: an interrupt lands after the manifest is in place
-            swap = _Swap(output)
+            swap = _Swap()
             try:
                 for name in DERIVED_FILES if converted_before else ():  # they describe the files replaced now
                     if swap.remove(output / name):

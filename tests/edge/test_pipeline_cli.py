@@ -335,7 +335,7 @@ def test_swap_undo_restores_files_packages_and_symlinks(tmp_path, monkeypatch, f
         real(src, dest)
 
     monkeypatch.setattr(os, "replace", failing)
-    swap = _Swap(out)
+    swap = _Swap()
     assert swap.remove(out / "evaluation.json") and not swap.remove(out / "bench.json")
     try:
         for name in ("a.tflite", "m.mlpackage", "new.onnx", "link.json"):
@@ -352,7 +352,7 @@ def test_swap_commit_removes_what_it_set_aside(tmp_path):
     from edge.pipeline import ASIDE_PREFIX, _Swap
 
     out, staging = _swap_fixture(tmp_path)
-    swap = _Swap(out)
+    swap = _Swap()
     swap.remove(out / "evaluation.json")
     for name in ("a.tflite", "m.mlpackage", "new.onnx", "link.json"):
         swap.put(staging / name, out / name)
@@ -369,7 +369,7 @@ def test_swap_keeps_what_it_cannot_put_back_under_its_aside_name(tmp_path, monke
     from edge.pipeline import ASIDE_PREFIX, _Swap, prepare_output
 
     out, staging = _swap_fixture(tmp_path)
-    swap = _Swap(out)
+    swap = _Swap()
     swap.put(staging / "m.mlpackage", out / "m.mlpackage")
 
     def rmtree_fails(path, *a, **k):
