@@ -592,7 +592,7 @@ def search_steps(steps: Iterable[MixedStep], evaluate: Callable[[MixedStep], dic
     sqnr_target = sqnr_target_db()
     for i, step in enumerate(steps):
         m = evaluate(step)
-        ok = not evaluate_threshold(m, MIXED_BAR) and m["sqnr_db"] >= sqnr_target
+        ok = not evaluate_threshold(m, MIXED_BAR) and bool(m["sqnr_db"] >= sqnr_target)  # a NumPy bool fails the manifest
         tried.append({"layernorm_stats_float": step.layernorm_stats, "adds_float": step.adds,
                       "kept_nodes": step.kept_nodes, "calib_agreement": m["top1_agreement"],
                       "calib_sqnr_db": m["sqnr_db"], "bytes": m["bytes"], "meets_target": ok})

@@ -523,6 +523,8 @@ def test_mixed_search_asks_calibration_images_for_a_margin_over_the_sqnr_bar():
     assert chosen == 1 and not tried[0]["meets_target"] and tried[1]["meets_target"], tried
     chosen, tried = _walk([25.6, 28.4], priority="speed")
     assert chosen == 1 and "1.0 dB to spare" in tried[-1]["ended_search"], tried
+    chosen, tried = _walk([np.float64(25.6), np.float64(28.4)], [np.float64(0.99)] * 2)  # as compare_logits gives
+    assert [type(t["meets_target"]) for t in tried] == [bool, bool], "a NumPy bool in the record fails the manifest"
 
 
 def test_mixed_search_keeps_a_slower_step_only_for_a_real_gain():
