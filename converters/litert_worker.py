@@ -305,7 +305,8 @@ def cmd_quantize(args: dict) -> None:
     deny = dict(args.get("denylist") or {})
     if deny.get("layernorm_stats"):
         deny["nodes"] = list(deny.get("nodes") or []) + layernorm_stat_nodes(calibrated)
-    unknown = sorted(set(deny.get("nodes") or []) - set(read_graph(calibrated).names.values()))
+    unknown = sorted(set(deny.get("nodes") or []) - set(read_graph(calibrated).names.values())) if deny.get("nodes") \
+        else []
     if unknown:  # the quantizer ignores a name it does not know: that op would stay int8 without a word
         raise SystemExit(f"denylisted tensors not in the calibrated model: {', '.join(unknown[:5])}"
                          + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))

@@ -681,8 +681,9 @@ def _conv_noise(b: _Builder, full: Path, step_model: Path) -> tuple[list[dict], 
 
 
 def _within(rows: list[dict], budget: int) -> list[dict]:
-    """``rows`` in order, each one taken if its float weights still fit in what is left of ``budget`` bytes."""
-    out, used = [], 0
+    """``rows`` in order, each one taken if its float weights still fit in what is left of ``budget`` bytes
+    (a file already over budget still takes the rows that cost nothing)."""
+    out, used, budget = [], 0, max(budget, 0)
     for r in rows:
         if used + r.get("extra_bytes", 0) <= budget:
             out.append(r)

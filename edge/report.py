@@ -57,6 +57,14 @@ def report_folder(path: str | os.PathLike) -> Path:
     return p
 
 
+def _search_target(d: dict) -> str:
+    """The search's bar on the calibration images, where the manifest records it (older ones do not)."""
+    t = d.get("search_target")
+    if not isinstance(t, dict) or not all(isinstance(t.get(k), (int, float)) for k in ("min_agreement", "min_sqnr_db")):
+        return ""
+    return f" (asked: {100 * t['min_agreement']:.0f} % agreement, {t['min_sqnr_db']:g} dB SQNR)"
+
+
 def _ranking(details: dict) -> str:
     """Which ranking chose an int8-mixed file's kept ops (manifests before session 19: the per-op sensitivity)."""
     r = details.get("kept_float_nodes_ranking")
@@ -306,7 +314,8 @@ def render(out_dir: str | os.PathLike, fail_under: list[FailUnder] | None = None
         md += ["", f"## Mixed precision: {r['path']}",
                f"Kept in float: op types {', '.join(d.get('kept_float_op_types', []))}; LayerNorm statistics "
                f"{'float' if d.get('layernorm_stats_float') else 'int8'}; {len(d.get('kept_float_nodes', []))} more "
-               f"ops ({_ranking(d)}). Target met on calibration: {d.get('target_met_on_calibration')}."]
+               f"ops ({_ranking(d)}). Target met on calibration: {d.get('target_met_on_calibration')}"
+               f"{_search_target(d)}."]
         md += [f"- step: {mixed_step_line(s)}" for s in d["search"]]
     for f in manifest.failures:
         md.append(f"\nFailed: {f.target}/{f.precision} after {f.seconds:.0f}s: {f.error}")

@@ -557,6 +557,8 @@ def test_size_budget_takes_what_still_fits_in_ranked_order():
     rows = [{"tensor": t, "extra_bytes": n} for t, n in (("a", 100), ("head", 900), ("b", 50), ("c", 60), ("d", 20))]
     assert [r["tensor"] for r in _within(rows, 220)] == ["a", "b", "c"], "a conv too big is passed over, not an end"
     assert _within(rows, -5) == [], "a file already over the budget keeps no conv float"
+    free = [{"tensor": "mul", "extra_bytes": 0}, {"tensor": "gelu"}]  # no weights: keeping them float costs nothing
+    assert [r["tensor"] for r in _within(rows + free, -5)] == ["mul", "gelu"], "a free op was left out"
 
 
 def test_budget_goes_to_the_wide_conv_when_it_carries_more_noise_than_the_small_ones():

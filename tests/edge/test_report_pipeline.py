@@ -200,3 +200,11 @@ def test_report_takes_the_manifest_path_and_refuses_other_files(converted, tmp_p
     other.write_text("{}")
     with pytest.raises(ConfigError, match="not an output folder; pass OUT or OUT/manifest.json"):
         report_folder(other)
+
+
+def test_report_states_the_search_target_the_manifest_records():
+    from edge.report import _search_target
+
+    d = {"search_target": {"min_agreement": 0.99, "min_sqnr_db": 26.0, "sqnr_margin_db": 1.0, "on": "calibration images"}}
+    assert _search_target(d) == " (asked: 99 % agreement, 26 dB SQNR)", _search_target(d)
+    assert _search_target({}) == "", "a manifest from before the margin has no target to show"
