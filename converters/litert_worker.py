@@ -269,7 +269,7 @@ def read_graph(model: bytes | str, allocate: bool = False) -> Graph:
                  {o["outputs"][0]: o for o in ops if len(o["outputs"])}, consumers)
 
 
-def layernorm_stat_nodes(model_content: bytes) -> list[str]:
+def layernorm_stat_nodes(model: bytes | Graph) -> list[str]:
     """Output tensors of each LayerNorm's statistics chain (square, variance, rsqrt, scale).
 
     Found structurally around every RSQRT: its producer (the variance conv or
@@ -277,7 +277,7 @@ def layernorm_stat_nodes(model_content: bytes) -> list[str]:
     Variance spans orders of magnitude across pixels; in int8 small variances
     round away and rsqrt explodes, so these stay float in int8-mixed.
     """
-    g = read_graph(model_content)
+    g = model if isinstance(model, Graph) else read_graph(model)
     ops, names, producer, consumers = g.ops, g.names, g.producer, g.consumers
     nodes: list[str] = []
     for o in ops:
@@ -303,13 +303,16 @@ def cmd_quantize(args: dict) -> None:
     with open(args["calibrated"], "rb") as f:
         calibrated = f.read()
     deny = dict(args.get("denylist") or {})
-    if deny.get("layernorm_stats"):
-        deny["nodes"] = list(deny.get("nodes") or []) + layernorm_stat_nodes(calibrated)
-    unknown = sorted(set(deny.get("nodes") or []) - set(read_graph(calibrated).names.values())) if deny.get("nodes") \
-        else []
-    if unknown:  # the quantizer ignores a name it does not know: that op would stay int8 without a word
-        raise SystemExit(f"denylisted tensors not in the calibrated model: {', '.join(unknown[:5])}"
-                         + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
+    nodes = list(deny.get("nodes") or [])
+    if nodes or deny.get("layernorm_stats"):  # the calibrated graph, read once for both
+        g = read_graph(calibrated)
+        if deny.get("layernorm_stats"):
+            nodes += layernorm_stat_nodes(g)
+        unknown = sorted(set(nodes) - set(g.names.values()))
+        if unknown:  # the quantizer ignores a name it does not know: that op would stay int8 without a word
+            raise SystemExit(f"denylisted tensors not in the calibrated model: {', '.join(unknown[:5])}"
+                             + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
+        deny["nodes"] = nodes
     io_type = tf.int8 if args.get("int8_io") else tf.float32
     model = tfl_convert.mlir_quantize(
         calibrated,
