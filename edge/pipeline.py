@@ -336,6 +336,18 @@ def convert(request: ConvertRequest) -> ConvertResult:
             class_names=names,
             imagenet_classes=imagenet_classes,
         )
+        manifest = Manifest(
+            model=loaded.variant,
+            weights=loaded.weights,
+            weights_sha256=loaded.weights_sha256,
+            data={**split.describe(), "labels": LABELS_FILE,
+                  "labels_sha256": hashlib.sha256(("\n".join(names) + "\n").encode()).hexdigest()},
+            num_classes=loaded.num_classes,
+            imagenet_classes=imagenet_classes,
+            tool={"name": "effmod-edge", "version": __version__, "input_size": request.input_size,
+                  "seed": request.seed, "options": {k: list(v) if isinstance(v, tuple) else v
+                                                     for k, v in request.options.items()}},
+        ).validate()  # the run's own record is checked before hours of converting
         (staging / LABELS_FILE).write_text("\n".join(names) + "\n", encoding="utf-8")
         artifacts: list[Artifact] = []
         failures: list[Failure] = []
@@ -344,16 +356,23 @@ def convert(request: ConvertRequest) -> ConvertResult:
         unsettled: list[tuple[str, int]] = []
         for target, precisions in plan.items():
             log.info("%s: converting %s", target, ", ".join(precisions))
+            start = time.perf_counter()
             results, fails = run_target(ctx, target, precisions)
             failures += fails
-            all_results += results
             for r in results:
                 threshold = get_target(target).precision(r.precision).threshold
                 checks = check_record(compare_logits(reference, r.logits, split.eval.labels), threshold, near_ties)
                 size, sha = artifact_digest(staging / r.path)
-                artifacts.append(
-                    Artifact(target, r.precision, r.path, size, sha, r.input, r.output, checks, r.details)
-                )
+                artifact = Artifact(target, r.precision, r.path, size, sha, r.input, r.output, checks, r.details)
+                try:  # now, not at the end: a bad record costs this artifact, not the whole run
+                    artifact.validate(f"{target} {r.precision} {r.path}")
+                except ConfigError as exc:
+                    failures.append(Failure(target, r.precision, f"its manifest record is invalid, so it was not "
+                                            f"written: {exc} (a bug in effmod-edge: please report it)",
+                                            round(time.perf_counter() - start, 2)))
+                    continue
+                artifacts.append(artifact)
+                all_results.append(r)
                 log.info(
                     "%s %s %s: max|Δ| %.3g, SQNR %.1f dB, agreement %.1f%% -> %s",
                     target, r.precision, r.path, checks["max_abs_diff"], checks["sqnr_db"],
@@ -369,20 +388,8 @@ def convert(request: ConvertRequest) -> ConvertResult:
                         ", ".join(u for u, _ in unsettled), max(n for _, n in unsettled), output / "manifest.json")
         for f in failures:
             log.error("%s %s failed after %.1fs: %s", f.target, f.precision, f.seconds, f.error)
-        manifest = Manifest(
-            model=loaded.variant,
-            weights=loaded.weights,
-            weights_sha256=loaded.weights_sha256,
-            artifacts=artifacts,
-            failures=failures,
-            data={**split.describe(), "labels": LABELS_FILE,
-                  "labels_sha256": hashlib.sha256(("\n".join(names) + "\n").encode()).hexdigest()},
-            num_classes=loaded.num_classes,
-            imagenet_classes=imagenet_classes,
-            tool={"name": "effmod-edge", "version": __version__, "input_size": request.input_size,
-                  "seed": request.seed, "options": {k: list(v) if isinstance(v, tuple) else v
-                                                     for k, v in request.options.items()}},
-        ).validate()
+        manifest.artifacts, manifest.failures = artifacts, failures
+        manifest.validate()
         if not artifacts:
             first = f"{failures[0].target} {failures[0].precision}: {failures[0].error}" if failures else "none ran"
             more = f" and {len(failures) - 1} more" if len(failures) > 1 else ""

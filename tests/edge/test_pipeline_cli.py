@@ -91,6 +91,31 @@ def test_failing_target_spares_others(tmp_path, samples_dir, monkeypatch):
     assert "nonexistent_function" in res.manifest.failures[0].error
 
 
+def test_an_invalid_record_costs_only_its_artifact(tmp_path, samples_dir, monkeypatch):
+    """A record the manifest refuses (a NumPy bool in a search row, the bug that cost a 26-minute s_conv run) is
+    caught as the artifact is built: that artifact becomes a failure, the others are written."""
+    import numpy as np
+
+    import converters.to_onnx
+
+    real = converters.to_onnx.convert
+
+    def one_bad(ctx, precisions):
+        results = real(ctx, precisions)
+        step = {"kept_nodes": 0, "calib_agreement": 1.0, "calib_sqnr_db": 30.0, "bytes": 1, "meets_target": np.bool_(True)}
+        results[-1].details = {**results[-1].details, "sensitivity": [], "search": [step]}
+        return results
+
+    monkeypatch.setattr(converters.to_onnx, "convert", one_bad)
+    res = convert(ConvertRequest(targets=["onnx"], model="efficientmod_test_tiny", output=tmp_path,
+                                 calib_dir=str(samples_dir), calib_size=2, eval_size=4))
+    m = Manifest.load(res.manifest_path)
+    assert [a.path for a in m.artifacts] == ["efficientmod_test_tiny.onnx"], m.artifacts
+    assert [(f.target, f.precision) for f in m.failures] == [("onnx", "fp32")], m.failures
+    assert "search[0].meets_target" in m.failures[0].error and "not written" in m.failures[0].error, m.failures
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["efficientmod_test_tiny.onnx", "labels.txt", "manifest.json"]
+
+
 def test_plan_validation():
     with pytest.raises(ConfigError, match="unknown target"):
         ConvertRequest(targets=["caffe"], output=None).plan()
