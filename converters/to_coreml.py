@@ -80,7 +80,7 @@ if TYPE_CHECKING:
 FORMS = ("ane", "plain")
 DEPLOYMENT_TARGETS = ("iOS16", "iOS17", "iOS18")
 COMPRESSED = ("w8", "w8a8", "pal6", "pal4")
-CLASSIFIER_PRECISIONS = ("fp16", "w8", "pal6", "pal4")
+CLASSIFIER_PRECISIONS = ("fp16", "w8", "w8a8", "pal6", "pal4")
 WEIGHT_THRESHOLD = 2048  # coremltools' default: smaller weight tensors stay float
 PALETTE_BITS = {"pal6": 6, "pal4": 4}
 PALETTE_GROUP = 16  # output channels per palette of iOS 18 pal4 (grouped-channel palettes)

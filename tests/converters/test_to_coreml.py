@@ -231,7 +231,7 @@ def test_ane_module_matches_eager_model(proxy_tiny_checkpoint):
     assert diff <= 1e-5, f"ANE-form module logits differ from eager: max|d| {diff:.3g} > 1e-5 (measured 7.2e-7)"
 
 
-@pytest.mark.parametrize("precision", ["fp16", "pal4"])
+@pytest.mark.parametrize("precision", ["fp16", "w8a8", "pal4"])
 def test_classifier_package(ane_out, samples_dir, precision):
     """The classifier is its logits package plus softmax and classify: same weights, probabilities = softmax(logits)."""
     from calibration.folder import scan_folder
