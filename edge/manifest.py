@@ -20,7 +20,7 @@ from typing import Any
 from edge.errors import ConfigError
 
 SCHEMA_VERSION = 2  # 2: TensorSpec.normalization
-READABLE_SCHEMA_VERSIONS = (1, 2)  # a version-1 manifest reads with normalization None (not recorded)
+READABLE_SCHEMA_VERSIONS = (1, 2)  # a version-1 manifest is read as version 2 (see _upgrade)
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -214,7 +214,7 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: Any) -> "Manifest":
-        return _build(cls, data, "manifest").validate()
+        return _upgrade(_build(cls, data, "manifest").validate())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Manifest":
@@ -240,6 +240,21 @@ class Manifest:
 
     def save(self, path: str | os.PathLike) -> None:
         write_json_atomic(Path(path), self.to_dict())
+
+
+def _upgrade(m: Manifest) -> Manifest:
+    """A version-1 manifest as version 2: its normalization follows from the layout version 1 wrote.
+
+    Version 1 recorded mean/std on every input; Core ML's ``image`` inputs took 0-255 pixels and
+    normalized inside the model, every other input expected the app to normalize.
+    """
+    if m.schema_version != 1:
+        return m
+    for a in m.artifacts:
+        if a.input.normalization is None and a.input.mean is not None and a.input.std is not None:
+            a.input.normalization = "in_model" if a.input.layout == "image" else "app"
+    m.schema_version = SCHEMA_VERSION
+    return m.validate()
 
 
 def artifact_digest(path: Path) -> tuple[int, str]:

@@ -35,13 +35,19 @@ GOOD = {
 }
 
 
-def test_a_version_1_manifest_still_reads():
+def test_a_version_1_manifest_reads_as_version_2():
+    """Version 1 had no normalization field: Core ML image inputs normalized in the model, the rest in the app."""
     d = copy.deepcopy(GOOD)
     d["schema_version"] = 1
     del d["artifacts"][0]["input"]["normalization"]
+    coreml = copy.deepcopy(d["artifacts"][0])
+    coreml.update(target="coreml", precision="fp16", path="m.mlpackage")
+    coreml["input"].update(name="image", layout="image", dtype="image", shape=[1, 3, 224, 224], quantization=None)
+    d["artifacts"].append(coreml)
     m = Manifest.from_dict(d)
-    assert m.schema_version == 1 and m.artifacts[0].input.normalization is None
-    assert Manifest(model="m", weights="w").schema_version == 2
+    assert m.schema_version == 2 == Manifest(model="m", weights="w").schema_version
+    assert [a.input.normalization for a in m.artifacts] == ["app", "in_model"], m.artifacts
+    assert Manifest.from_dict(m.to_dict()).to_dict() == m.to_dict()
 
 
 def test_round_trip():
