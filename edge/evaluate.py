@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +65,8 @@ def _manifest_eval_split(manifest: Manifest, limit: int | None) -> tuple[Batch, 
     d = manifest.data or {}
     root = _manifest_root(manifest)
     folder = scan_folder(root)
-    wanted = set(d["eval_images"][:limit] if limit else d["eval_images"])
+    names = d["eval_images"][:limit] if limit else d["eval_images"]
+    wanted = {name: k for k, name in enumerate(names)}
     legacy = not any("/" in w for w in wanted)  # flat folders, and manifests that named files only
     items = [i for i in folder.items if (i.path.name if legacy else i.name) in wanted]
     if len(items) > len(wanted):
@@ -72,8 +75,19 @@ def _manifest_eval_split(manifest: Manifest, limit: int | None) -> tuple[Batch, 
     if len(items) < len(wanted):
         raise DataError(f"{len(wanted) - len(items)} of the manifest's {len(wanted)} evaluation images are not "
                         f"in {root}; put them back, or pass --data DIR")
-    return load_items(items, folder.skipped), {"split": "manifest eval split", "root": str(root),
-                                                "seed": d.get("seed"), "skipped": dict(folder.skipped)}
+    items.sort(key=lambda i: wanted[i.path.name if legacy else i.name])  # convert's order: its fingerprint
+    batch = load_items(items, skipped := Counter())
+    if len(batch) < len(items):
+        raise DataError(f"{len(items) - len(batch)} of the manifest's {len(items)} evaluation images in {root} no "
+                        f"longer decode ({', '.join(sorted(skipped))}); restore them, or pass --data DIR")
+    recorded = d.get("eval_content_fingerprint")
+    mine = (batch if manifest.imagenet_classes else batch.without_labels()).content_fingerprint()
+    if limit is None and recorded is not None and mine != recorded:
+        raise DataError(f"the manifest's evaluation images in {root} are not the pixels convert checked (content "
+                        f"fingerprint {mine}, recorded {recorded}): an image was edited or replaced; restore them, "
+                        f"or pass --data DIR (or --heldout) to evaluate on the folder as it is now")
+    return batch, {"split": "manifest eval split", "root": str(root), "seed": d.get("seed"),
+                   "skipped": dict(folder.skipped)}
 
 
 def _held_out_pick(manifest: Manifest, data_dir: str | os.PathLike, limit: int | None, strict: bool) -> tuple[Batch, dict]:
@@ -114,6 +128,34 @@ def _manifest_images(manifest: Manifest, data_dir: str | os.PathLike | None, lim
                         f"with a folder of valid JPEG/PNG images")
     return batch, {**source, "count": len(batch), "fingerprint": batch.fingerprint(),
                    "content_fingerprint": batch.content_fingerprint()}
+
+
+def _load_cached(path: Path, rows: int) -> np.ndarray | None:
+    """Cached logits, or None when absent or unreadable (a damaged cache file is dropped and recomputed)."""
+    if not path.is_file():
+        return None
+    try:
+        logits = np.load(path, allow_pickle=False)
+        if logits.ndim == 2 and len(logits) == rows:
+            return logits
+    except (OSError, ValueError, EOFError) as exc:
+        log.warning("ignoring the damaged cache file %s (%s); computing it again", path, exc)
+    path.unlink(missing_ok=True)
+    return None
+
+
+def _save_cached(path: Path, logits: np.ndarray) -> None:
+    """Write through a temp file: an interrupted run leaves no truncated cache file. A failure only warns."""
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npy")
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, logits, allow_pickle=False)
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("could not cache %s (%s); the evaluation goes on without it", path.name, exc.strerror or exc)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def select_artifacts(manifest: Manifest, targets: list[str] | tuple[str, ...] = (),
@@ -203,17 +245,18 @@ def evaluate_manifest(
     tool = manifest.tool or {}
     ref_id = f"{manifest.weights}|{manifest.weights_sha256}|{manifest.model}|{tool.get('seed', 0)}|{tool.get('input_size', 224)}"
     ref_key = hashlib.sha256(ref_id.encode()).hexdigest()[:16]  # random weights differ by seed
+    cache.mkdir(exist_ok=True)
+    require_writable(cache)
+    work = cache / "work"
+    refuse_in_the_way(work, "evaluate's work folder", f"move it away or delete {cache}", want_dir=True)
+    work.mkdir(exist_ok=True)
     ref_file = cache / f"reference-{ref_key}-{images['content_fingerprint']}.npy"
-    if ref_file.exists():  # the checkpoint is only needed when its logits on these images are not cached
-        reference = np.load(ref_file)
-    else:
+    reference = _load_cached(ref_file, len(batch))  # the checkpoint is only needed when these logits are not cached
+    if reference is None:
         reference = torch_logits(_reference_model(manifest), batch.nchw())
-        cache.mkdir(exist_ok=True)
-        np.save(ref_file, reference)
+        _save_cached(ref_file, reference)
     rows = [{"target": "pytorch", "precision": "fp32", "path": "", "bytes": 0,
              **compare_logits(reference, reference, batch.labels)}]
-    work = cache / "work"
-    work.mkdir(exist_ok=True)
     for a in tqdm(artifacts, desc="evaluate", unit="artifact", disable=not progress):
         row = {"target": a.target, "precision": a.precision, "path": a.path, "bytes": a.bytes}
         problem = artifact_problem(root, a)
@@ -222,11 +265,10 @@ def evaluate_manifest(
             continue
         cached = cache / f"logits-{a.sha256[:24]}-{images['content_fingerprint']}.npy"
         try:
-            if cached.exists():
-                logits = np.load(cached)
-            else:
+            logits = _load_cached(cached, len(batch))
+            if logits is None:
                 logits = artifact_logits(root, a, batch, work)
-                np.save(cached, logits)
+                _save_cached(cached, logits)
             rows.append({**row, **compare_logits(reference, logits, batch.labels), "cached": cached.name})
         except Exception as exc:  # a runtime failure is a row's error, not the evaluation's
             log.error("evaluate %s %s failed: %s", a.target, a.path, exc)

@@ -91,6 +91,8 @@ class Artifact:
         self.output.validate(f"{where}.output")
         check_metrics(self.checks, f"{where}.checks")
         check_mixed_details(self.details, f"{where}.details")
+        check_json(self.checks, f"{where}.checks")
+        check_json(self.details, f"{where}.details")
 
 
 MIXED_STEP_FIELDS: dict[str, Any] = {  # an int8-mixed search step, as the report prints it
@@ -126,6 +128,14 @@ def check_mixed_details(details: dict, where: str) -> None:
                     _check_type(row[name], tp, f"{at}.{name}")
     _check_type(details.get("kept_float_op_types", []), list[str], f"{where}.kept_float_op_types")
     _check_type(details.get("kept_float_nodes", []), list[Any], f"{where}.kept_float_nodes")
+
+
+def check_json(value: Any, where: str) -> None:
+    """``value`` writes as JSON: free-form fields hold no NumPy scalars, arrays or other Python objects."""
+    try:
+        json.dumps(value, allow_nan=True)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: cannot be written as JSON ({exc})") from None
 
 
 METRIC_FIELDS = ("top1", "top5", "top1_agreement", "sqnr_db", "cosine", "max_abs_diff")  # numbers where present
@@ -199,6 +209,8 @@ class Manifest:
             raise ConfigError(f"manifest.tool: unknown field(s) {', '.join(unknown)}")
         for key, value in self.tool.items():
             _check_type(value, TOOL_FIELDS[key], f"manifest.tool.{key}")
+        check_json(self.tool, "manifest.tool")
+        check_json(self.data, "manifest.data")
         if not 0 <= self.tool.get("seed", 0) < 2**63:
             raise ConfigError(f"manifest.tool.seed: {self.tool['seed']} is not between 0 and 2**63-1")
         if not 1 <= self.num_classes <= 100_000:

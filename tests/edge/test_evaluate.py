@@ -240,3 +240,48 @@ def test_a_hand_edited_model_names_the_manifest_not_a_missing_option(converted, 
     result = CliRunner().invoke(main, ["evaluate", str(out)])
     assert result.exit_code != 0 and "manifest's model 'efficientmod_xxs'" in result.output, result.output
     assert "--model" not in result.output, result.output
+
+
+@pytest.fixture()
+def own_images(tmp_path, samples_dir) -> tuple[Path, Path]:
+    """A converted tiny ONNX model whose image folder holds copies this test may damage."""
+    root = tmp_path / "images"
+    root.mkdir()
+    for src in sorted(samples_dir.glob("n*.JPEG"))[:6]:
+        shutil.copy(src, root / src.name)
+    out = tmp_path / "out"
+    convert(ConvertRequest(targets=["onnx"], precisions=["fp32"], model=TINY, output=out, calib_dir=str(root),
+                           calib_size=2, eval_size=3))
+    return root, out
+
+
+def test_a_damaged_cache_file_is_computed_again(own_images):
+    _, out = own_images
+    first = evaluate_manifest(out / "manifest.json", progress=False)
+    cached = sorted((out / ".effmod-cache").glob("*.npy"))
+    assert len(cached) == 3, cached  # the reference and the two ONNX files
+    for path in cached:
+        path.write_bytes(path.read_bytes()[:90])  # an interrupted write
+    again = evaluate_manifest(out / "manifest.json", progress=False)
+    assert [r.get("error") for r in again["rows"]] == [None] * 3, again["rows"]
+    assert [r["sqnr_db"] for r in again["rows"]] == [r["sqnr_db"] for r in first["rows"]]
+    assert all(len(p.read_bytes()) > 90 for p in cached), "the damaged cache files were not written again"
+    assert not list((out / ".effmod-cache").glob(".*.npy")), "a temp file of the cache was left behind"
+
+
+@pytest.mark.parametrize("damage", ["replaced", "undecodable"])
+def test_changed_evaluation_images_are_named_not_used(own_images, samples_dir, damage):
+    root, out = own_images
+    victim = root / Manifest.load(out / "manifest.json").data["eval_images"][1]
+    if damage == "replaced":  # still a photo, just not the one convert checked
+        shutil.copy(sorted(samples_dir.glob("n*.JPEG"))[20], victim)
+        want = "are not the pixels convert checked"
+    else:
+        victim.write_bytes(b"not a JPEG")
+        want = "1 of the manifest's 3 evaluation images"
+    res = CliRunner().invoke(main, ["evaluate", str(out / "manifest.json")])
+    line = res.stderr.strip().splitlines()[-1]
+    assert res.exit_code != 0 and want in line and "--data" in line, res.stderr
+    assert not (out / "evaluation.json").exists()
+    heldout = evaluate_manifest(out / "manifest.json", heldout=True, progress=False)  # the way on that the error names
+    assert heldout["images"]["count"] == (4 if damage == "replaced" else 3), heldout["images"]

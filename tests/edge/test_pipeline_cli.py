@@ -106,14 +106,21 @@ def test_an_invalid_record_costs_only_its_artifact(tmp_path, samples_dir, monkey
         results[-1].details = {**results[-1].details, "sensitivity": [], "search": [step]}
         return results
 
-    monkeypatch.setattr(converters.to_onnx, "convert", one_bad)
-    res = convert(ConvertRequest(targets=["onnx"], model="efficientmod_test_tiny", output=tmp_path,
-                                 calib_dir=str(samples_dir), calib_size=2, eval_size=4))
-    m = Manifest.load(res.manifest_path)
-    assert [a.path for a in m.artifacts] == ["efficientmod_test_tiny.onnx"], m.artifacts
-    assert [(f.target, f.precision) for f in m.failures] == [("onnx", "fp32")], m.failures
-    assert "search[0].meets_target" in m.failures[0].error and "not written" in m.failures[0].error, m.failures
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["efficientmod_test_tiny.onnx", "labels.txt", "manifest.json"]
+    def one_not_json(ctx, precisions):  # a free-form field the schema does not type
+        results = real(ctx, precisions)
+        results[-1].details = {**results[-1].details, "batches_checked": np.int64(3)}
+        return results
+
+    for fake, field in ((one_bad, "search[0].meets_target"), (one_not_json, "details: cannot be written as JSON")):
+        monkeypatch.setattr(converters.to_onnx, "convert", fake)
+        out = tmp_path / fake.__name__
+        res = convert(ConvertRequest(targets=["onnx"], model="efficientmod_test_tiny", output=out,
+                                     calib_dir=str(samples_dir), calib_size=2, eval_size=4))
+        m = Manifest.load(res.manifest_path)
+        assert [a.path for a in m.artifacts] == ["efficientmod_test_tiny.onnx"], m.artifacts
+        assert [(f.target, f.precision) for f in m.failures] == [("onnx", "fp32")], m.failures
+        assert field in m.failures[0].error and "not written" in m.failures[0].error, m.failures
+        assert sorted(p.name for p in out.iterdir()) == ["efficientmod_test_tiny.onnx", "labels.txt", "manifest.json"]
 
 
 def test_plan_validation():
