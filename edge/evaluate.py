@@ -8,6 +8,7 @@ folder (or an edited image) are computed afresh.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -82,7 +83,7 @@ def _manifest_eval_split(manifest: Manifest, limit: int | None) -> tuple[Batch, 
                         f"longer decode ({', '.join(sorted(skipped))}); restore them, or pass --data DIR")
     recorded = d.get("eval_content_fingerprint")
     mine = (batch if manifest.imagenet_classes else batch.without_labels()).content_fingerprint()
-    if limit is None and recorded is not None and mine != recorded:
+    if len(names) == len(d["eval_images"]) and recorded is not None and mine != recorded:
         raise DataError(f"the manifest's evaluation images in {root} are not the pixels convert checked (content "
                         f"fingerprint {mine}, recorded {recorded}): an image was edited or replaced; restore them, "
                         f"or pass --data DIR (or --heldout) to evaluate on the folder as it is now")
@@ -131,16 +132,19 @@ def _manifest_images(manifest: Manifest, data_dir: str | os.PathLike | None, lim
 
 
 def _load_cached(path: Path, rows: int) -> np.ndarray | None:
-    """Cached logits, or None when absent or unreadable (a damaged cache file is dropped and recomputed)."""
+    """Cached logits, or None when absent or unusable (a damaged cache file is dropped and recomputed)."""
     if not path.is_file():
         return None
     try:
         logits = np.load(path, allow_pickle=False)
-        if logits.ndim == 2 and len(logits) == rows:
+        if isinstance(logits, np.ndarray) and logits.ndim == 2 and len(logits) == rows:
             return logits
-    except (OSError, ValueError, EOFError) as exc:
-        log.warning("ignoring the damaged cache file %s (%s); computing it again", path, exc)
-    path.unlink(missing_ok=True)
+        problem = "not the logits of these images"
+    except Exception as exc:  # any damage to a cache file means: compute it again
+        problem = f"{type(exc).__name__}: {exc}"
+    log.warning("ignoring the cache file %s (%s); computing it again", path, problem)
+    with contextlib.suppress(OSError):
+        path.unlink()
     return None
 
 
@@ -151,9 +155,11 @@ def _save_cached(path: Path, logits: np.ndarray) -> None:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npy")
         with os.fdopen(fd, "wb") as f:
             np.save(f, logits, allow_pickle=False)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except OSError as exc:
         log.warning("could not cache %s (%s); the evaluation goes on without it", path.name, exc.strerror or exc)
+    finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
 
@@ -238,6 +244,9 @@ def evaluate_manifest(
     require_writable(root)
     refuse_in_the_way(root / EVALUATION_FILE, f"the {EVALUATION_FILE} evaluate writes", "move it away")
     refuse_in_the_way(root / CACHE_DIR, "evaluate's cache folder", "move it away", want_dir=True)
+    for path in (root / CACHE_DIR, root / CACHE_DIR / "work"):
+        if path.is_symlink() and not path.exists():
+            raise ConfigError(f"{path} is a broken link in the way of evaluate's cache; remove it (nothing was written)")
     batch, images = _manifest_images(manifest, data_dir, limit, heldout)
     if not manifest.imagenet_classes:  # a fine-tune's own classes: the images' ImageNet labels give no top-1
         batch = batch.without_labels()
@@ -245,35 +254,40 @@ def evaluate_manifest(
     tool = manifest.tool or {}
     ref_id = f"{manifest.weights}|{manifest.weights_sha256}|{manifest.model}|{tool.get('seed', 0)}|{tool.get('input_size', 224)}"
     ref_key = hashlib.sha256(ref_id.encode()).hexdigest()[:16]  # random weights differ by seed
-    cache.mkdir(exist_ok=True)
-    require_writable(cache)
-    work = cache / "work"
-    refuse_in_the_way(work, "evaluate's work folder", f"move it away or delete {cache}", want_dir=True)
-    work.mkdir(exist_ok=True)
-    ref_file = cache / f"reference-{ref_key}-{images['content_fingerprint']}.npy"
-    reference = _load_cached(ref_file, len(batch))  # the checkpoint is only needed when these logits are not cached
-    if reference is None:
-        reference = torch_logits(_reference_model(manifest), batch.nchw())
-        _save_cached(ref_file, reference)
-    rows = [{"target": "pytorch", "precision": "fp32", "path": "", "bytes": 0,
-             **compare_logits(reference, reference, batch.labels)}]
-    for a in tqdm(artifacts, desc="evaluate", unit="artifact", disable=not progress):
-        row = {"target": a.target, "precision": a.precision, "path": a.path, "bytes": a.bytes}
-        problem = artifact_problem(root, a)
-        if problem:
-            rows.append({**row, "error": problem})
-            continue
-        cached = cache / f"logits-{a.sha256[:24]}-{images['content_fingerprint']}.npy"
+    with contextlib.ExitStack() as stack:
+        cache.mkdir(exist_ok=True)
+        work = cache / "work"
+        refuse_in_the_way(work, "evaluate's work folder", f"move it away or delete {cache}", want_dir=True)
         try:
-            logits = _load_cached(cached, len(batch))
-            if logits is None:
-                logits = artifact_logits(root, a, batch, work)
-                _save_cached(cached, logits)
-            rows.append({**row, **compare_logits(reference, logits, batch.labels), "cached": cached.name})
-        except Exception as exc:  # a runtime failure is a row's error, not the evaluation's
-            log.error("evaluate %s %s failed: %s", a.target, a.path, exc)
-            rows.append({**row, "error": f"{type(exc).__name__}: {exc}"})
-    result = {"manifest": str(manifest_path), "model": manifest.model, "weights": manifest.weights,
-              "images": images, "machine": machine_info(), "rows": rows}
-    write_json_atomic(root / EVALUATION_FILE, result)
+            require_writable(cache)
+            work.mkdir(exist_ok=True)
+        except (ConfigError, OSError) as exc:  # cached results still read; new ones are computed in a temp folder
+            log.warning("%s; evaluating without writing to the cache", exc)
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="effmod-evaluate-")))
+        ref_file = cache / f"reference-{ref_key}-{images['content_fingerprint']}.npy"
+        reference = _load_cached(ref_file, len(batch))  # the checkpoint is only needed when these logits are not cached
+        if reference is None:
+            reference = torch_logits(_reference_model(manifest), batch.nchw())
+            _save_cached(ref_file, reference)
+        rows = [{"target": "pytorch", "precision": "fp32", "path": "", "bytes": 0,
+                 **compare_logits(reference, reference, batch.labels)}]
+        for a in tqdm(artifacts, desc="evaluate", unit="artifact", disable=not progress):
+            row = {"target": a.target, "precision": a.precision, "path": a.path, "bytes": a.bytes}
+            problem = artifact_problem(root, a)
+            if problem:
+                rows.append({**row, "error": problem})
+                continue
+            cached = cache / f"logits-{a.sha256[:24]}-{images['content_fingerprint']}.npy"
+            try:
+                logits = _load_cached(cached, len(batch))
+                if logits is None:
+                    logits = artifact_logits(root, a, batch, work)
+                    _save_cached(cached, logits)
+                rows.append({**row, **compare_logits(reference, logits, batch.labels), "cached": cached.name})
+            except Exception as exc:  # a runtime failure is a row's error, not the evaluation's
+                log.error("evaluate %s %s failed: %s", a.target, a.path, exc)
+                rows.append({**row, "error": f"{type(exc).__name__}: {exc}"})
+        result = {"manifest": str(manifest_path), "model": manifest.model, "weights": manifest.weights,
+                  "images": images, "machine": machine_info(), "rows": rows}
+        write_json_atomic(root / EVALUATION_FILE, result)
     return result

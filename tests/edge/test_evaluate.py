@@ -260,13 +260,22 @@ def test_a_damaged_cache_file_is_computed_again(own_images):
     first = evaluate_manifest(out / "manifest.json", progress=False)
     cached = sorted((out / ".effmod-cache").glob("*.npy"))
     assert len(cached) == 3, cached  # the reference and the two ONNX files
-    for path in cached:
+    import numpy as np
+
+    for path in cached[:-1]:
         path.write_bytes(path.read_bytes()[:90])  # an interrupted write
+    with open(cached[-1], "wb") as f:  # not an array at all
+        np.savez(f, a=np.zeros(3))
     again = evaluate_manifest(out / "manifest.json", progress=False)
     assert [r.get("error") for r in again["rows"]] == [None] * 3, again["rows"]
     assert [r["sqnr_db"] for r in again["rows"]] == [r["sqnr_db"] for r in first["rows"]]
-    assert all(len(p.read_bytes()) > 90 for p in cached), "the damaged cache files were not written again"
+    assert all(np.load(p).shape == (3, 1000) for p in cached), "the damaged cache files were not written again"
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in cached), [oct(p.stat().st_mode) for p in cached]
     assert not list((out / ".effmod-cache").glob(".*.npy")), "a temp file of the cache was left behind"
+    (out / ".effmod-cache" / "work").rmdir()
+    (out / ".effmod-cache" / "work").symlink_to(out / "gone")
+    res = CliRunner().invoke(main, ["evaluate", str(out / "manifest.json")])
+    assert res.exit_code != 0 and "is a broken link in the way" in res.stderr.strip().splitlines()[-1], res.stderr
 
 
 @pytest.mark.parametrize("damage", ["replaced", "undecodable"])
@@ -279,9 +288,34 @@ def test_changed_evaluation_images_are_named_not_used(own_images, samples_dir, d
     else:
         victim.write_bytes(b"not a JPEG")
         want = "1 of the manifest's 3 evaluation images"
-    res = CliRunner().invoke(main, ["evaluate", str(out / "manifest.json")])
-    line = res.stderr.strip().splitlines()[-1]
-    assert res.exit_code != 0 and want in line and "--data" in line, res.stderr
+    for limit in ([], ["--limit", "3"]):  # a limit that takes the whole split checks it too
+        res = CliRunner().invoke(main, ["evaluate", str(out / "manifest.json"), *limit])
+        line = res.stderr.strip().splitlines()[-1]
+        assert res.exit_code != 0 and want in line and "--data" in line, (limit, res.stderr)
     assert not (out / "evaluation.json").exists()
     heldout = evaluate_manifest(out / "manifest.json", heldout=True, progress=False)  # the way on that the error names
     assert heldout["images"]["count"] == (4 if damage == "replaced" else 3), heldout["images"]
+
+
+def test_a_cache_it_cannot_write_is_read_and_the_rest_computed_apart(own_images, monkeypatch, caplog):
+    import edge.evaluate
+    from edge.errors import ConfigError
+
+    _, out = own_images
+    first = evaluate_manifest(out / "manifest.json", progress=False)
+    (out / ".effmod-cache" / "work").rmdir()
+    for path in (out / ".effmod-cache").glob("logits-*"):
+        path.unlink()
+    real = edge.evaluate.require_writable
+
+    def cache_read_only(folder):
+        if folder.name == ".effmod-cache":
+            raise ConfigError(f"cannot write into {folder} (Permission denied)")
+        real(folder)
+
+    monkeypatch.setattr(edge.evaluate, "require_writable", cache_read_only)
+    monkeypatch.setattr(edge.evaluate, "_save_cached", lambda path, logits: None)  # as a read-only folder would
+    again = evaluate_manifest(out / "manifest.json", progress=False)
+    assert [r["sqnr_db"] for r in again["rows"]] == [r["sqnr_db"] for r in first["rows"]], again["rows"]
+    assert "evaluating without writing to the cache" in caplog.text
+    assert not (out / ".effmod-cache" / "work").exists() and not list((out / ".effmod-cache").glob("logits-*"))
