@@ -80,8 +80,9 @@ def _fetch(url: str, dest: Path, sha256: str, timeout: float) -> None:
                     f.write(chunk)
                 except OSError as exc:
                     raise _CacheWriteError(exc) from None
-        if resp.length:  # bytes the server announced but never sent: http.client returns b"" on an early close
-            raise http.client.IncompleteRead(b"", resp.length)
+        left = getattr(resp, "length", None)  # a file:// answer has none
+        if left:  # bytes the server announced but never sent: http.client returns b"" on an early close
+            raise http.client.IncompleteRead(b"", left)
     try:
         os.replace(part, dest)
     except OSError as exc:
@@ -114,11 +115,11 @@ def download_samples(base_url: str | None = None, timeout: float = 30.0, progres
     """Download (or finish downloading) the 1000 sample images; returns the folder."""
     base = (base_url or os.environ.get(URL_ENV) or DEFAULT_BASE_URL).rstrip("/") + "/"
     where = "--url" if base_url else (URL_ENV if os.environ.get(URL_ENV) else "the default URL")
-    parsed = urllib.parse.urlsplit(base)
     try:
+        parsed = urllib.parse.urlsplit(base)
         parsed.port  # raises for a port that is not a number
     except ValueError as exc:
-        raise DataError(f"{where} {base!r} has a bad port ({exc}); pass e.g. --url {DEFAULT_BASE_URL}") from None
+        raise DataError(f"{where} {base!r} is not a valid URL ({exc}); pass e.g. --url {DEFAULT_BASE_URL}") from None
     if parsed.scheme not in ("http", "https", "file") or (parsed.scheme != "file" and not parsed.netloc):
         raise DataError(f"{where} {base!r} is not an http(s) or file URL; pass e.g. --url {DEFAULT_BASE_URL}")
     dest = cache_root() / "imagenet-samples"

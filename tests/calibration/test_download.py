@@ -163,8 +163,19 @@ def test_http_errors_name_their_fix(remote, status, fix):
 
 
 def test_bad_port_and_empty_cache_variable(tmp_path, monkeypatch):
-    with pytest.raises(DataError, match="bad port"):
-        dl.download_samples("http://127.0.0.1:80a/", progress=False)
+    for url in ("http://127.0.0.1:80a/", "http://[::1/"):
+        with pytest.raises(DataError, match="is not a valid URL"):
+            dl.download_samples(url, progress=False)
     monkeypatch.setenv("EFFMOD_CACHE", "")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert dl.cache_root() == tmp_path / ".cache" / "effmod-edge"
+
+
+def test_a_file_url_downloads_too(server, tmp_path, monkeypatch):
+    """A local mirror as file:// (no Content-Length to check against): verified by the checksums alone."""
+    _, files, root = server
+    monkeypatch.setenv("EFFMOD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(dl, "checksums", lambda: _sums(files))
+    out = dl.download_samples(root.as_uri(), progress=False)
+    assert {p.name: p.read_bytes() for p in out.glob("*.JPEG")} == files
+    assert not list(out.glob("*.part")) and dl.cached_samples_dir() == out
