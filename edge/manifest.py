@@ -126,6 +126,9 @@ def check_mixed_details(details: dict, where: str) -> None:
             for name, tp in optional.items():
                 if name in row:
                     _check_type(row[name], tp, f"{at}.{name}")
+            if key == "search" and ("latency_ms" in row) != ("latency_vs_first_step" in row):
+                raise ConfigError(f"{at}: latency_ms and latency_vs_first_step go together (the search times "
+                                  f"every step against the first)")
     _check_type(details.get("kept_float_op_types", []), list[str], f"{where}.kept_float_op_types")
     _check_type(details.get("kept_float_nodes", []), list[Any], f"{where}.kept_float_nodes")
 
@@ -153,8 +156,10 @@ def check_metrics(row: dict, where: str) -> None:
         if v is not None and not is_number(v):
             raise ConfigError(f"{where}.{key}: {v!r} is not a number")
     ci = row.get("top1_agreement_ci95")
-    if ci is not None and not (isinstance(ci, list) and len(ci) == 2 and all(is_number(x) for x in ci)):
-        raise ConfigError(f"{where}.top1_agreement_ci95: {ci!r} is not a [low, high] pair of numbers")
+    if ci is not None and not (isinstance(ci, list) and len(ci) == 2 and all(is_number(x) for x in ci)
+                               and 0.0 <= ci[0] <= ci[1] <= 1.0):
+        raise ConfigError(f"{where}.top1_agreement_ci95: {ci!r} is not a [low, high] pair of fractions "
+                          f"(0 <= low <= high <= 1)")
 
 
 @dataclass
@@ -358,15 +363,27 @@ def require_writable(folder: Path) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` through a temp file in the same folder, then rename into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    write_texts_atomic([(path, text)])
+
+
+def write_texts_atomic(files: list[tuple[Path, str]]) -> None:
+    """Write every file to a temp file beside it first, then rename them all into place.
+
+    A full disk or a write error leaves every destination as it was: none is renamed until all are written.
+    """
+    tmps: list[str] = []
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        for path, text in files:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            tmps.append(tmp)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.chmod(tmp, 0o644)
+        for (path, _), tmp in zip(files, tmps):
+            os.replace(tmp, path)
+    finally:
+        for tmp in tmps:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

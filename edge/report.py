@@ -17,7 +17,7 @@ from pathlib import Path
 from edge.errors import ConfigError, EffmodError
 from edge.checks import interval_text
 from edge.manifest import (BENCH_FILE, EVALUATION_FILE, REPORT_FILES, Manifest, TooDeepError, artifact_problem,
-                           check_metrics, is_number, parse_json, refuse_in_the_way, require_writable, write_text_atomic)
+                           check_metrics, is_number, parse_json, refuse_in_the_way, require_writable, write_texts_atomic)
 
 METRICS = {"agreement": "top1_agreement", "sqnr": "sqnr_db", "top1": "top1", "top5": "top5", "cosine": "cosine"}
 
@@ -112,6 +112,8 @@ def _load_json(path: Path, rows_key: str, command: str) -> dict | None:
             _check_result_row(r, f"{rows_key}[{i}]")
         except ConfigError as exc:
             raise EffmodError(f"{path}: {exc}; {fix}") from None
+    if not isinstance(doc.get("machine", {}), dict):
+        raise EffmodError(f"{path}: machine {doc['machine']!r} is not an object; {fix}")
     settings = doc.get("settings")
     if command == "bench" and settings is not None and not (
             isinstance(settings, dict) and all(is_number(settings.get(k)) for k in ("runs", "warmup", "rounds"))):
@@ -357,6 +359,8 @@ def render(out_dir: str | os.PathLike, fail_under: list[FailUnder] | None = None
 {''.join(sections)}
 </body></html>
 """
-    write_text_atomic(md_path, "\n".join(md) + "\n")
-    write_text_atomic(html_path, page)
+    try:
+        write_texts_atomic([(md_path, "\n".join(md) + "\n"), (html_path, page)])
+    except OSError as exc:
+        raise EffmodError(f"could not write the report into {out_dir} ({exc.strerror or exc}); free some space or fix the folder's permissions and run report again") from None
     return md_path, html_path, misses

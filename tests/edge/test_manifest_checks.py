@@ -81,6 +81,9 @@ def test_round_trip():
     (lambda d: d["artifacts"][0]["input"].update(std=[0.2, 0.0, 0.2]), r"std: \[0.2, 0.0, 0.2\]"),
     (lambda d: d.update(schema_version=3), "schema_version: 3 is not one this effmod-edge reads .1, 2.; upgrade"),
     (lambda d: d.pop("model"), "model"),
+    (lambda d: d["artifacts"][0]["checks"].update(top1_agreement_ci95=[float("nan"), 1.0]), r"ci95: \[nan, 1.0\]"),
+    (lambda d: d["artifacts"][0]["checks"].update(top1_agreement_ci95=[0.1, float("inf")]), r"0 <= low <= high <= 1"),
+    (lambda d: d["artifacts"][0]["checks"].update(top1_agreement_ci95=[0.9, 0.8]), r"0 <= low <= high <= 1"),
 ])
 def test_rejects_bad_values_naming_them(mutate, named):
     d = copy.deepcopy(GOOD)
@@ -105,6 +108,7 @@ MIXED_DETAILS = {  # the int8-mixed fields the report reads, as convert writes t
     (lambda d: d["search"][0].pop("calib_sqnr_db"), r"details\.search\[0\]: missing field 'calib_sqnr_db'"),
     (lambda d: d["search"][0].update(bytes="4 MB"), r"details\.search\[0\]\.bytes: expected int, got '4 MB'"),
     (lambda d: d["search"][0].update(latency_ms=None), r"details\.search\[0\]\.latency_ms: expected a number"),
+    (lambda d: d["search"][0].pop("latency_vs_first_step"), r"details\.search\[0\]: latency_ms and latency_vs_first"),
     (lambda d: d["sensitivity"].append("CONV_2D"), r"details\.sensitivity\[1\]: expected an object"),
     (lambda d: d["sensitivity"][0].update(drop_db="big"), r"details\.sensitivity\[0\]\.drop_db: expected a number"),
     (lambda d: d.update(kept_float_op_types="GELU"), r"details\.kept_float_op_types: expected a list"),

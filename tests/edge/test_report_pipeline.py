@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 
@@ -208,3 +210,45 @@ def test_report_states_the_search_target_the_manifest_records():
     d = {"search_target": {"min_agreement": 0.99, "min_sqnr_db": 26.0, "sqnr_margin_db": 1.0, "on": "calibration images"}}
     assert _search_target(d) == " (asked: 99 % agreement, 26 dB SQNR)", _search_target(d)
     assert _search_target({}) == "", "a manifest from before the margin has no target to show"
+
+
+def test_a_hand_edited_machine_or_interval_is_one_error(converted, tmp_path):
+    from edge.errors import EffmodError
+
+    out = tmp_path / "copy"
+    shutil.copytree(converted, out)
+    evaluate_manifest(out / "manifest.json", progress=False)
+    good = (out / "evaluation.json").read_text()
+    for edit, named in ((lambda ev: ev.update(machine="x86"), "machine 'x86' is not an object"),
+                        (lambda ev: ev["rows"][1].update(top1_agreement_ci95=[float("nan"), 1.0]), "ci95: [nan, 1.0]")):
+        ev = json.loads(good)
+        edit(ev)
+        (out / "evaluation.json").write_text(json.dumps(ev))
+        with pytest.raises(EffmodError, match=re.escape(named)):
+            render(out)
+
+
+def test_a_report_that_cannot_be_written_leaves_both_files_as_they_were(converted, tmp_path, monkeypatch):
+    import edge.manifest
+    from edge.errors import EffmodError
+
+    out = tmp_path / "copy"
+    shutil.copytree(converted, out)
+    md, page, _ = render(out)
+    before = md.read_text(), page.read_text()
+    real_fdopen, opened = os.fdopen, []
+
+    def disk_full_on_the_second(fd, *args, **kwargs):
+        f = real_fdopen(fd, *args, **kwargs)
+        opened.append(f)
+        if len(opened) == 2:
+            f.close()
+            raise OSError(28, "No space left on device")
+        return f
+
+    monkeypatch.setattr(edge.manifest.os, "fdopen", disk_full_on_the_second)
+    with pytest.raises(EffmodError, match="could not write the report into .*No space left on device"):
+        render(out, [FailUnder.parse("sqnr=200")])  # another report: its md differs from the one on disk
+    monkeypatch.undo()
+    assert (md.read_text(), page.read_text()) == before, "one report file was replaced without the other"
+    assert not list(out.glob("*.tmp")), "a temp file of the report was left behind"
