@@ -297,7 +297,15 @@ def is_file_name(name: object) -> bool:
 
 
 def artifact_problem(root: Path, artifact: Artifact) -> str | None:
-    """Why ``artifact`` under ``root`` cannot be trusted (missing, changed), or None."""
+    """Why ``artifact`` under ``root`` cannot be trusted (missing, unreadable, changed), or None."""
+    try:
+        return _artifact_problem(root, artifact)
+    except OSError as exc:
+        return (f"artifact file {artifact.path} (or a file of it) cannot be read ({exc.strerror or exc}); "
+                f"fix its permissions")
+
+
+def _artifact_problem(root: Path, artifact: Artifact) -> str | None:
     path = root / artifact.path
     if not path.exists():
         return f"artifact file {artifact.path} is missing"

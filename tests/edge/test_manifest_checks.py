@@ -233,3 +233,18 @@ def test_the_recorded_interval_never_rounds_inward_past_the_bar():
     assert lo < 0.99 and hi == 1.0, f"recorded interval {lo}-{hi} for 380/380; the true lower bound is 0.989992"
     assert record["agreement_bar_resolved"] is False
     assert interval_text(record["top1_agreement_ci95"]) == "98.9-100.0"
+
+
+def test_an_unreadable_artifact_is_a_problem_not_a_traceback(tmp_path, monkeypatch):
+    import edge.manifest
+    from edge.manifest import artifact_problem
+
+    m = Manifest.from_dict(copy.deepcopy(GOOD))
+    (tmp_path / "m.onnx").write_bytes(b"x")
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(edge.manifest, "artifact_digest", unreadable)
+    problem = artifact_problem(tmp_path, m.artifacts[0])
+    assert problem and "m.onnx" in problem and "Permission denied" in problem, problem
