@@ -254,6 +254,11 @@ def evaluate_manifest(
     tool = manifest.tool or {}
     ref_id = f"{manifest.weights}|{manifest.weights_sha256}|{manifest.model}|{tool.get('seed', 0)}|{tool.get('input_size', 224)}"
     ref_key = hashlib.sha256(ref_id.encode()).hexdigest()[:16]  # random weights differ by seed
+    ref_file = cache / f"reference-{ref_key}-{images['content_fingerprint']}.npy"
+    reference = _load_cached(ref_file, len(batch))  # the checkpoint is only needed when these logits are not cached
+    computed = reference is None
+    if computed:  # a checkpoint that is gone fails here, before the cache folder exists
+        reference = torch_logits(_reference_model(manifest), batch.nchw())
     with contextlib.ExitStack() as stack:
         cache.mkdir(exist_ok=True)
         work = cache / "work"
@@ -264,10 +269,7 @@ def evaluate_manifest(
         except (ConfigError, OSError) as exc:  # cached results still read; new ones are computed in a temp folder
             log.warning("%s; evaluating without writing to the cache", exc)
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="effmod-evaluate-")))
-        ref_file = cache / f"reference-{ref_key}-{images['content_fingerprint']}.npy"
-        reference = _load_cached(ref_file, len(batch))  # the checkpoint is only needed when these logits are not cached
-        if reference is None:
-            reference = torch_logits(_reference_model(manifest), batch.nchw())
+        if computed:
             _save_cached(ref_file, reference)
         rows = [{"target": "pytorch", "precision": "fp32", "path": "", "bytes": 0,
                  **compare_logits(reference, reference, batch.labels)}]
