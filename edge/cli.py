@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from edge.checks import interval_text
-from edge.errors import EffmodError
+from edge.errors import ConfigError, EffmodError
 from edge.targets import OPTIONS, TARGETS, parse_option_pairs
 from edge.timing import WARMUP_SECS
 
@@ -273,10 +273,15 @@ def report(out_dir: str, fail_under: tuple[str, ...]) -> None:
 
 
 @main.command()
-@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.argument("model", type=click.Path(exists=True))
 def inspect(model: str) -> None:
     """Op histogram of a .tflite, the ops its int8 graph keeps in float, XNNPACK coverage."""
     from converters.to_tflite import inspect_tflite
+
+    if Path(model).is_dir():
+        what = "a Core ML package (its checks are in the manifest's details.ane_check)" \
+            if model.rstrip("/").endswith(".mlpackage") else "a folder"
+        raise ConfigError(f"{model} is {what}; inspect reads one .tflite file: pass one that effmod-edge convert wrote")
 
     try:
         info = inspect_tflite(Path(model))

@@ -39,7 +39,8 @@ class FailUnder:
         except ValueError:
             raise ConfigError(f"--fail-under {text!r}: {value!r} is not a number") from None
         if bar != bar or bar in (float("inf"), float("-inf")):  # a NaN bar would pass every row
-            raise ConfigError(f"--fail-under {text!r}: the bar must be a finite number, e.g. {name}=0.99")
+            example = "25" if name == "sqnr" else "0.99"  # dB, or a fraction
+            raise ConfigError(f"--fail-under {text!r}: the bar must be a finite number, e.g. {name}={example}")
         low = -1.0 if name == "cosine" else 0.0
         if name != "sqnr" and not low <= bar <= 1.0:  # agreement=99 would fail every row
             raise ConfigError(f"--fail-under {text!r}: {name} is a fraction from {low:g} to 1; did you mean "

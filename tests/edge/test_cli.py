@@ -211,9 +211,12 @@ def test_evaluate_limit_must_be_positive(copy):
         _one_line_error(*_run("evaluate", str(copy), "--limit", limit), "--limit must be >= 1")
 
 
-def test_inspect_of_a_non_tflite_file_names_the_fix(converted):
+def test_inspect_of_a_non_tflite_file_names_the_fix(converted, tmp_path):
     onnx = next(converted.glob("*.onnx"))
     _one_line_error(*_run("inspect", str(onnx)), "is not a TFLite model", "pass a .tflite file")
+    (tmp_path / "m.mlpackage").mkdir()
+    _one_line_error(*_run("inspect", str(tmp_path / "m.mlpackage")), "is a Core ML package", "inspect reads one .tflite")
+    _one_line_error(*_run("inspect", str(tmp_path)), "is a folder", "inspect reads one .tflite")
 
 
 def test_download_cache_that_is_a_file(tmp_path, monkeypatch):

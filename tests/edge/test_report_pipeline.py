@@ -127,8 +127,10 @@ def test_fail_under_rejects_unknown_metric():
 @pytest.mark.parametrize("bar", ["nan", "inf", "-inf"])
 def test_fail_under_rejects_a_bar_no_row_can_miss(bar):
     """Every comparison with NaN is false, so sqnr=nan let a NaN artifact through the gate."""
-    with pytest.raises(ConfigError, match="finite number"):
+    with pytest.raises(ConfigError, match=r"finite number, e\.g\. sqnr=25$"):  # dB, not a fraction
         FailUnder.parse(f"sqnr={bar}")
+    with pytest.raises(ConfigError, match=r"finite number, e\.g\. agreement=0\.99$"):
+        FailUnder.parse(f"agreement={bar}")
 
 
 def test_report_html_renders_in_chromium(converted, tmp_path):
