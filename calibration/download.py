@@ -50,14 +50,17 @@ class _CacheWriteError(Exception):
     """A local file of the cache could not be written (not a network problem)."""
 
 
-def _fetch(url: str, dest: Path, sha256: str, timeout: float) -> None:
-    """Fetch ``url`` into ``dest`` through ``dest.part``, resuming a partial file; a short body stays a .part."""
+def _fetch(url: str, dest: Path, sha256: str, timeout: float) -> int:
+    """Fetch ``url`` into ``dest`` through ``dest.part``, resuming a partial file; a short body stays a .part.
+
+    Returns how many bytes came from a .part of an earlier run (0: downloaded whole).
+    """
     part = dest.with_name(dest.name + ".part")
     try:
         start = part.stat().st_size if part.exists() else 0
         if start and file_sha256(part) == sha256:  # complete, but the rename never happened
             os.replace(part, dest)
-            return
+            return start
     except OSError as exc:
         raise _CacheWriteError(exc) from None
     req = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
@@ -87,6 +90,7 @@ def _fetch(url: str, dest: Path, sha256: str, timeout: float) -> None:
         os.replace(part, dest)
     except OSError as exc:
         raise _CacheWriteError(exc) from None
+    return start if mode == "ab" else 0
 
 
 def _download_error(name: str, base: str, exc: BaseException) -> DataError:
@@ -115,6 +119,8 @@ def download_samples(base_url: str | None = None, timeout: float = 30.0, progres
     """Download (or finish downloading) the 1000 sample images; returns the folder."""
     base = (base_url or os.environ.get(URL_ENV) or DEFAULT_BASE_URL).rstrip("/") + "/"
     where = "--url" if base_url else (URL_ENV if os.environ.get(URL_ENV) else "the default URL")
+    if any(c.isspace() for c in base):
+        raise DataError(f"{where} {base!r} contains whitespace; percent-encode it (a space is %20)")
     try:
         parsed = urllib.parse.urlsplit(base)
         parsed.port  # raises for a port that is not a number
@@ -134,17 +140,24 @@ def download_samples(base_url: str | None = None, timeout: float = 30.0, progres
     except OSError as exc:
         raise DataError(f"cannot read the cached file {exc.filename} ({exc.strerror or exc}); fix its permissions "
                         f"or {writable_fix}") from None
+    in_the_way = [dest / n for n in todo if (dest / n).is_dir() or (dest / (n + ".part")).is_dir()]
+    if in_the_way:
+        raise DataError(f"{in_the_way[0]} (or its .part) is a folder where a sample image goes; remove it and rerun")
     interactive = sys.stderr.isatty()
     bar = tqdm(todo, desc="imagenet samples", unit="img", disable=not progress,
                mininterval=0.1 if interactive else 30.0, miniters=None if interactive else 100)
     for name in bar:
         target = dest / name
         try:
-            _fetch(base + name, target, sums[name], timeout)
+            resumed = _fetch(base + name, target, sums[name], timeout)
         except (_CacheWriteError, urllib.error.URLError, http.client.HTTPException, OSError) as exc:
             raise _download_error(name, base, exc) from None
         if file_sha256(target) != sums[name]:
             target.unlink()
+            if resumed:
+                raise DataError(f"{name} was resumed from a partial file of an earlier run, and the result is not the "
+                                f"expected file (SHA-256 mismatch); the partial file was removed: rerun to download "
+                                f"it whole")
             raise DataError(f"{base} served a different file for {name} (SHA-256 mismatch): it is not the sample "
                             f"set this version expects; check --url or {URL_ENV}")
     try:

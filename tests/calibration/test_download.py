@@ -179,3 +179,20 @@ def test_a_file_url_downloads_too(server, tmp_path, monkeypatch):
     out = dl.download_samples(root.as_uri(), progress=False)
     assert {p.name: p.read_bytes() for p in out.glob("*.JPEG")} == files
     assert not list(out.glob("*.part")) and dl.cached_samples_dir() == out
+
+
+def test_messages_name_the_real_cause(remote):
+    """A space in the URL, a folder where an image goes, and a stale .part each get their own fix."""
+    url, files, dest = remote
+    with pytest.raises(DataError, match="contains whitespace; percent-encode"):
+        dl.download_samples(url + "my samples/", progress=False)
+    name = sorted(files)[0]
+    (dest / name).mkdir(parents=True)
+    with pytest.raises(DataError, match=f"{name} .or its .part. is a folder where a sample image goes; remove it"):
+        dl.download_samples(url, progress=False)
+    (dest / name).rmdir()
+    (dest / (name + ".part")).write_bytes(b"\xff" * 10)  # not a prefix of the real file, which the server resumes
+    with pytest.raises(DataError, match="resumed from a partial file of an earlier run.*rerun to download it whole"):
+        dl.download_samples(url, progress=False)
+    out = dl.download_samples(url, progress=False)  # the rerun the message asks for
+    assert {p.name: p.read_bytes() for p in out.glob("*.JPEG")} == files
