@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import tempfile
 from collections import Counter
@@ -26,7 +27,7 @@ from edge.context import log, torch_logits
 from edge.efficientmod import get_config
 from edge.errors import CheckpointError, ConfigError, DataError, EffmodError
 from edge.manifest import (EVALUATION_FILE, Artifact, Manifest, artifact_problem, refuse_in_the_way, require_writable,
-                           write_json_atomic)
+                           write_files_atomic, write_json_atomic)
 from edge.weights import file_sha256, load_model
 
 CACHE_DIR = ".effmod-cache"
@@ -150,18 +151,12 @@ def _load_cached(path: Path, rows: int) -> np.ndarray | None:
 
 def _save_cached(path: Path, logits: np.ndarray) -> None:
     """Write through a temp file: an interrupted run leaves no truncated cache file. A failure only warns."""
-    tmp = None
+    buf = io.BytesIO()
+    np.save(buf, logits, allow_pickle=False)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npy")
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, logits, allow_pickle=False)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        write_files_atomic([(path, buf.getvalue())])
     except OSError as exc:
         log.warning("could not cache %s (%s); the evaluation goes on without it", path.name, exc.strerror or exc)
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
 
 
 def select_artifacts(manifest: Manifest, targets: list[str] | tuple[str, ...] = (),
@@ -243,14 +238,15 @@ def evaluate_manifest(
     artifacts = select_artifacts(manifest, targets, precisions)
     require_writable(root)
     refuse_in_the_way(root / EVALUATION_FILE, f"the {EVALUATION_FILE} evaluate writes", "move it away")
-    refuse_in_the_way(root / CACHE_DIR, "evaluate's cache folder", "move it away", want_dir=True)
-    for path in (root / CACHE_DIR, root / CACHE_DIR / "work"):
+    cache = root / CACHE_DIR
+    refuse_in_the_way(cache, "evaluate's cache folder", "move it away", want_dir=True)
+    refuse_in_the_way(cache / "work", "evaluate's work folder", f"move it away or delete {cache}", want_dir=True)
+    for path in (cache, cache / "work"):
         if path.is_symlink() and not path.exists():
             raise ConfigError(f"{path} is a broken link in the way of evaluate's cache; remove it (nothing was written)")
     batch, images = _manifest_images(manifest, data_dir, limit, heldout)
     if not manifest.imagenet_classes:  # a fine-tune's own classes: the images' ImageNet labels give no top-1
         batch = batch.without_labels()
-    cache = root / CACHE_DIR
     tool = manifest.tool or {}
     ref_id = f"{manifest.weights}|{manifest.weights_sha256}|{manifest.model}|{tool.get('seed', 0)}|{tool.get('input_size', 224)}"
     ref_key = hashlib.sha256(ref_id.encode()).hexdigest()[:16]  # random weights differ by seed
@@ -262,7 +258,6 @@ def evaluate_manifest(
     with contextlib.ExitStack() as stack:
         cache.mkdir(exist_ok=True)
         work = cache / "work"
-        refuse_in_the_way(work, "evaluate's work folder", f"move it away or delete {cache}", want_dir=True)
         try:
             require_writable(cache)
             work.mkdir(exist_ok=True)

@@ -370,22 +370,22 @@ def require_writable(folder: Path) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` through a temp file in the same folder, then rename into place."""
-    write_texts_atomic([(path, text)])
+    """Write ``text`` (UTF-8) through a temp file in the same folder, then rename into place."""
+    write_files_atomic([(path, text.encode("utf-8"))])
 
 
-def write_texts_atomic(files: list[tuple[Path, str]]) -> None:
+def write_files_atomic(files: list[tuple[Path, bytes]]) -> None:
     """Write every file to a temp file beside it first, then rename them all into place.
 
     A full disk or a write error leaves every destination as it was: none is renamed until all are written.
     """
     tmps: list[str] = []
     try:
-        for path, text in files:
+        for path, data in files:
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             tmps.append(tmp)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
             os.chmod(tmp, 0o644)
         for (path, _), tmp in zip(files, tmps):
             os.replace(tmp, path)

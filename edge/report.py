@@ -17,7 +17,7 @@ from pathlib import Path
 from edge.errors import ConfigError, EffmodError
 from edge.checks import interval_text
 from edge.manifest import (BENCH_FILE, EVALUATION_FILE, REPORT_FILES, Manifest, TooDeepError, artifact_problem,
-                           check_metrics, is_number, parse_json, refuse_in_the_way, require_writable, write_texts_atomic)
+                           check_metrics, is_number, parse_json, refuse_in_the_way, require_writable, write_files_atomic)
 
 METRICS = {"agreement": "top1_agreement", "sqnr": "sqnr_db", "top1": "top1", "top5": "top5", "cosine": "cosine"}
 
@@ -61,7 +61,7 @@ def report_folder(path: str | os.PathLike) -> Path:
 def _search_target(d: dict) -> str:
     """The search's bar on the calibration images, where the manifest records it (older ones do not)."""
     t = d.get("search_target")
-    if not isinstance(t, dict) or not all(isinstance(t.get(k), (int, float)) for k in ("min_agreement", "min_sqnr_db")):
+    if not isinstance(t, dict) or not all(is_number(t.get(k)) for k in ("min_agreement", "min_sqnr_db")):
         return ""
     return f" (asked: {100 * t['min_agreement']:.0f} % agreement, {t['min_sqnr_db']:g} dB SQNR)"
 
@@ -361,7 +361,8 @@ def render(out_dir: str | os.PathLike, fail_under: list[FailUnder] | None = None
 </body></html>
 """
     try:
-        write_texts_atomic([(md_path, "\n".join(md) + "\n"), (html_path, page)])
+        write_files_atomic([(md_path, ("\n".join(md) + "\n").encode("utf-8")), (html_path, page.encode("utf-8"))])
     except OSError as exc:
-        raise EffmodError(f"could not write the report into {out_dir} ({exc.strerror or exc}); free some space or fix the folder's permissions and run report again") from None
+        raise EffmodError(f"could not write the report into {out_dir} ({exc.strerror or exc}); free some space or "
+                          f"fix the folder's permissions and run report again") from None
     return md_path, html_path, misses
