@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 from edge.context import log
-from edge.efficientmod import get_config
+from edge.efficientmod import create_model, get_config, to_deploy
 from edge.errors import ConfigError, EffmodError
-from edge.manifest import BENCH_FILE, Manifest, artifact_problem, refuse_in_the_way, require_writable, write_json_atomic
+from edge.manifest import (BENCH_FILE, Manifest, artifact_problem, reference_label, refuse_in_the_way, require_writable,
+                           write_json_atomic)
 from edge.timing import WARMUP_SECS, warm_up
 
 
@@ -97,6 +98,12 @@ def _torch_timer(model: torch.nn.Module, threads: int, input_size: int):
 
 BASELINE = {"target": "tflite", "precision": "fp32"}  # the file every speed-up is measured against
 
+def _onnx_reference(model: torch.nn.Module, size: int, build: Path) -> Path:
+    """fp32 ONNX of ``model``'s deploy form (as convert's onnx target writes it), for onnxruntime's row."""
+    from converters.to_onnx import export_onnx
+
+    return export_onnx(to_deploy(model, size), build / "reference.onnx", size)
+
 
 def _speedup_vs_baseline(row: dict, medians: list[float], timed: list[tuple[dict, list[float]]]) -> dict | None:
     """Baseline time / this row's time, paired round by round at the same thread count.
@@ -121,10 +128,14 @@ def bench_manifest(
     threads: tuple[int, ...] | None = None,
     include_torch: bool = True,
     warmup_secs: float = WARMUP_SECS,
+    include_onnxruntime: bool = True,
 ) -> dict:
     """Time every runnable artifact; writes ``bench.json`` beside the manifest.
 
     Each round first runs each row at least ``warmup`` times and for ``warmup_secs`` seconds, untimed.
+    PyTorch eager is timed beside them (``include_torch``), and so is onnxruntime on an fp32 ONNX
+    export of the deploy form when the manifest holds TFLite files but no ONNX file to time
+    (``include_onnxruntime``): issue 4 compares fp32 TFLite with onnxruntime in one run.
     """
     if runs < 1 or rounds < 1 or warmup < 0 or not 0 <= warmup_secs < float("inf"):
         raise ConfigError(f"bench needs --runs >= 1, --rounds >= 1, --warmup >= 0 and a finite --warmup-secs >= 0 "
@@ -155,11 +166,23 @@ def bench_manifest(
                     timers.append(({**row, "threads": t, "runtime": "litert-xnnpack"}, _tflite_timer(root / a.path, t, build)))
                 else:
                     rows.append({**row, "threads": t, "skipped": "Core ML runs only on macOS; no host latency"})
-        if include_torch:
-            from edge.efficientmod import create_model
+        model = create_model(manifest.model, num_classes=manifest.num_classes).eval()  # latency only: random weights
+        size = int((manifest.tool or {}).get("input_size", 224))
+        timed_targets = {r["target"] for r, _ in timers}
+        if include_onnxruntime and "tflite" in timed_targets and "onnx" not in timed_targets:
+            import onnxruntime
 
-            model = create_model(manifest.model, num_classes=manifest.num_classes).eval()
-            size = int((manifest.tool or {}).get("input_size", 224))
+            row = {"target": "onnx", "precision": "fp32", "path": "", "bytes": 0,
+                   "runtime": f"onnxruntime {onnxruntime.__version__}",
+                   "note": "deploy form exported by bench: the manifest has no ONNX file to time"}
+            try:
+                path = _onnx_reference(model, size, build)
+            except Exception as exc:  # a failed export costs its row, not the bench
+                rows.append({**row, "error": f"ONNX export failed: {type(exc).__name__}: {exc}"})
+            else:
+                for t in threads:
+                    timers.append(({**row, "bytes": path.stat().st_size, "threads": t}, _onnx_timer(path, t)))
+        if include_torch:
             for t in threads:
                 timers.append(({"target": "pytorch", "precision": "fp32", "path": "", "bytes": 0, "threads": t,
                                 "runtime": f"torch {torch.__version__} eager"}, _torch_timer(model, t, size)))
@@ -203,11 +226,11 @@ def format_table(result: dict) -> str:
         if "median_ms" in r:
             sp = r.get("speedup_vs_fp32_tflite")
             ratio = f"{sp['median']:.2f}x ({sp['min']:.2f}-{sp['max']:.2f}, {sp['rounds']})" if sp else "-"
-            lines.append(f"| {r['target']} | {r['precision']} | {r['path'] or '(eager)'} | {mb} | {r['threads']} | "
+            lines.append(f"| {r['target']} | {r['precision']} | {reference_label(r)} | {mb} | {r['threads']} | "
                          f"{r['median_ms']:.2f} | {r['p90_ms']:.2f} | {r['min_ms']:.2f} | {ratio} |")
         else:
             why = r.get("error") or r.get("skipped")
-            lines.append(f"| {r['target']} | {r['precision']} | {r['path']} | {mb} | {r.get('threads', '-')} | {why} "
+            lines.append(f"| {r['target']} | {r['precision']} | {reference_label(r)} | {mb} | {r.get('threads', '-')} | {why} "
                          "| | | |")
     return "\n".join(lines)
 

@@ -209,8 +209,11 @@ def download_samples(url: str | None) -> None:
               help="Untimed seconds before each round (at least), as LiteRT's benchmark_model warms up.")
 @click.option("--rounds", default=3, show_default=True, help="Interleaved rounds over all artifacts.")
 @click.option("--threads", default=None, help="Comma-separated thread counts (default: 1 and all cores).")
-def bench(manifest: str, runs: int, warmup: int, warmup_secs: float, rounds: int, threads: str | None) -> None:
-    """Host latency of every runnable artifact and of PyTorch eager; writes bench.json."""
+@click.option("--onnxruntime/--no-onnxruntime", "with_onnxruntime", default=True, show_default=True,
+              help="Time onnxruntime fp32 on a deploy-form export when the manifest has TFLite files but no ONNX file.")
+def bench(manifest: str, runs: int, warmup: int, warmup_secs: float, rounds: int, threads: str | None,
+          with_onnxruntime: bool) -> None:
+    """Host latency of every runnable artifact, of PyTorch eager and of onnxruntime fp32; writes bench.json."""
     from edge.bench import bench_manifest, format_table, require_manifest
 
     try:
@@ -218,7 +221,7 @@ def bench(manifest: str, runs: int, warmup: int, warmup_secs: float, rounds: int
     except ValueError:
         raise EffmodError(f"--threads {threads!r} is not a comma-separated list of thread counts; pass e.g. 1,2") from None
     result = bench_manifest(require_manifest(manifest), runs=runs, warmup=warmup, rounds=rounds, threads=counts,
-                            warmup_secs=warmup_secs)
+                            warmup_secs=warmup_secs, include_onnxruntime=with_onnxruntime)
     m = result["machine"]
     click.echo(f"{result['model']} ({result['weights']}) on {m['cpu']}, {m['cores']} cores, {result['date']}")
     click.echo(format_table(result))

@@ -349,6 +349,13 @@ def parse_json(text: str) -> Any:
 
 EVALUATION_FILE, BENCH_FILE, REPORT_FILES = "evaluation.json", "bench.json", ("report.md", "report.html")
 DERIVED_FILES = (EVALUATION_FILE, BENCH_FILE, *REPORT_FILES)  # made from a manifest; stale once it is replaced
+# bench.json rows that time no file of the manifest (their path is empty), by target: the name tables give them
+REFERENCE_LABELS = {"pytorch": "(eager)", "onnx": "(bench export)"}
+
+
+def reference_label(row: dict) -> str:
+    """The name a bench row goes by in tables: its file, or for a row bench added, its label."""
+    return row["path"] or REFERENCE_LABELS.get(row["target"], f"({row['target']})")
 
 
 def refuse_in_the_way(dest: Path, what: str, fix: str, want_dir: bool = False) -> None:

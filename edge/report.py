@@ -16,8 +16,9 @@ from pathlib import Path
 
 from edge.errors import ConfigError, EffmodError
 from edge.checks import interval_text
-from edge.manifest import (BENCH_FILE, EVALUATION_FILE, REPORT_FILES, Manifest, TooDeepError, artifact_problem,
-                           check_metrics, is_number, parse_json, refuse_in_the_way, require_writable, write_files_atomic)
+from edge.manifest import (BENCH_FILE, EVALUATION_FILE, REFERENCE_LABELS, REPORT_FILES, Manifest, TooDeepError,
+                           artifact_problem, check_metrics, is_number, parse_json, reference_label, refuse_in_the_way,
+                           require_writable, write_files_atomic)
 
 METRICS = {"agreement": "top1_agreement", "sqnr": "sqnr_db", "top1": "top1", "top5": "top5", "cosine": "cosine"}
 
@@ -145,9 +146,9 @@ def collect_rows(out_dir: Path) -> tuple[Manifest, list[dict], dict | None, dict
     no_latency: dict[str, str] = {}
     for r in (bench or {}).get("results", []):
         if "median_ms" in r:
-            lat.setdefault(r["path"] or "(eager)", {})[r["threads"]] = r["median_ms"]
+            lat.setdefault(reference_label(r), {})[r["threads"]] = r["median_ms"]
         elif r.get("skipped") or r.get("error"):
-            no_latency[r["path"]] = r.get("skipped") or r["error"]
+            no_latency[reference_label(r)] = r.get("skipped") or r["error"]
     rows = []
     for a in manifest.artifacts:
         source = evals.get(a.path)
@@ -165,12 +166,18 @@ def collect_rows(out_dir: Path) -> tuple[Manifest, list[dict], dict | None, dict
         if problem:
             row["error"] = problem
         rows.append(row)
-    if "(eager)" in lat:
-        rows.append({"target": "pytorch", "precision": "fp32", "path": "(eager)", "bytes": 0,
-                     "metrics_from": "reference", "latency": lat["(eager)"], "details": {},
-                     "agreement": 1.0, "sqnr": math.inf, "cosine": 1.0,
-                     "top1": next((r.get("top1") for r in (evaluation or {}).get("rows", []) if r["target"] == "pytorch"), None),
-                     "top5": next((r.get("top5") for r in (evaluation or {}).get("rows", []) if r["target"] == "pytorch"), None)})
+    for target, label in REFERENCE_LABELS.items():  # rows bench timed beside the artifacts
+        if label not in lat and label not in no_latency:
+            continue
+        row = {"target": target, "precision": "fp32", "path": label, "bytes": 0, "reference": True, "details": {},
+               "latency": lat.get(label, {}), "no_latency": no_latency.get(label)}
+        if target == "pytorch":  # the reference every check compares with
+            torch_row = next((r for r in (evaluation or {}).get("rows", []) if r["target"] == "pytorch"), {})
+            row.update({"metrics_from": "reference", "agreement": 1.0, "sqnr": math.inf, "cosine": 1.0,
+                        "top1": torch_row.get("top1"), "top5": torch_row.get("top5")})
+        else:  # bench's own export, timed for latency only: random weights, so no metrics
+            row["metrics_from"] = "bench export"
+        rows.append(row)
     return manifest, rows, evaluation, bench
 
 
@@ -178,7 +185,7 @@ def gate(rows: list[dict], fail_under: list[FailUnder], failures: list | None = 
     """Names of rows (with the reason) that miss a --fail-under bar or have an error, and failed conversions."""
     misses = [f"{f.target}/{f.precision}: conversion failed after {f.seconds:.0f}s: {f.error}" for f in failures or []]
     for r in rows:
-        if r["target"] == "pytorch":
+        if r.get("reference"):
             continue
         name = f"{r['target']}/{r['precision']} {r['path']}"
         if "error" in r:

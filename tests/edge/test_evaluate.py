@@ -199,6 +199,26 @@ def test_evaluate_and_bench_run_tflite_from_a_relative_manifest_path(tiny_tflite
     assert "error" not in tfl and tfl["median_ms"] > 0, f"TFLite bench from a relative manifest path: {tfl}"
 
 
+def test_bench_times_onnxruntime_beside_a_tflite_only_manifest(tiny_tflite, tmp_path):
+    from edge.bench import bench_manifest
+    from edge.report import FailUnder, render
+
+    out = tmp_path / "out"
+    shutil.copytree(tiny_tflite, out, ignore=shutil.ignore_patterns(".effmod-cache"))
+    rows = bench_manifest(out / "manifest.json", runs=2, warmup=1, rounds=1, threads=(1,), include_torch=False,
+                          warmup_secs=0)["results"]
+    (ort,) = [r for r in rows if r["target"] == "onnx"]
+    assert ort["path"] == "" and ort["median_ms"] > 0 and ort["bytes"] > 0, f"onnxruntime row: {ort}"
+    assert ort["speedup_vs_fp32_tflite"]["rounds"] == 1, f"onnxruntime not paired with fp32 TFLite: {ort}"
+    md, page, misses = render(out, [FailUnder.parse("agreement=0.99")])
+    (line,) = [x for x in md.read_text().splitlines() if "(bench export)" in x]
+    assert f"{ort['median_ms']:.2f}" in line, f"report row of the onnxruntime export lacks its latency: {line}"
+    assert not [m for m in misses if "bench export" in m], f"a latency-only row was gated on agreement: {misses}"
+    rows = bench_manifest(out / "manifest.json", runs=1, warmup=0, rounds=1, threads=(1,), include_torch=False,
+                          warmup_secs=0, include_onnxruntime=False)["results"]
+    assert {r["target"] for r in rows} == {"tflite"}, f"include_onnxruntime=False still timed: {rows}"
+
+
 def test_the_cache_recomputes_same_named_images_of_another_folder(tiny_tflite, twelve_images, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
