@@ -150,7 +150,7 @@ def convert(targets, precisions, model, weights, labels, output, calib_dir, cali
             f"{'PASS' if c['passed'] else 'MISS: ' + '; '.join(c['misses'])}"
         )
     for f in m.failures:
-        click.echo(f"  {f.target:7s} {f.precision:10s} FAILED: {f.error}", err=True)
+        click.echo(f"  {f.target:7s} {f.precision:10s} {f.path or '':40s} FAILED: {f.error}", err=True)
     if with_report:
         from edge.bench import bench_manifest
         from edge.evaluate import evaluate_manifest

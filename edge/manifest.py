@@ -168,6 +168,12 @@ class Failure:
     precision: str
     error: str
     seconds: float
+    path: str | None = None  # the file that was built but not written; None when none was built
+
+    @property
+    def name(self) -> str:
+        """``target/precision``, with the file where one was built (ONNX builds two fp32 files)."""
+        return f"{self.target}/{self.precision}" + (f" {self.path}" if self.path else "")
 
 
 DATA_FIELDS: dict[str, Any] = {  # the images a convert used (calibration.splits.Split.describe + labels file)
@@ -203,6 +209,9 @@ class Manifest:
                               + ("; upgrade effmod-edge to read it" if newer else ""))
         for i, a in enumerate(self.artifacts):
             a.validate(f"artifacts[{i}]")
+        for i, f in enumerate(self.failures):
+            if f.path is not None and not is_file_name(f.path):
+                raise ConfigError(f"failures[{i}].path: {f.path!r} is not a file name of the manifest's folder")
         if self.data is not None:
             unknown = sorted(set(self.data) - set(DATA_FIELDS))
             if unknown:

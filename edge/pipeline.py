@@ -369,7 +369,7 @@ def convert(request: ConvertRequest) -> ConvertResult:
                 except ConfigError as exc:
                     failures.append(Failure(target, r.precision, f"its manifest record is invalid, so it was not "
                                             f"written: {exc} (a bug in effmod-edge: please report it)",
-                                            round(time.perf_counter() - start, 2)))
+                                            round(time.perf_counter() - start, 2), r.path))
                     continue
                 artifacts.append(artifact)
                 all_results.append(r)
@@ -387,11 +387,11 @@ def convert(request: ConvertRequest) -> ConvertResult:
                         "on every image calibration left", len(split.eval),
                         ", ".join(u for u, _ in unsettled), max(n for _, n in unsettled), output / "manifest.json")
         for f in failures:
-            log.error("%s %s failed after %.1fs: %s", f.target, f.precision, f.seconds, f.error)
+            log.error("%s failed after %.1fs: %s", f.name, f.seconds, f.error)
         manifest.artifacts, manifest.failures = artifacts, failures
         manifest.validate()
         if not artifacts:
-            first = f"{failures[0].target} {failures[0].precision}: {failures[0].error}" if failures else "none ran"
+            first = f"{failures[0].name}: {failures[0].error}" if failures else "none ran"
             more = f" and {len(failures) - 1} more" if len(failures) > 1 else ""
             raise ConversionError(f"no artifact was built ({first}{more}); nothing was written to {output}; "
                                   f"fix that and re-run (-v shows tracebacks)")

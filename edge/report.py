@@ -183,7 +183,7 @@ def collect_rows(out_dir: Path) -> tuple[Manifest, list[dict], dict | None, dict
 
 def gate(rows: list[dict], fail_under: list[FailUnder], failures: list | None = None) -> list[str]:
     """Names of rows (with the reason) that miss a --fail-under bar or have an error, and failed conversions."""
-    misses = [f"{f.target}/{f.precision}: conversion failed after {f.seconds:.0f}s: {f.error}" for f in failures or []]
+    misses = [f"{f.name}: conversion failed after {f.seconds:.0f}s: {f.error}" for f in failures or []]
     for r in rows:
         if r.get("reference"):
             continue
@@ -328,7 +328,7 @@ def render(out_dir: str | os.PathLike, fail_under: list[FailUnder] | None = None
                f"{_search_target(d)}."]
         md += [f"- step: {mixed_step_line(s)}" for s in d["search"]]
     for f in manifest.failures:
-        md.append(f"\nFailed: {f.target}/{f.precision} after {f.seconds:.0f}s: {f.error}")
+        md.append(f"\nFailed: {f.name} after {f.seconds:.0f}s: {f.error}")
     if misses:
         md += ["", "## Gate misses", *[f"- {m}" for m in misses]]
     md_path, html_path = (out_dir / name for name in REPORT_FILES)
@@ -351,7 +351,7 @@ def render(out_dir: str | os.PathLike, fail_under: list[FailUnder] | None = None
             f"<li>{esc(mixed_step_line(s))}</li>" for s in r["details"]["search"]) + "</ul>")
     if manifest.failures:
         sections.append("<h2>Failed conversions</h2><ul>" + "".join(
-            f"<li>{esc(f.target)}/{esc(f.precision)} after {f.seconds:.0f}s: {esc(f.error)}</li>"
+            f"<li>{esc(f.name)} after {f.seconds:.0f}s: {esc(f.error)}</li>"
             for f in manifest.failures) + "</ul>")
     if misses:
         sections.append("<h2>Gate misses</h2><ul>" + "".join(f"<li>{esc(m)}</li>" for m in misses) + "</ul>")

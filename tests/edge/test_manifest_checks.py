@@ -84,6 +84,8 @@ def test_round_trip():
     (lambda d: d["artifacts"][0]["checks"].update(top1_agreement_ci95=[float("nan"), 1.0]), r"ci95: \[nan, 1.0\]"),
     (lambda d: d["artifacts"][0]["checks"].update(top1_agreement_ci95=[0.1, float("inf")]), r"0 <= low <= high <= 1"),
     (lambda d: d["artifacts"][0]["checks"].update(top1_agreement_ci95=[0.9, 0.8]), r"0 <= low <= high <= 1"),
+    (lambda d: d.update(failures=[{"target": "onnx", "precision": "fp32", "error": "x", "seconds": 1.0,
+                                   "path": "../m.onnx"}]), r"failures\[0\]\.path: '\.\./m\.onnx'"),
 ])
 def test_rejects_bad_values_naming_them(mutate, named):
     d = copy.deepcopy(GOOD)

@@ -118,7 +118,8 @@ def test_an_invalid_record_costs_only_its_artifact(tmp_path, samples_dir, monkey
                                      calib_dir=str(samples_dir), calib_size=2, eval_size=4))
         m = Manifest.load(res.manifest_path)
         assert [a.path for a in m.artifacts] == ["efficientmod_test_tiny.onnx"], m.artifacts
-        assert [(f.target, f.precision) for f in m.failures] == [("onnx", "fp32")], m.failures
+        assert [(f.target, f.precision, f.path) for f in m.failures] == [
+            ("onnx", "fp32", "efficientmod_test_tiny_dynamic.onnx")], f"the failure must name the file: {m.failures}"
         assert field in m.failures[0].error and "not written" in m.failures[0].error, m.failures
         assert sorted(p.name for p in out.iterdir()) == ["efficientmod_test_tiny.onnx", "labels.txt", "manifest.json"]
 

@@ -111,12 +111,16 @@ def test_failed_conversions_are_gate_misses_and_shown_in_html(converted, tmp_pat
     out = tmp_path / "copy"
     shutil.copytree(converted, out)
     m = json.loads((out / "manifest.json").read_text())
-    m["failures"] = [{"target": "tflite", "precision": "int8", "error": "RuntimeError: <boom>", "seconds": 3.0}]
+    m["failures"] = [{"target": "tflite", "precision": "int8", "error": "RuntimeError: <boom>", "seconds": 3.0},
+                     {"target": "onnx", "precision": "fp32", "error": "bad record", "seconds": 1.0, "path": "b.onnx"}]
     (out / "manifest.json").write_text(json.dumps(m))
     md, page, misses = render(out, [FailUnder.parse("sqnr=25")])
-    assert misses == ["tflite/int8: conversion failed after 3s: RuntimeError: <boom>"], misses
+    assert misses == ["tflite/int8: conversion failed after 3s: RuntimeError: <boom>",
+                      "onnx/fp32 b.onnx: conversion failed after 1s: bad record"], misses
     html = page.read_text()
     assert "Failed conversions" in html and "RuntimeError: &lt;boom&gt;" in html, "the failure is not on the HTML page"
+    assert "onnx/fp32 b.onnx after 1s" in html and "onnx/fp32 b.onnx after 1s" in md.read_text(), \
+        "the failed file is not named on the page"
 
 
 def test_fail_under_rejects_unknown_metric():
