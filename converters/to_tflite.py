@@ -265,8 +265,10 @@ def litert_logits(model: Path, images_nhwc: np.ndarray, build_dir: Path, threads
     """Logits of a .tflite on normalized NHWC images, computed in a subprocess."""
     digest = hashlib.sha256(np.ascontiguousarray(images_nhwc).tobytes()).hexdigest()[:16]
     images = build_dir / f"images-{digest}.npy"
-    if not images.exists():
-        np.save(images, images_nhwc)
+    if not images.exists():  # reused by every file checked on these images; an interrupted save must not be
+        part = build_dir / f".images-{digest}-{os.getpid()}.npy"
+        np.save(part, images_nhwc)
+        os.replace(part, images)
     out = build_dir / f"logits-{model.stem}-{digest}.npy"
     worker("run", {"model": str(model.resolve()), "images": str(images.resolve()), "out": str(out.resolve()),
                    "threads": threads}, build_dir)

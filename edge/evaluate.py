@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import io
 import os
+import shutil
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -159,6 +160,13 @@ def _save_cached(path: Path, logits: np.ndarray) -> None:
         log.warning("could not cache %s (%s); the evaluation goes on without it", path.name, exc.strerror or exc)
 
 
+def _remove_old_work_folder(cache: Path) -> None:
+    """Earlier versions kept the runtimes' image arrays in ``cache/work`` for good (hundreds of MB); free that space."""
+    old = cache / "work"
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def select_artifacts(manifest: Manifest, targets: list[str] | tuple[str, ...] = (),
                      precisions: list[str] | tuple[str, ...] = ()) -> list[Artifact]:
     """The manifest's artifacts of ``targets`` and ``precisions`` (empty: any); none matching is an error."""
@@ -240,10 +248,8 @@ def evaluate_manifest(
     refuse_in_the_way(root / EVALUATION_FILE, f"the {EVALUATION_FILE} evaluate writes", "move it away")
     cache = root / CACHE_DIR
     refuse_in_the_way(cache, "evaluate's cache folder", "move it away", want_dir=True)
-    refuse_in_the_way(cache / "work", "evaluate's work folder", f"move it away or delete {cache}", want_dir=True)
-    for path in (cache, cache / "work"):
-        if path.is_symlink() and not path.exists():
-            raise ConfigError(f"{path} is a broken link in the way of evaluate's cache; remove it (nothing was written)")
+    if cache.is_symlink() and not cache.exists():
+        raise ConfigError(f"{cache} is a broken link in the way of evaluate's cache; remove it (nothing was written)")
     batch, images = _manifest_images(manifest, data_dir, limit, heldout)
     if not manifest.imagenet_classes:  # a fine-tune's own classes: the images' ImageNet labels give no top-1
         batch = batch.without_labels()
@@ -257,13 +263,13 @@ def evaluate_manifest(
         reference = torch_logits(_reference_model(manifest), batch.nchw())
     with contextlib.ExitStack() as stack:
         cache.mkdir(exist_ok=True)
-        work = cache / "work"
-        try:
+        try:  # the runtimes' inputs and outputs: this run's own folder, gone when it ends (the logits are cached)
             require_writable(cache)
-            work.mkdir(exist_ok=True)
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".work-", dir=cache)))
         except (ConfigError, OSError) as exc:  # cached results still read; new ones are computed in a temp folder
             log.warning("%s; evaluating without writing to the cache", exc)
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="effmod-evaluate-")))
+        _remove_old_work_folder(cache)
         if computed:
             _save_cached(ref_file, reference)
         rows = [{"target": "pytorch", "precision": "fp32", "path": "", "bytes": 0,
