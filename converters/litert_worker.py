@@ -367,9 +367,34 @@ def _all_tensors(model_content: bytes, images: np.ndarray) -> tuple[list[dict], 
              "in": [details[i]["name"] for i in o["inputs"] if i in details]} for o in ops], values
 
 
+def _float_names(qops: list[dict], fops: list[dict]) -> dict[str, str]:
+    """Each int8-model op output's name in the float model it was quantized from.
+
+    The quantizer renames some op outputs (``.../convolution`` becomes
+    ``.../convolution1``, the model's output another name), so ops are paired by
+    position when both models run the same op sequence (QUANTIZE/DEQUANTIZE left
+    out); otherwise names are taken as they are.
+    """
+    if [(o["op"], len(o["out"])) for o in qops] != [(o["op"], len(o["out"])) for o in fops]:
+        return {}
+    return {qn: fn for q, f in zip(qops, fops) for qn, fn in zip(q["out"], f["out"])}
+
+
+def _converted_from(g: Graph) -> dict[str, str]:
+    """Each QUANTIZE/DEQUANTIZE output's name -> the op output it converts (through chains of them)."""
+    source: dict[str, str] = {}
+    for o in g.ops:
+        if o["op_name"] in ("QUANTIZE", "DEQUANTIZE"):
+            i = g.names[o["inputs"][0]]
+            source[g.names[o["outputs"][0]]] = source.get(i, i)
+    return source
+
+
 def cmd_sensitivity(args: dict) -> None:
     """Per-op SQNR of the full-int8 model's op outputs against the float model's.
 
+    ``float_model`` is the calibrated model the int8 file was quantized from, so
+    rows name each op's output as the quantizer's denylist knows it.
     ``sqnr_db`` is the accumulated fidelity at that op's output; ``drop_db`` is how
     much this op lowers it below its worst input, i.e. the error the op itself adds.
     ``layernorm_stat`` marks the ops of a LayerNorm's statistics chain (:func:`layernorm_stat_nodes`).
@@ -379,18 +404,20 @@ def cmd_sensitivity(args: dict) -> None:
     with open(args["quant_model"], "rb") as f:
         quant_model = f.read()
     images = np.load(args["calib"])[: args.get("debug_limit", 8)]
-    _, fvals = _all_tensors(float_model, images)
+    fops, fvals = _all_tensors(float_model, images)
     qops, qvals = _all_tensors(quant_model, images)
+    g = read_graph(quant_model)
+    to_float, source = _float_names(qops, fops), _converted_from(g)
     sqnr = {}
     for name, vals in qvals.items():
-        if name not in fvals or fvals[name][0].shape != vals[0].shape:
+        fname = to_float.get(name, name)
+        if fname not in fvals or fvals[fname][0].shape != vals[0].shape:
             continue
-        ref = np.concatenate([v.ravel() for v in fvals[name]])
+        ref = np.concatenate([v.ravel() for v in fvals[fname]])
         if float(np.sqrt(np.mean(ref.astype(np.float64) ** 2))) < 1e-6:
             continue  # a numerically zero tensor has no meaningful SQNR
         sqnr[name] = _sqnr_db(ref, np.concatenate([v.ravel() for v in vals]))
     stats = set(layernorm_stat_nodes(float_model))
-    g = read_graph(quant_model)
     extra = {g.names[o["outputs"][0]]: 3 * int(np.prod(g.tensors[o["inputs"][1]]["shape"]))  # float32 over int8
              for o in g.ops_of(CONV_OPS)}
     rows = []
@@ -398,10 +425,11 @@ def cmd_sensitivity(args: dict) -> None:
         name = o["out"][0]
         if name not in sqnr:
             continue
-        inputs = [sqnr[i] for i in o["in"] if i in sqnr]
+        inputs = [sqnr[source.get(i, i)] for i in o["in"] if source.get(i, i) in sqnr]
         drop = min(inputs) - sqnr[name] if inputs else 0.0
-        rows.append({"tensor": name, "op": o["op"], "sqnr_db": round(sqnr[name], 2), "drop_db": round(drop, 2),
-                     "layernorm_stat": name in stats, "extra_bytes": extra.get(name, 0)})
+        fname = to_float.get(name, name)
+        rows.append({"tensor": fname, "op": o["op"], "sqnr_db": round(sqnr[name], 2), "drop_db": round(drop, 2),
+                     "layernorm_stat": fname in stats, "extra_bytes": extra.get(name, 0)})
     rows.sort(key=lambda r: -r["drop_db"])
     with open(args["out"], "w") as f:
         json.dump(rows, f, indent=1)

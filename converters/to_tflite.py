@@ -715,7 +715,7 @@ def _mixed(b: _Builder, stem: str) -> ArtifactResult:
     ctx = b.ctx
     full = b.quantize(b.build / "full_int8.tflite")
     sens_path = b.build / "sensitivity.json"
-    worker("sensitivity", {"float_model": str(b.int8_saved() / "model_float32.tflite"), "quant_model": str(full),
+    worker("sensitivity", {"float_model": str(b.calibrated()), "quant_model": str(full),
                            "calib": str(b.calib_npy), "out": str(sens_path),
                            "debug_limit": min(8, len(ctx.split.calib))}, b.build)
     sensitivity = json.loads(sens_path.read_text())

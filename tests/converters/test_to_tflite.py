@@ -293,6 +293,12 @@ def test_int8_on_weights_whose_blocks_matter(tmp_path, samples_dir, proxy_tiny_c
     int8, dyn = _by(res.manifest, "_int8.tflite"), _by(res.manifest, "_dynamic.tflite")
     _check_mixed(_by(res.manifest, "_int8_mixed.tflite"), int8)
     mixed = _by(res.manifest, "_int8_mixed.tflite")
+    from converters.litert_worker import CONV_OPS, read_graph
+
+    convs = len(read_graph(str(tmp_path / int8.path)).ops_of(CONV_OPS))  # int8-mixed's full-int8 start is this file
+    rows = [r for r in mixed.details["sensitivity"] if r["op"] in CONV_OPS]
+    assert len(rows) == convs, (f"{len(rows)} of the {convs} int8 convs have a sensitivity row: the quantizer renames "
+                                f"some outputs, so they must be paired with the float model's by position")
     # measured: int8 25.43 dB, dynamic 39.06 dB, int8-mixed 32.55 dB
     assert int8.checks["sqnr_db"] >= 23.0, f"int8 on proxy weights: {int8.checks}"
     assert dyn.checks["sqnr_db"] >= 36.0, f"dynamic on proxy weights: {dyn.checks}"
