@@ -391,7 +391,7 @@ class _Builder:
         self.calib_npy = build / "calib.npy"
         self._calibrated: Path | None = None
         self._calibration: _Started | None = None
-        self._calibration_error: ConversionError | None = None
+        self._calibration_error: Exception | None = None
         opts = validate_options(ctx.options)
         self.ranges = opts["tflite_ranges"]
         self.mixed_priority = opts["tflite_mixed_priority"]
@@ -538,22 +538,25 @@ class _Builder:
             if not self.calib_npy.exists():
                 raise ConversionError("int8 needs calibration images: use --calib-size > 0")
             try:
-                self.start_calibration()
-                run, self._calibration = self._calibration, None
-                run.wait()
-            except ConversionError as exc:
+                self._calibrated = self._calibrate()
+            except Exception as exc:  # also a failed histogram or range pass: int8-mixed must not redo it all
                 self._calibration_error = exc
                 raise
-            out = self.build / "calibrated.tflite"
-            refined, summary = self.build / "calibrated_ranges.tflite", self.build / "ranges.json"
-            log.info("tflite: %s activation ranges", "MSE-optimal" if self.ranges == "mse" else "min/max")
-            shards = (histogram_shards(out, self.calib_npy, self.build, min(HISTOGRAM_WORKERS, os.cpu_count() or 1))
-                      if self.ranges == "mse" else None)
-            worker("refine_ranges", {"calibrated": str(out), "calib": str(self.calib_npy), "method": self.ranges,
-                                     "histograms": shards, "out": str(refined), "summary": str(summary)}, self.build)
-            self.ranges_summary = json.loads(summary.read_text())
-            self._calibrated = refined
         return self._calibrated
+
+    def _calibrate(self) -> Path:
+        self.start_calibration()
+        run, self._calibration = self._calibration, None
+        run.wait()
+        out = self.build / "calibrated.tflite"
+        refined, summary = self.build / "calibrated_ranges.tflite", self.build / "ranges.json"
+        log.info("tflite: %s activation ranges", "MSE-optimal" if self.ranges == "mse" else "min/max")
+        shards = (histogram_shards(out, self.calib_npy, self.build, min(HISTOGRAM_WORKERS, os.cpu_count() or 1))
+                  if self.ranges == "mse" else None)
+        worker("refine_ranges", {"calibrated": str(out), "calib": str(self.calib_npy), "method": self.ranges,
+                                 "histograms": shards, "out": str(refined), "summary": str(summary)}, self.build)
+        self.ranges_summary = json.loads(summary.read_text())
+        return refined
 
     def quantize(self, out: Path, int8_io: bool = False, denylist: dict | None = None) -> Path:
         worker("quantize", {"calibrated": str(self.calibrated()), "out": str(out), "int8_io": int8_io,

@@ -435,27 +435,35 @@ def _is_calibration(cmd: list[str], what: str) -> bool:
 @pytest.mark.parametrize("broken, message", [
     ("dynamic", "onnx2tf failed (killed by SIGABRT)"),
     ("int8", "LiteRT convert failed (killed by SIGABRT)"),
+    ("histograms", "LiteRT histograms failed (killed by SIGABRT)"),
 ])
 def test_failing_precision_spares_the_others(tmp_path, samples_dir, monkeypatch, proxy_tiny_checkpoint, broken, message):
-    """A background step aborts (the dynamic form's onnx2tf run, or int8 calibration): only its precision fails."""
+    """A background step aborts (the dynamic form's onnx2tf run, int8 calibration, or the histogram pass after it):
+    only its precision fails, and a step int8 and int8-mixed share is not run a second time."""
+    import os
+
     import converters.to_tflite as tfl
 
     real = tfl._Started
     aborted = []
 
     def abort(cmd, cwd, what, timeout=tfl.WORKER_TIMEOUT_S):
-        dynamic_form = what == "onnx2tf" and Path(cwd).name == f"{tfl.FLOAT_NORM}-gptq"
-        if dynamic_form if broken == "dynamic" else _is_calibration(cmd, what):
+        if broken == "dynamic":
+            hit = what == "onnx2tf" and Path(cwd).name == f"{tfl.FLOAT_NORM}-gptq"
+        else:
+            hit = _is_calibration(cmd, what) if broken == "int8" else what == "LiteRT histograms"
+        if hit:
             cmd = [sys.executable, "-c", "import os; os.abort()"]
             aborted.append(what)
         return real(cmd, cwd, what, timeout)
 
     monkeypatch.setattr(tfl, "_Started", abort)
-    failing = [broken] + (["int8-mixed"] if broken == "int8" else [])  # both need the one calibration
+    failing = ["int8", "int8-mixed"] if broken != "dynamic" else ["dynamic"]  # both int8s need the one calibration
     result = convert(ConvertRequest(targets=["tflite"], model=TINY, weights=str(proxy_tiny_checkpoint), output=tmp_path,
                                     calib_dir=str(samples_dir), calib_size=4, eval_size=4, precisions=["fp32", *failing]))
     assert [f.precision for f in result.manifest.failures] == failing
-    assert len(aborted) == 1, f"the failed step was started {len(aborted)} times: {aborted}"
+    once = min(tfl.HISTOGRAM_WORKERS, os.cpu_count() or 1) if broken == "histograms" else 1  # one pass: its workers
+    assert len(aborted) == once, f"the failed step was started {len(aborted)} times, not {once}: {aborted}"
     assert message in result.manifest.failures[0].error, result.manifest.failures[0].error
     assert [a.precision for a in result.manifest.artifacts] == ["fp32"]
     fp32 = result.manifest.artifacts[0].checks  # proxy weights; measured max|d| 8.6e-7, SQNR 129.7 dB
