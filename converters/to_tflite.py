@@ -253,10 +253,11 @@ def histogram_shards(calibrated: Path, calib_npy: Path, build_dir: Path, workers
         for i, out in enumerate(outs):
             runs.append(start_worker("histograms", {"calibrated": str(calibrated), "calib": str(calib_npy),
                                                     "start": i, "step": workers, "out": out}, build_dir))
-        for run in runs:
-            run.wait()
+        while runs:
+            runs[0].wait()
+            runs.pop(0)
     finally:
-        for run in runs:
+        for run in runs:  # those not waited for: one failed (or we were interrupted), the rest must not run on
             run.kill()
     return outs
 
@@ -818,7 +819,8 @@ def convert(ctx: ConvertContext, precisions: list[str]) -> list[ArtifactResult |
         try:
             res = fn()
             for r in res if isinstance(res, list) else [res]:
-                r.details["convert_seconds"] = round(time.perf_counter() - start, 1)
+                if isinstance(r, ArtifactResult):
+                    r.details["convert_seconds"] = round(time.perf_counter() - start, 1)
                 out.append(r)
         except Exception as exc:  # a crash of one precision is recorded, the rest go on
             log.error("tflite %s failed: %s", precision, exc)
@@ -829,11 +831,19 @@ def convert(ctx: ConvertContext, precisions: list[str]) -> list[ArtifactResult |
         shutil.copyfile(b.saved(FLOAT_NORM) / src, dst)
         return b.result(precision, dst)
 
-    def int8() -> list[ArtifactResult]:
-        f = b.quantize(ctx.work_dir / f"{stem}_int8.tflite")
-        i = b.quantize(ctx.work_dir / f"{stem}_int8_io.tflite", int8_io=True)
+    def int8() -> list[ArtifactResult | PrecisionFailure]:
+        """The float-I/O file, then the int8-I/O one: a failure of the second spares the first."""
+        f = b.quantize(ctx.work_dir / f"{stem}_int8.tflite")  # calibrates first: ranges_summary is set after it
         ranges = {"activation_ranges": b.ranges_summary, "weight_rounding": b.int8_rounding()}
-        return [b.result("int8", f, ranges), b.result("int8", i, ranges)]
+        done = [b.result("int8", f, ranges)]
+        start, name = time.perf_counter(), f"{stem}_int8_io.tflite"
+        try:
+            done.append(b.result("int8", b.quantize(ctx.work_dir / name, int8_io=True), ranges))
+        except Exception as exc:
+            log.error("tflite int8 %s failed: %s", name, exc)
+            done.append(PrecisionFailure("int8", f"{type(exc).__name__}: {exc}", round(time.perf_counter() - start, 2),
+                                         name))
+        return done
 
     steps = {
         "fp32": lambda: copy("model_float32.tflite", "fp32"),

@@ -54,6 +54,7 @@ class PrecisionFailure:
     precision: str
     error: str
     seconds: float | None = None  # this precision's own time (None: the target's whole time is recorded)
+    path: str | None = None  # the file that failed, where the precision builds several
 
 
 def torch_logits(model: torch.nn.Module, images_nchw: np.ndarray, batch: int = 32) -> np.ndarray:

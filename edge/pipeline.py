@@ -298,7 +298,7 @@ def run_target(ctx: ConvertContext, target: str, precisions: list[str]) -> tuple
         return [], [Failure(target, p, err, secs) for p in precisions]
     secs = round(time.perf_counter() - start, 2)
     results = [o for o in outcomes if isinstance(o, ArtifactResult)]
-    failures = [Failure(target, o.precision, o.error, secs if o.seconds is None else o.seconds)
+    failures = [Failure(target, o.precision, o.error, secs if o.seconds is None else o.seconds, o.path)
                 for o in outcomes if isinstance(o, PrecisionFailure)]
     return results, failures
 

@@ -471,6 +471,27 @@ def test_failing_precision_spares_the_others(tmp_path, samples_dir, monkeypatch,
     assert not list(tmp_path.glob(".effmod-staging-*"))
 
 
+def test_a_failed_int8_io_file_spares_the_float_io_int8_file(tmp_path, samples_dir, monkeypatch, proxy_tiny_checkpoint):
+    import converters.to_tflite as tfl
+
+    real = tfl._Builder.quantize
+
+    def no_int8_io(self, out, int8_io=False, denylist=None):
+        if int8_io:
+            raise RuntimeError("fully_quantize refused the model")
+        return real(self, out, int8_io, denylist)
+
+    monkeypatch.setattr(tfl._Builder, "quantize", no_int8_io)
+    result = convert(ConvertRequest(targets=["tflite"], model=TINY, weights=str(proxy_tiny_checkpoint), output=tmp_path,
+                                    calib_dir=str(samples_dir), calib_size=4, eval_size=4, precisions=["int8"]))
+    (int8,) = result.manifest.artifacts
+    assert int8.path == f"{TINY}_int8.tflite" and int8.checks["sqnr_db"] > 15, f"the float-I/O int8 file: {int8}"
+    (failed,) = result.manifest.failures
+    assert (failed.precision, failed.path) == ("int8", f"{TINY}_int8_io.tflite"), failed
+    assert "fully_quantize refused" in failed.error, failed.error
+    assert int8.details["activation_ranges"], "the int8 record lost its activation ranges"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["efficientmod_xxs", "efficientmod_xs", "efficientmod_s", "efficientmod_s_conv"])
 def test_all_precisions_all_variants(tmp_path, samples_dir, variant):
