@@ -10,6 +10,7 @@ asks Core ML itself (``MLComputePlan``) where each op would run.
 from __future__ import annotations
 
 import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -126,14 +127,27 @@ def check_program(program: Any) -> dict:
 
 
 def compute_plan_devices(package: str | Path) -> dict:
-    """Preferred compute device per op from Core ML's ``MLComputePlan`` (macOS 14.4+ only)."""
+    """Preferred compute device per op from Core ML's ``MLComputePlan`` (macOS 14.4+ only).
+
+    Where the plan cannot be made (an older macOS, coremltools without its native
+    library) the record says why: the package was built and checked, and stays.
+    """
     if sys.platform != "darwin":
         return {"skipped": f"MLComputePlan needs macOS (this is {sys.platform})"}
+    with tempfile.TemporaryDirectory(prefix="effmod-plan-") as tmp:  # the compiled model is only read here
+        try:
+            return _compute_plan_devices(package, Path(tmp) / "model.mlmodelc")
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            return {"skipped": f"MLComputePlan failed: {type(exc).__name__}: {first}"}
+
+
+def _compute_plan_devices(package: str | Path, compiled: Path) -> dict:
     import coremltools as ct
     from coremltools.models.compute_plan import MLComputePlan
 
-    compiled = ct.models.utils.compile_model(str(package))
-    plan = MLComputePlan.load_from_path(path=compiled, compute_units=ct.ComputeUnit.ALL)
+    ct.models.utils.compile_model(str(package), destination_path=str(compiled))
+    plan = MLComputePlan.load_from_path(path=str(compiled), compute_units=ct.ComputeUnit.ALL)
     devices: Counter = Counter()
     off_ane: list[str] = []
     for func in plan.model_structure.program.functions.values():

@@ -118,7 +118,8 @@ def classifier_labels(names: list[str] | None = None) -> list[str]:
 
     ImageNet-1k has two names used twice ("crane": bird and machine, "maillot");
     those get their wnid appended, e.g. ``crane (n02012849)``. A repeated name of
-    a fine-tune's own classes gets its class index appended, e.g. ``cat (7)``.
+    a fine-tune's own classes gets its class index appended, e.g. ``cat (7)``, and
+    again while that is another class's name too (a class literally named ``cat (7)``).
     """
     from collections import Counter
 
@@ -128,7 +129,14 @@ def classifier_labels(names: list[str] | None = None) -> list[str]:
     names = imagenet if names is None else names
     tags = wnids() if names == imagenet else [str(i) for i in range(len(names))]
     dup = {n for n, c in Counter(names).items() if c > 1}
-    return [f"{n} ({t})" if n in dup else n for n, t in zip(names, tags)]
+    given, used, out = set(names), set(), []
+    for n, t in zip(names, tags):
+        label = n
+        while label in dup or label in used or (label != n and label in given):
+            label = f"{label} ({t})"
+        used.add(label)
+        out.append(label)
+    return out
 
 
 def _ct() -> Any:

@@ -114,3 +114,24 @@ def test_integer_and_fp32_compute_are_flagged():
     assert _summary(integer)["fallback"] == {"add": ["integer compute (int32)"]}, _summary(integer)
     assert _summary(fp32)["fallback"] == {"relu": ["computes in fp32; the ANE computes in fp16 only"]}, _summary(fp32)
 
+
+
+def test_compute_plan_that_cannot_be_made_is_a_skip_not_a_lost_package(monkeypatch, tmp_path):
+    """On macOS before 14.4, or with coremltools lacking its native library, the plan fails: the package stays."""
+    import coremltools as ct
+
+    import converters.ane_check as ane
+    from pathlib import Path
+
+    seen = []
+
+    def no_compiler(model, destination_path=None):
+        seen.append(Path(destination_path))
+        Path(destination_path).mkdir()
+        raise Exception("Unable to compile the model: no native library")
+
+    monkeypatch.setattr(ane.sys, "platform", "darwin")
+    monkeypatch.setattr(ct.models.utils, "compile_model", no_compiler)
+    got = ane.compute_plan_devices(tmp_path / "m.mlpackage")
+    assert got == {"skipped": "MLComputePlan failed: Exception: Unable to compile the model: no native library"}, got
+    assert seen and not seen[0].parent.exists(), "the compiled model's temp folder was left behind"

@@ -72,6 +72,10 @@ def test_coreml_classifier_uses_the_users_names(ten_class_checkpoint, tmp_path, 
 
     assert classifier_labels(NAMES)[0] == "cat (0)" and classifier_labels(NAMES)[3] == "cat (3)"
     assert classifier_labels(NAMES)[1] == "dog"
+    clash = classifier_labels(["cat", "cat (2)", "cat"])  # the suffix that makes the second cat unique is a name
+    assert len(set(clash)) == 3 and clash[1] == "cat (2)", f"two classes share a label in Core ML's dictionary: {clash}"
+    imagenet = classifier_labels()
+    assert len(set(imagenet)) == 1000 and "crane (n02012849)" in imagenet, "ImageNet's labels changed"
     path, labels, model = ten_class_checkpoint
     out = tmp_path / "out"
     res = convert(ConvertRequest(targets=["coreml"], precisions=["fp16"], weights=str(path), labels=str(labels),
