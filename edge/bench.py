@@ -98,6 +98,7 @@ def _torch_timer(model: torch.nn.Module, threads: int, input_size: int):
 
 BASELINE = {"target": "tflite", "precision": "fp32"}  # the file every speed-up is measured against
 
+
 def _onnx_reference(model: torch.nn.Module, size: int, build: Path) -> Path:
     """fp32 ONNX of ``model``'s deploy form (as convert's onnx target writes it), for onnxruntime's row."""
     from converters.to_onnx import export_onnx
@@ -177,11 +178,10 @@ def bench_manifest(
                    "note": "deploy form exported by bench: the manifest has no ONNX file to time"}
             try:
                 path = _onnx_reference(model, size, build)
+                row["bytes"] = path.stat().st_size
+                timers += [({**row, "threads": t}, _onnx_timer(path, t)) for t in threads]
             except Exception as exc:  # a failed export costs its row, not the bench
-                rows.append({**row, "error": f"ONNX export failed: {type(exc).__name__}: {exc}"})
-            else:
-                for t in threads:
-                    timers.append(({**row, "bytes": path.stat().st_size, "threads": t}, _onnx_timer(path, t)))
+                rows.append({**row, "error": f"ONNX export for onnxruntime failed: {type(exc).__name__}: {exc}"})
         if include_torch:
             for t in threads:
                 timers.append(({"target": "pytorch", "precision": "fp32", "path": "", "bytes": 0, "threads": t,

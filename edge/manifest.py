@@ -168,7 +168,7 @@ class Failure:
     precision: str
     error: str
     seconds: float
-    path: str | None = None  # the file that was built but not written; None when none was built
+    path: str | None = None  # the file it is about where a precision has several (ONNX fp32, TFLite int8); None: all
 
     @property
     def name(self) -> str:
