@@ -59,6 +59,11 @@ def interval_text(ci: list[float] | tuple[float, float]) -> str:
     return f"{100 * lo:.1f}-{100 * hi:.1f}"
 
 
+def percent(fraction: float) -> str:
+    """A bar as a percentage without rounding it: 0.99 -> ``99%``, 0.995 -> ``99.5%``."""
+    return f"{100 * fraction:.10g}%"
+
+
 def images_to_settle(bar: float, z: float = 1.96) -> int:
     """Fewest images whose 95 % interval can clear ``bar`` at all (every image agreeing): n / (n + z^2) >= bar."""
     return math.ceil(bar * z * z / (1.0 - bar)) if bar < 1.0 else math.inf
@@ -70,16 +75,21 @@ def compare_logits(ref: np.ndarray, got: np.ndarray, labels: np.ndarray | None =
     got = np.asarray(got, np.float32)
     if ref.shape != got.shape:
         raise ValueError(f"logit shapes differ: reference {ref.shape}, converted {got.shape}")
-    diff = np.abs(ref.astype(np.float64) - got)
-    num = np.sum(ref.astype(np.float64) * got, axis=1)
-    den = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
-    cosine = np.where(den > 0, num / np.maximum(den, 1e-30), 0.0)
+    finite = np.isfinite(got)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # inf/NaN logits give inf/NaN metrics
+        diff = np.abs(ref.astype(np.float64) - got)
+        num = np.sum(ref.astype(np.float64) * got, axis=1)
+        den = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
+        cosine = np.where(den > 0, num / np.maximum(den, 1e-30), 0.0)
+        cosine[~finite.all(axis=1)] = np.nan  # an image with inf/NaN logits is no match, whatever its other logits
+        sqnr = round(sqnr_db(ref, got), 3)
     agree = int(np.sum(ref.argmax(1) == got.argmax(1)))
     out = {
         "images": int(ref.shape[0]),
+        "nonfinite_logits": int(finite.size - finite.sum()),
         "max_abs_diff": float(diff.max()) if diff.size else 0.0,
         "mean_abs_diff": float(diff.mean()) if diff.size else 0.0,
-        "sqnr_db": round(sqnr_db(ref, got), 3),
+        "sqnr_db": sqnr,
         "cosine": float(cosine.mean()) if cosine.size else 1.0,
         "top1_agreement": agree / len(ref) if len(ref) else 1.0,
         "top1_agreement_ci95": outward(wilson_interval(agree, len(ref)), 6),
@@ -143,7 +153,8 @@ class NearTies:
 
     def record(self, metrics: dict, threshold: Threshold) -> dict | None:
         """Agreement expected at the measured SQNR and the SQNR the bar needs; None without an agreement bar."""
-        if threshold.min_agreement is None or not len(self.reference) or math.isnan(metrics["sqnr_db"]):
+        sqnr = metrics["sqnr_db"]
+        if threshold.min_agreement is None or not len(self.reference) or math.isnan(sqnr) or sqnr == -math.inf:
             return None
         bar = threshold.min_agreement
         if bar not in self._needed:
@@ -159,13 +170,15 @@ class NearTies:
 def evaluate_threshold(metrics: dict, threshold: Threshold) -> list[str]:
     """Human-readable reasons the metrics miss ``threshold``; empty when they pass."""
     misses = []
+    if metrics.get("nonfinite_logits", 0):  # fails every bar: an agreement bar alone would not see them
+        misses.append(f"{metrics['nonfinite_logits']} logits are inf or NaN (an fp16 overflow?)")
     if threshold.max_abs is not None and not metrics["max_abs_diff"] <= threshold.max_abs:
         misses.append(f"max |Δ| {metrics['max_abs_diff']:.3g} > {threshold.max_abs:g}")
     if threshold.min_sqnr_db is not None and not metrics["sqnr_db"] >= threshold.min_sqnr_db:
         misses.append(f"SQNR {metrics['sqnr_db']:.1f} dB < {threshold.min_sqnr_db:g} dB")
     if threshold.min_agreement is not None and not metrics["top1_agreement"] >= threshold.min_agreement:
         misses.append(
-            f"top-1 agreement {metrics['top1_agreement']:.2%} < {threshold.min_agreement:.0%}"
+            f"top-1 agreement {metrics['top1_agreement']:.2%} < {percent(threshold.min_agreement)}"
         )
     return misses
 
@@ -191,7 +204,7 @@ def check_record(metrics: dict, threshold: Threshold, near_ties: NearTies | None
         record["near_ties"] = ties
         needed = ties["sqnr_db_for_min_agreement"]
         hint = (f" (i.i.d. noise at this SQNR would give {ties['expected_agreement']:.1%}; "
-                f"{threshold.min_agreement:.0%} needs " + (f"{needed:g} dB" if needed is not None else
+                f"{percent(threshold.min_agreement)} needs " + (f"{needed:g} dB" if needed is not None else
                                                           "exact logits: tied top-1s") + " on these images)")
         misses[:] = [m + (hint if m.startswith("top-1 agreement") else "") for m in misses]
     return record

@@ -162,6 +162,7 @@ def collect_rows(out_dir: Path) -> tuple[Manifest, list[dict], dict | None, dict
         else:
             row.update({k: metrics.get(v) for k, v in METRICS.items()})
             row["agreement_ci95"] = metrics.get("top1_agreement_ci95")
+            row["nonfinite_logits"] = metrics.get("nonfinite_logits")
         problem = None if "error" in row else artifact_problem(out_dir, a)
         if problem:
             row["error"] = problem
@@ -191,6 +192,8 @@ def gate(rows: list[dict], fail_under: list[FailUnder], failures: list | None = 
         if "error" in r:
             misses.append(f"{name}: {r['error']}")
             continue
+        if r.get("nonfinite_logits"):  # whatever the bars: no --fail-under may let inf/NaN logits through
+            misses.append(f"{name}: {r['nonfinite_logits']} logits are inf or NaN")
         for f in fail_under:
             v = r.get(f.metric)
             if v is None or not v >= f.value:  # NaN misses every bar

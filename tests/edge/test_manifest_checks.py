@@ -150,6 +150,28 @@ def test_threshold_misses_are_named():
     assert rec["passed"] and rec["threshold"] == {"min_sqnr_db": 10}
 
 
+@pytest.mark.parametrize("bad", [np.inf, np.nan])
+def test_inf_or_nan_logits_miss_an_agreement_only_bar(bad):
+    """Core ML w8 and the palettes have only an agreement bar; one image of fp16-overflowed logits must miss it."""
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((100, 1000)).astype(np.float32)
+    got = ref.copy()
+    got[3, 7] = bad
+    metrics = compare_logits(ref, got)
+    rec = check_record(metrics, Threshold(min_agreement=0.99), NearTies(ref))
+    assert metrics["nonfinite_logits"] == 1 and not rec["passed"], rec
+    assert "1 logits are inf or NaN" in rec["misses"][0], rec["misses"]
+    assert np.isnan(metrics["cosine"]), f"cosine of an image with {bad} logits must not read as a match: {metrics}"
+    assert rec.get("near_ties") is None, f"no near-ties figure from a non-finite SQNR: {rec.get('near_ties')}"
+    assert compare_logits(ref, ref)["nonfinite_logits"] == 0
+
+
+def test_an_agreement_bar_is_printed_as_set():
+    (miss,) = evaluate_threshold({"max_abs_diff": 0.0, "sqnr_db": 30.0, "top1_agreement": 0.9949},
+                                 Threshold(min_agreement=0.995))
+    assert miss.endswith("< 99.5%"), f"the bar reads rounded: {miss}"
+
+
 def _near_tied_logits(rng: np.random.Generator) -> np.ndarray:
     ref = rng.standard_normal((200, 50))
     ref[:40, 1] = ref[:40].max(1) - 0.02  # 40 images with a near-tied runner-up

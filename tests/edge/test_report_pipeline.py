@@ -105,6 +105,11 @@ def test_a_nan_metric_misses_every_bar(converted, tmp_path):
     (out / "evaluation.json").write_text(json.dumps(ev))
     _, _, misses = render(out, [FailUnder.parse("sqnr=25")])
     assert [m for m in misses if row["path"] in m and "sqnr nan < 25" in m], f"a NaN SQNR passed the gate: {misses}"
+    row["nonfinite_logits"] = 2
+    (out / "evaluation.json").write_text(json.dumps(ev))
+    _, _, misses = render(out, [])
+    assert [m for m in misses if row["path"] in m and "2 logits are inf or NaN" in m], \
+        f"inf/NaN logits passed a gate without bars: {misses}"
 
 
 def test_failed_conversions_are_gate_misses_and_shown_in_html(converted, tmp_path):
