@@ -5,7 +5,10 @@ Every target, the evaluator and the mobile apps use this contract:
 1. decode to RGB (grayscale and RGBA images are converted; 16-bit grayscale is
    scaled to 8 bits; signed, 32-bit integer and float images, and images whose
    long side is over MAX_ASPECT times the short one, are refused with
-   :class:`UnusableImageError`),
+   :class:`UnusableImageError`). The stored pixels are used, with no EXIF
+   rotation, as torchvision's ImageNet loader reads them; apps feed the photo
+   upright (ios_notes), so for an EXIF-rotated file (1 of the 1000 samples, a
+   can opener) the evaluated image is the app's turned on its side,
 2. resize so the *shorter* side is 256 px with bicubic interpolation
    (longer side = floor(256 * long / short)),
 3. center-crop 224 x 224 (offset = round((size - 224) / 2)),
