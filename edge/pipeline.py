@@ -17,6 +17,7 @@ from pathlib import Path
 
 from calibration.folder import scan_folder
 from calibration.imagenet import class_names
+from calibration.preprocess import CROP
 from calibration.source import image_dir_origin, resolve_image_dir
 from calibration.splits import make_split
 from edge import __version__
@@ -51,6 +52,7 @@ class ConvertRequest:
 
     def plan(self) -> dict[str, list[str]]:
         """Target -> precisions to build, validated against the target table."""
+        self._check_types()
         if not self.targets:
             raise ConfigError(f"no target given; choose from {', '.join(TARGETS)}")
         plan = {}
@@ -94,6 +96,23 @@ class ConvertRequest:
                               f"--calib-size N (default 200) or leave those out with --precision")
         return plan
 
+    def _check_types(self) -> None:
+        """What the CLI's click types guarantee, for callers of the Python API."""
+        for name in ("targets", "precisions"):
+            value = getattr(self, name)
+            if not (value is None and name == "precisions") and not (
+                    isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)):
+                raise ConfigError(f"{name} must be a list of names, e.g. [\"onnx\"] (got {value!r})")
+        for name in ("calib_size", "eval_size", "seed", "input_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"{name} must be a whole number (got {value!r})")
+        if self.input_size != CROP:
+            raise ConfigError(f"input_size {self.input_size} is not supported: the preprocessing crops {CROP}x{CROP} "
+                              f"(calibration/preprocess.py); leave input_size at {CROP}")
+        if not isinstance(self.options, dict):
+            raise ConfigError(f"options must be a dict of option names to values (got {self.options!r})")
+
 
 @dataclass
 class ConvertResult:
@@ -111,6 +130,25 @@ class ConvertResult:
 
 STAGING_PREFIX, STAGING_LOCK = ".effmod-staging-", ".owner.lock"
 _STAGING_LOCKS: dict[Path, int] = {}  # staging folder -> descriptor holding its lock for the conversion's life
+_OUTPUT_LOCKS: dict[Path, int] = {}  # staging folder -> descriptor locking its output folder for the same time
+
+
+def _lock_output(output: Path) -> int:
+    """Lock the output folder itself, so two conversions never write into it at once.
+
+    One that finished while another ran would leave files the other's manifest does not
+    describe: the other read the folder's manifest before the first one replaced it."""
+    fd = os.open(output, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"another convert is writing into {output}; wait for it to finish or choose another "
+                          f"--output (nothing was written)") from None
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _lock_staging(staging: Path) -> None:
@@ -129,9 +167,10 @@ def _lock_staging(staging: Path) -> None:
 
 
 def _unlock_staging(staging: Path) -> None:
-    fd = _STAGING_LOCKS.pop(staging, None)
-    if fd is not None:
-        os.close(fd)
+    for locks in (_STAGING_LOCKS, _OUTPUT_LOCKS):
+        fd = locks.pop(staging, None)
+        if fd is not None:
+            os.close(fd)
 
 
 def sweep_abandoned_staging(output: Path) -> None:
@@ -166,13 +205,24 @@ def prepare_output(output: Path) -> Path:
     """
     try:
         output.mkdir(parents=True, exist_ok=True)
-        sweep_abandoned_staging(output)
-        warn_set_aside(output)
-        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=output.resolve()))
+        try:
+            held = _lock_output(output)
+        except OSError as exc:
+            raise EffmodError(f"cannot lock the output folder {output} ({exc.strerror or exc}); choose an --output "
+                              f"on a file system with file locks") from None
+        try:
+            sweep_abandoned_staging(output)
+            warn_set_aside(output)
+            staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=output.resolve()))
+        except BaseException:
+            os.close(held)
+            raise
+        _OUTPUT_LOCKS[staging] = held
         try:
             _lock_staging(staging)
         except OSError as exc:
             shutil.rmtree(staging, ignore_errors=True)
+            _unlock_staging(staging)
             raise EffmodError(f"cannot lock a staging folder in {output} ({exc.strerror or exc}); choose an --output "
                               f"on a file system with file locks") from None
         return staging
@@ -314,11 +364,11 @@ def convert(request: ConvertRequest) -> ConvertResult:
     for name in ("manifest.json", LABELS_FILE):  # the artifacts' own names are checked again before they move
         refuse_in_the_way(output / name, f"the {name} this run writes", "move it away or choose another --output")
     created = [d for d in (output, *output.parents) if not d.exists()]  # leaf first: removed again on failure
-    converted_before = (output / "manifest.json").is_file()  # then its evaluation/bench/report files are ours
     staging: Path | None = None
     done = False
     try:
-        staging = prepare_output(output)
+        staging = prepare_output(output)  # the folder is ours (locked) from here to the end
+        converted_before = (output / "manifest.json").is_file()  # then its evaluation/bench/report files are ours
         split = make_split(folder, request.calib_size, request.eval_size, request.seed)
         if not imagenet_classes:
             split = replace(split, calib=split.calib.without_labels(), eval=split.eval.without_labels())
@@ -451,6 +501,9 @@ def artifact_files(a: Artifact) -> list[str]:
     return [f for f in files if is_file_name(f)]
 
 
+ARTIFACT_SUFFIXES = (".onnx", ".tflite", ".tflite.json", ".mlpackage")  # what a convert writes besides its manifest
+
+
 def _same_conversion(old: Manifest, new: Manifest) -> bool:
     """Same checkpoint, classes, images and settings: the old manifest's checks hold for the new one."""
     keys = ("root", "seed", "calib_fingerprint", "eval_fingerprint", "calib_content_fingerprint",
@@ -471,7 +524,12 @@ def _previous_artifacts(output: Path, new: Manifest, plan: dict[str, list[str]],
     """
     try:
         old = Manifest.load(output / "manifest.json")
-    except EffmodError:
+    except EffmodError as exc:  # which files it described is unknown: name what may be left undescribed
+        left = sorted(p.name for p in output.iterdir() if p.name not in written and p.name != "manifest.json"
+                      and p.name.endswith(ARTIFACT_SUFFIXES))
+        log.warning("the folder's previous manifest could not be read, so the files it described are neither kept "
+                    "in the new manifest nor removed: %s%s", exc,
+                    f"; not in the new manifest: {', '.join(left)} (delete what you do not need)" if left else "")
         return [], []
     same = _same_conversion(old, new)
     carried, retired = [], []

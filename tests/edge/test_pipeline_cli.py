@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -233,6 +234,18 @@ def test_a_rerun_keeps_the_same_conversions_other_files_and_retires_the_rest(tmp
         assert (tmp_path / name).exists() is kept, f"seed {seed}: {name} exists={not kept}, wanted {kept}"
 
 
+def test_a_previous_manifest_it_cannot_read_is_named_with_the_files_it_may_have_described(tmp_path, samples_dir,
+                                                                                         caplog):
+    req = dict(targets=["onnx"], model="efficientmod_test_tiny", output=tmp_path, calib_dir=str(samples_dir),
+               calib_size=4, eval_size=4)
+    convert(ConvertRequest(**req))
+    _add_old_entry(tmp_path)
+    (tmp_path / "manifest.json").write_text((tmp_path / "manifest.json").read_text()[:300])  # damaged
+    convert(ConvertRequest(**req))
+    (warning,) = [r.getMessage() for r in caplog.records if "could not be read" in r.getMessage()]
+    assert "old_fp16.tflite, old_fp16.tflite.json" in warning and "efficientmod_test_tiny.onnx" not in warning, warning
+
+
 def test_a_rerun_retires_a_changed_file_of_the_same_conversion(tmp_path, samples_dir):
     req = dict(targets=["onnx"], model="efficientmod_test_tiny", output=tmp_path, calib_dir=str(samples_dir),
                calib_size=4, eval_size=4)
@@ -242,6 +255,35 @@ def test_a_rerun_retires_a_changed_file_of_the_same_conversion(tmp_path, samples
     res = convert(ConvertRequest(**req))
     assert "old_fp16.tflite" not in [a.path for a in res.manifest.artifacts]
     assert not (tmp_path / "old_fp16.tflite").exists(), "a file that no longer matches its record was kept"
+
+
+def test_a_second_convert_into_a_folder_in_use_is_refused_at_once(tmp_path, samples_dir):
+    """Two converts into one folder: the one finishing second read the folder's manifest before the first replaced
+    it, so the first one's files would stay beside a manifest that does not describe them."""
+    from edge.pipeline import _unlock_staging, prepare_output
+
+    out = tmp_path / "out"
+    held = prepare_output(out)  # what a running convert holds
+    req = ConvertRequest(targets=["onnx"], model="efficientmod_test_tiny", output=out, calib_dir=str(samples_dir),
+                         calib_size=2, eval_size=2)
+    try:
+        with pytest.raises(ConfigError, match="another convert is writing into"):
+            convert(req)
+        assert [p.name for p in out.iterdir()] == [held.name], "the refused convert wrote into the folder"
+    finally:
+        shutil.rmtree(held)
+        _unlock_staging(held)
+    assert convert(req).manifest.artifacts, "the folder stayed locked after its convert ended"
+
+
+def test_the_python_api_refuses_what_the_cli_types_would(tmp_path):
+    base = dict(targets=["onnx"], output=tmp_path)
+    for bad, named in ((dict(calib_size=10.5), "calib_size"), (dict(eval_size="20"), "eval_size"),
+                       (dict(seed=1.5), "seed"), (dict(seed=True), "seed"), (dict(options=None), "options"),
+                       (dict(targets="onnx"), "targets"), (dict(precisions="fp32"), "precisions"),
+                       (dict(input_size=256), "input_size")):
+        with pytest.raises(ConfigError, match=named):
+            ConvertRequest(**{**base, **bad}).plan()
 
 
 def test_precision_naming_none_of_a_targets_precisions_is_refused():
@@ -412,7 +454,7 @@ def test_swap_keeps_what_it_cannot_put_back_under_its_aside_name(tmp_path, monke
     (left,) = swap.undo()
     assert left.name.startswith(ASIDE_PREFIX) and (left / "Data" / "w.bin").read_bytes() == b"old weights"
     monkeypatch.undo()
-    prepare_output(out)
+    edge.pipeline._unlock_staging(prepare_output(out))
     assert any(left.name in r.getMessage() and "rename it back" in r.getMessage() for r in caplog.records), \
         [r.getMessage() for r in caplog.records]
     assert left.exists(), "a set-aside entry was deleted by the next conversion's sweep"
