@@ -73,11 +73,14 @@ class Split:
 
 
 def balanced_order(items: list[ImageItem], seed: int) -> list[ImageItem]:
-    """Round-robin over shuffled classes, each class shuffled: any prefix is balanced."""
+    """Round-robin over shuffled classes, each class shuffled: any prefix is balanced.
+
+    An image without an ImageNet label counts as a class of its folder (a fine-tune's
+    ``cat/`` and ``dog/``), so those folders are balanced too."""
     rng = np.random.default_rng(seed)
-    by_class: dict[int, list[ImageItem]] = defaultdict(list)
+    by_class: dict[tuple[int, str], list[ImageItem]] = defaultdict(list)
     for item in items:
-        by_class[item.label].append(item)
+        by_class[item.label, "" if item.label >= 0 else item.name.rpartition("/")[0]].append(item)
     classes = sorted(by_class)
     classes = [classes[i] for i in rng.permutation(len(classes))]
     queues = [[by_class[c][i] for i in rng.permutation(len(by_class[c]))] for c in classes]

@@ -320,6 +320,8 @@ def _artifact_problem(root: Path, artifact: Artifact) -> str | None:
         return f"artifact file {artifact.path} is missing"
     if artifact_digest(path)[1] != artifact.sha256:
         return f"artifact file {artifact.path} does not match its sha256 in the manifest"
+    if artifact.target == "tflite" and not (root / f"{artifact.path}.json").is_file():  # apps read its contract
+        return f"sidecar {artifact.path}.json (input normalization and quantization for apps) is missing"
     classifier = artifact.details.get("classifier")
     if isinstance(classifier, dict) and "path" in classifier:  # the package apps ship
         name = classifier.get("path")

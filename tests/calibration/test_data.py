@@ -112,6 +112,18 @@ def test_split_is_balanced_on_uneven_classes(uneven_image_folder):
         assert not set(split.calib.names) & set(split.eval.names), f"seed {seed}: calibration and evaluation overlap"
 
 
+def test_a_fine_tunes_own_class_folders_are_balanced(tmp_path, samples_dir):
+    """Folders that are no ImageNet wnid (cat/, dog/) are classes too: 30 cats must not fill calibration."""
+    photos = sorted(samples_dir.glob("n*.JPEG"))
+    for cls, n, first in (("cat", 30, 0), ("dog", 3, 30)):
+        (tmp_path / cls).mkdir()
+        for i in range(n):
+            (tmp_path / cls / f"img{i:02d}.jpg").symlink_to(photos[first + i])
+    split = make_split(scan_folder(tmp_path), 6, 6, seed=0)
+    folders = sorted(name.split("/")[0] for name in split.calib.names)
+    assert folders.count("dog") == 3 and folders.count("cat") == 3, f"calibration took {folders}"
+
+
 def test_split_needs_eval_images(tmp_path):
     for i in range(3):
         _jpeg(tmp_path / f"n01440764_{i}.JPEG")
