@@ -272,3 +272,18 @@ def test_an_unreadable_artifact_is_a_problem_not_a_traceback(tmp_path, monkeypat
     monkeypatch.setattr(edge.manifest, "artifact_digest", unreadable)
     problem = artifact_problem(tmp_path, m.artifacts[0])
     assert problem and "m.onnx" in problem and "Permission denied" in problem, problem
+
+
+def test_a_tflite_file_without_its_sidecar_is_a_problem(tmp_path):
+    import hashlib
+    from dataclasses import replace
+
+    from edge.manifest import artifact_problem
+
+    (tmp_path / "m.tflite").write_bytes(b"model")
+    a = replace(Manifest.from_dict(copy.deepcopy(GOOD)).artifacts[0], target="tflite", path="m.tflite",
+                sha256=hashlib.sha256(b"model").hexdigest())
+    problem = artifact_problem(tmp_path, a)
+    assert problem and "m.tflite.json" in problem and "missing" in problem, problem
+    (tmp_path / "m.tflite.json").write_text("{}")
+    assert artifact_problem(tmp_path, a) is None
