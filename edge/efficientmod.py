@@ -647,18 +647,25 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module | None = None) -> di
     """Map a foreign checkpoint onto this module's key names; pure (input untouched).
 
     Accepts a bare state_dict, ``{"state_dict": ...}``, ``{"state_dict_ema": ...}``,
-    ``{"model": ...}`` and DDP ``module.`` prefixes. Keys are otherwise kept as they
-    are: names already follow the upstream release.
+    ``{"model": ...}``, DDP ``module.`` and ``torch.compile`` ``_orig_mod.`` prefixes, and
+    a ``model.`` prefix on every key (a Lightning module holding the network as
+    ``self.model``). Keys are otherwise kept as they are: names already follow the
+    upstream release.
     """
     inner = unwrap_state_dict(state_dict)
     if inner is None:
         return {}
     out: dict[str, torch.Tensor] = {}
     for key, value in inner.items():
-        while key.startswith("module."):
-            key = key[len("module."):]
+        while key.startswith(WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
         out[key] = value
+    if out and all(k.startswith("model.") for k in out):  # no key of the network itself starts so
+        out = {k[len("model."):]: v for k, v in out.items()}
     return out
+
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compile
 
 
 def head_classes(state_dict: dict[str, torch.Tensor]) -> int | None:

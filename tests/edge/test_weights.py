@@ -18,7 +18,7 @@ def xxs():
     return create_model("efficientmod_xxs", seed=7)
 
 
-@pytest.mark.parametrize("wrap", ["bare", "state_dict", "state_dict_ema", "ddp_model"])
+@pytest.mark.parametrize("wrap", ["bare", "state_dict", "state_dict_ema", "ddp_model", "compiled", "lightning"])
 def test_wrappers_load_strictly_and_detect_variant(tmp_path, xxs, wrap):
     sd = xxs.state_dict()
     obj = {
@@ -26,6 +26,8 @@ def test_wrappers_load_strictly_and_detect_variant(tmp_path, xxs, wrap):
         "state_dict": {"state_dict": sd, "epoch": 3, "args": argparse.Namespace(lr=1e-3)},
         "state_dict_ema": {"state_dict_ema": sd},
         "ddp_model": {"model": {"module." + k: v for k, v in sd.items()}},
+        "compiled": {"_orig_mod.module." + k: v for k, v in sd.items()},
+        "lightning": {"state_dict": {"model." + k: v for k, v in sd.items()}, "epoch": 3},
     }[wrap]
     path = tmp_path / f"{wrap}.pth"
     torch.save(obj, path)
