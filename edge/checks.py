@@ -64,9 +64,27 @@ def percent(fraction: float) -> str:
     return f"{100 * fraction:.10g}%"
 
 
-def images_to_settle(bar: float, z: float = 1.96) -> int:
-    """Fewest images whose 95 % interval can clear ``bar`` at all (every image agreeing): n / (n + z^2) >= bar."""
-    return math.ceil(bar * z * z / (1.0 - bar)) if bar < 1.0 else math.inf
+def images_to_settle(bar: float, agreement: float = 1.0, z: float = 1.96) -> float:
+    """Fewest images whose 95 % interval leaves ``bar`` out, if the agreement stays at ``agreement``.
+
+    With every image agreeing (the default) that is n / (n + z^2) >= bar; an agreement
+    equal to the bar is never settled (``inf``)."""
+    if agreement == 1.0:
+        return math.ceil(bar * z * z / (1.0 - bar)) if bar < 1.0 else math.inf
+    if agreement == bar:
+        return math.inf
+
+    def settled(n: int) -> bool:
+        lo, hi = wilson_interval(agreement * n, n, z)
+        return lo >= bar if agreement > bar else hi < bar
+
+    lo, hi = 1, 10**9
+    if not settled(hi):
+        return math.inf
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if settled(mid) else (mid + 1, hi)
+    return lo
 
 
 def compare_logits(ref: np.ndarray, got: np.ndarray, labels: np.ndarray | None = None) -> dict:

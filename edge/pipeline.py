@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import math
 import os
 import shutil
 import signal
@@ -430,12 +431,14 @@ def convert(request: ConvertRequest) -> ConvertResult:
                 )
                 if checks.get("agreement_bar_resolved") is False:
                     unsettled.append((f"{target} {r.precision} {interval_text(checks['top1_agreement_ci95'])}%",
-                                      images_to_settle(threshold.min_agreement)))
+                                      images_to_settle(threshold.min_agreement, checks["top1_agreement"])))
         if unsettled:
-            log.warning("%d evaluation images cannot settle the agreement bars of %s (95%% intervals); "
-                        "settling them takes --eval-size %d or more, or `effmod-edge evaluate %s --heldout` "
-                        "on every image calibration left", len(split.eval),
-                        ", ".join(u for u, _ in unsettled), max(n for _, n in unsettled), output / "manifest.json")
+            need = max(n for _, n in unsettled)
+            log.warning("%d evaluation images cannot settle the agreement bars of %s (95%% intervals); %s, or run "
+                        "`effmod-edge evaluate %s --heldout` on every image calibration left", len(split.eval),
+                        ", ".join(u for u, _ in unsettled),
+                        f"if the agreements hold, --eval-size {need} or more settles them" if need < math.inf else
+                        "an agreement right at its bar settles with no number of images", output / "manifest.json")
         for f in failures:
             log.error("%s failed after %.1fs: %s", f.name, f.seconds, f.error)
         manifest.artifacts, manifest.failures = artifacts, failures

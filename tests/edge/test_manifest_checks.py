@@ -242,6 +242,11 @@ def test_agreement_bar_resolved_only_when_the_interval_clears_it():
     assert not far["passed"] and far["agreement_bar_resolved"] is True, far
     n = images_to_settle(0.99)
     assert wilson_interval(n, n)[0] >= 0.99 > wilson_interval(n - 1, n - 1)[0], n
+    n = images_to_settle(0.95, 0.98)  # 98 of 100 cannot settle 95 %; 100 is more than all-agreeing would need (73)
+    assert n > 100 and wilson_interval(0.98 * n, n)[0] >= 0.95 > wilson_interval(0.98 * (n - 1), n - 1)[0], n
+    n = images_to_settle(0.99, 0.94)  # a miss: the interval's top must fall below the bar
+    assert wilson_interval(0.94 * n, n)[1] < 0.99 <= wilson_interval(0.94 * (n - 1), n - 1)[1], n
+    assert images_to_settle(0.99, 0.99) == float("inf")
     for copies, settled in ((3, False), (4, True)):  # 300 of 300 agreeing cannot settle 99 %, 400 of 400 can
         same = np.tile(ref, (copies, 1))
         assert check_record(compare_logits(same, same), bar)["agreement_bar_resolved"] is settled, copies
