@@ -25,13 +25,35 @@ from edge.manifest import (BENCH_FILE, Manifest, artifact_problem, reference_lab
 from edge.timing import WARMUP_SECS, warm_up
 
 
-def machine_info() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
+# CPU features that decide int8 and fp16 speed (XNNPACK, onnxruntime): x86 VNNI/AMX dot products, Arm dot products
+INT8_ISA = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_int8",
+            "asimddp", "i8mm", "asimdhp", "sve", "sve2")
+
+
+def _cpuinfo(text: str) -> tuple[str, str, list[str]]:
+    """Model name, family/model/stepping (x86), and the :data:`INT8_ISA` features of /proc/cpuinfo's first CPU."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            if fields:
                 break
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    ident = " ".join(f"{k} {fields[k]}" for k in ("cpu family", "model", "stepping") if k in fields)
+    return fields.get("model name", ""), ident, [f for f in INT8_ISA if f in flags]
+
+
+def machine_info() -> dict:
+    """The host a latency or check was measured on; ``isa`` is what int8 speed depends on most.
+
+    "AMD EPYC" alone names both a Zen 4 with AVX-512 VNNI (int8-mixed about 1.9x fp32 on xxs) and a
+    Zen 3 with AVX2 only (about 1.0x)."""
+    cpu, ident, isa = platform.processor() or "", "", []
+    try:
+        name, ident, isa = _cpuinfo(Path("/proc/cpuinfo").read_text())
+        cpu = name or cpu
     except OSError:
         pass
     versions = {}
@@ -40,7 +62,8 @@ def machine_info() -> dict:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "system": f"{platform.system()} {platform.machine()}",
+    return {"cpu": cpu, "cpu_id": ident, "isa": isa, "cores": os.cpu_count(),
+            "system": f"{platform.system()} {platform.machine()}",
             "python": platform.python_version(), "versions": versions}
 
 

@@ -215,6 +215,7 @@ def bench(manifest: str, runs: int, warmup: int, warmup_secs: float, rounds: int
           with_onnxruntime: bool) -> None:
     """Host latency of every runnable artifact, of PyTorch eager and of onnxruntime fp32; writes bench.json."""
     from edge.bench import bench_manifest, format_table, require_manifest
+    from edge.report import machine_line
 
     try:
         counts = tuple(int(t) for t in threads.split(",")) if threads else None
@@ -223,7 +224,7 @@ def bench(manifest: str, runs: int, warmup: int, warmup_secs: float, rounds: int
     result = bench_manifest(require_manifest(manifest), runs=runs, warmup=warmup, rounds=rounds, threads=counts,
                             warmup_secs=warmup_secs, include_onnxruntime=with_onnxruntime)
     m = result["machine"]
-    click.echo(f"{result['model']} ({result['weights']}) on {m['cpu']}, {m['cores']} cores, {result['date']}")
+    click.echo(f"{result['model']} ({result['weights']}) on {machine_line(m)}, {result['date']}")
     click.echo(format_table(result))
     _exit_on_row_errors(result["results"], "bench")
 

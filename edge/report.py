@@ -289,6 +289,15 @@ def _svg_sensitivity(sens: list[dict]) -> str:
     return "".join(parts)
 
 
+def machine_line(machine: dict) -> str:
+    """CPU, cores and the instruction sets int8 speed depends on, e.g. ``AMD EPYC (cpu family 25 model 1 stepping 1),
+    2 cores, ISA avx2 fma f16c``."""
+    ident = f" ({machine['cpu_id']})" if machine.get("cpu_id") else ""
+    isa = machine.get("isa")
+    features = f", ISA {' '.join(map(str, isa)) or 'without AVX2/VNNI/dot-product'}" if isinstance(isa, list) else ""
+    return f"{machine.get('cpu', '-')}{ident}, {machine.get('cores', '-')} cores{features}"
+
+
 def latency_method(bench: dict | None) -> str:
     """How bench.json's latencies were taken, in one sentence (empty without a bench.json)."""
     s = (bench or {}).get("settings")
@@ -315,7 +324,7 @@ def render(out_dir: str | os.PathLike, fail_under: list[FailUnder] | None = None
     source = "evaluation.json" if evaluation else "the manifest's conversion checks (run effmod-edge evaluate for more)"
     md = [f"# effmod-edge report: {manifest.model}", "",
           f"Weights: `{manifest.weights}`. Metrics from {source}; images: {json.dumps(img)}.",
-          f"Machine: {machine.get('cpu', '-')}, {machine.get('cores', '-')} cores; runtimes {json.dumps(machine.get('versions', {}))}.",
+          f"Machine: {machine_line(machine)}; runtimes {json.dumps(machine.get('versions', {}))}.",
           *([timing] if timing else []),
           "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in body]
@@ -364,7 +373,7 @@ def render(out_dir: str | os.PathLike, fail_under: list[FailUnder] | None = None
 </head><body>
 <h1>effmod-edge report: {esc(manifest.model)}</h1>
 <p>Weights: <code>{esc(manifest.weights)}</code>. Metrics from {esc(source)}. Images: <code>{esc(json.dumps(img))}</code>.</p>
-<p>Machine: {esc(str(machine.get('cpu', '-')))}, {esc(str(machine.get('cores', '-')))} cores.</p>
+<p>Machine: {esc(machine_line(machine))}.</p>
 {f"<p>{esc(timing)}</p>" if timing else ""}
 {''.join(table)}
 {''.join(sections)}

@@ -60,3 +60,21 @@ def test_warm_up_keeps_a_fast_model_running_until_the_time_floor(monkeypatch):
     monkeypatch.setattr(timing.time, "perf_counter", clock)
     timing.warm_up(clock.run, runs=5, seconds=0.5)
     assert clock.calls == 128, f"0.5 s of 1/256 s runs is 128 runs; ran {clock.calls}"
+
+
+def test_machine_info_tells_a_vnni_host_from_an_avx2_one():
+    """Two 'AMD EPYC' hosts of this project ran int8-mixed xxs at 1.9x and 1.0x fp32: the ISA must be recorded."""
+    from edge.bench import _cpuinfo
+    from edge.report import machine_line
+
+    zen4 = ("processor\t: 0\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n"
+            "flags\t\t: fpu avx2 fma avx512f avx512_vnni avx512_bf16\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    zen3 = zen4.replace("model\t\t: 17", "model\t\t: 1").replace(" avx512f avx512_vnni avx512_bf16", "")
+    arm = "processor\t: 0\nFeatures\t: fp asimd asimddp i8mm\nCPU implementer\t: 0x41\n"
+    assert _cpuinfo(zen4) == ("AMD EPYC", "cpu family 25 model 17", ["avx2", "fma", "avx512f", "avx512_vnni",
+                                                                      "avx512_bf16"])
+    name, ident, isa = _cpuinfo(zen3)
+    line = machine_line({"cpu": name, "cpu_id": ident, "isa": isa, "cores": 2})
+    assert line == "AMD EPYC (cpu family 25 model 1), 2 cores, ISA avx2 fma", line
+    assert _cpuinfo(arm)[2] == ["asimddp", "i8mm"]
+    assert machine_line({"cpu": "old", "cores": 2}) == "old, 2 cores", "a bench.json of before the isa field"
