@@ -1,6 +1,6 @@
 // Minimal EfficientMod classifier for files written by effmod-edge.
-// Preprocessing = calibration/preprocess.py: shorter side -> 256 (bicubic),
-// center crop 224, /255, (x - mean) / std per RGB channel, NHWC.
+// Preprocessing = calibration/preprocess.py: shorter side -> 256 (bicubic there; here bilinear after
+// 2x halvings, which approximates it), center crop 224, /255, (x - mean) / std per RGB channel, NHWC.
 package dev.effmod.demo
 
 import android.content.Context
@@ -30,9 +30,11 @@ class EffmodClassifier(context: Context, modelAsset: String, threads: Int = 2) :
     private val interpreter: Interpreter
 
     init {
-        val fd = context.assets.openFd(modelAsset)
-        val buffer = FileInputStream(fd.fileDescriptor).channel
-            .map(FileChannel.MapMode.READ_ONLY, fd.startOffset, fd.declaredLength)
+        val buffer = context.assets.openFd(modelAsset).use { fd ->  // the mapping outlives the descriptor
+            FileInputStream(fd.fileDescriptor).use { stream ->
+                stream.channel.map(FileChannel.MapMode.READ_ONLY, fd.startOffset, fd.declaredLength)
+            }
+        }
         interpreter = Interpreter(buffer, Interpreter.Options().setNumThreads(threads))
     }
 
@@ -41,7 +43,7 @@ class EffmodClassifier(context: Context, modelAsset: String, threads: Int = 2) :
      * calibration/preprocess.py: shorter side exactly 256, longer side floor(256 * long / short),
      * crop offset (size - 224) / 2 rounded half to even, as Python's round() does.
      * Android's filter is bilinear without a prefilter, so a large photo is first halved while its
-     * shorter side stays >= 512 (each halving averages 2x2 pixels); a single bilinear step from a
+     * shorter side is >= 512, ending between 256 and 511 (each halving averages 2x2 pixels); a single bilinear step from a
      * camera frame would alias. Pixels still differ a little from Pillow's bicubic.
      */
     private fun crop224(bitmap: Bitmap): Bitmap {
