@@ -134,6 +134,10 @@ _STAGING_LOCKS: dict[Path, int] = {}  # staging folder -> descriptor holding its
 _OUTPUT_LOCKS: dict[Path, int] = {}  # staging folder -> descriptor locking its output folder for the same time
 
 
+class FolderInUse(ConfigError):
+    """Another conversion holds the output folder: what exists there is that one's, this one touches nothing."""
+
+
 def _lock_output(output: Path) -> int:
     """Lock the output folder itself, so two conversions never write into it at once.
 
@@ -144,7 +148,7 @@ def _lock_output(output: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise ConfigError(f"another convert is writing into {output}; wait for it to finish or choose another "
+        raise FolderInUse(f"another convert is writing into {output}; wait for it to finish or choose another "
                           f"--output (nothing was written)") from None
     except OSError:
         os.close(fd)
@@ -174,13 +178,14 @@ def _unlock_staging(staging: Path) -> None:
             os.close(fd)
 
 
-def sweep_abandoned_staging(output: Path) -> None:
+def sweep_abandoned_staging(output: Path, prefix: str = STAGING_PREFIX) -> None:
     """Remove staging folders of killed conversions from ``output``: those whose lock nobody holds.
 
     The kernel drops a dead process's lock, whichever machine or PID namespace ran it (a live
     conversion elsewhere keeps its folder); a folder without a lock file is not ours to judge.
+    ``prefix`` names other such folders (evaluate's work folders).
     """
-    for d in output.resolve().glob(STAGING_PREFIX + "*"):
+    for d in output.resolve().glob(prefix + "*"):
         if d in _STAGING_LOCKS or not (d / STAGING_LOCK).is_file():
             continue
         try:
@@ -368,7 +373,11 @@ def convert(request: ConvertRequest) -> ConvertResult:
     staging: Path | None = None
     done = False
     try:
-        staging = prepare_output(output)  # the folder is ours (locked) from here to the end
+        try:
+            staging = prepare_output(output)  # the folder is ours (locked) from here to the end
+        except FolderInUse:
+            created = []  # the folders it would have made are the other conversion's now
+            raise
         converted_before = (output / "manifest.json").is_file()  # then its evaluation/bench/report files are ours
         split = make_split(folder, request.calib_size, request.eval_size, request.seed)
         if not imagenet_classes:
@@ -433,12 +442,14 @@ def convert(request: ConvertRequest) -> ConvertResult:
                     unsettled.append((f"{target} {r.precision} {interval_text(checks['top1_agreement_ci95'])}%",
                                       images_to_settle(threshold.min_agreement, checks["top1_agreement"])))
         if unsettled:
-            need = max(n for _, n in unsettled)
-            log.warning("%d evaluation images cannot settle the agreement bars of %s (95%% intervals); %s, or run "
+            finite = [n for _, n in unsettled if n < math.inf]
+            how = [f"if the agreements hold, --eval-size {max(finite)} or more settles "
+                   f"{'them' if len(finite) == len(unsettled) else 'the others'}"] if finite else []
+            if len(finite) < len(unsettled):
+                how.insert(0, "an agreement right at its bar settles with no number of images")
+            log.warning("%d evaluation images cannot settle the agreement bars of %s (95%% intervals); %s; or run "
                         "`effmod-edge evaluate %s --heldout` on every image calibration left", len(split.eval),
-                        ", ".join(u for u, _ in unsettled),
-                        f"if the agreements hold, --eval-size {need} or more settles them" if need < math.inf else
-                        "an agreement right at its bar settles with no number of images", output / "manifest.json")
+                        ", ".join(u for u, _ in unsettled), "; ".join(how), output / "manifest.json")
         for f in failures:
             log.error("%s failed after %.1fs: %s", f.name, f.seconds, f.error)
         manifest.artifacts, manifest.failures = artifacts, failures

@@ -193,6 +193,10 @@ def test_evaluate_and_bench_run_tflite_from_a_relative_manifest_path(tiny_tflite
     old_work = tiny_tflite / ".effmod-cache" / "work"  # where earlier versions left the runtimes' inputs for good
     old_work.mkdir(parents=True, exist_ok=True)
     (old_work / "images-0123.npy").write_bytes(b"\0" * 1000)
+    killed = tiny_tflite / ".effmod-cache" / ".work-killed"  # a killed run's folder: its lock file, nobody holding it
+    killed.mkdir()
+    (killed / ".owner.lock").write_text("")
+    (killed / "images-4567.npy").write_bytes(b"\0" * 1000)
     rows = evaluate_manifest("out/manifest.json", progress=False)["rows"]
     (tfl,) = [r for r in rows if r["target"] == "tflite"]
     assert "error" not in tfl and tfl["sqnr_db"] > 100, f"TFLite fp32 from a relative manifest path: {tfl}"

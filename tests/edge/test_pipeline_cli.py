@@ -276,6 +276,29 @@ def test_a_second_convert_into_a_folder_in_use_is_refused_at_once(tmp_path, samp
     assert convert(req).manifest.artifacts, "the folder stayed locked after its convert ended"
 
 
+def test_a_refused_convert_leaves_the_folder_the_other_one_created(tmp_path, samples_dir, monkeypatch):
+    """Both started before the folder existed; the one that won the lock made it and must keep it."""
+    import edge.pipeline as pl
+
+    out = tmp_path / "new" / "out"
+    real, held = pl.prepare_output, []
+
+    def other_convert_first(output):
+        output.mkdir(parents=True)  # the other convert has made the folder and locked it, not yet staged
+        held.append(pl._lock_output(output))
+        return real(output)
+
+    monkeypatch.setattr(pl, "prepare_output", other_convert_first)
+    try:
+        with pytest.raises(ConfigError, match="another convert is writing into"):
+            convert(ConvertRequest(targets=["onnx"], model="efficientmod_test_tiny", output=out,
+                                   calib_dir=str(samples_dir), calib_size=2, eval_size=2))
+        assert out.is_dir(), "the refused convert removed the folder the other one is converting into"
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
 def test_the_python_api_refuses_what_the_cli_types_would(tmp_path):
     base = dict(targets=["onnx"], output=tmp_path)
     for bad, named in ((dict(calib_size=10.5), "calib_size"), (dict(eval_size="20"), "eval_size"),
