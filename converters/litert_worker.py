@@ -367,17 +367,25 @@ def _all_tensors(model_content: bytes, images: np.ndarray) -> tuple[list[dict], 
              "in": [details[i]["name"] for i in o["inputs"] if i in details]} for o in ops], values
 
 
-def _float_names(qops: list[dict], fops: list[dict]) -> dict[str, str]:
+def _float_names(qops: list[dict], fops: list[dict], qvals: dict, fvals: dict) -> dict[str, str]:
     """Each int8-model op output's name in the float model it was quantized from.
 
     The quantizer renames some op outputs (``.../convolution`` becomes
     ``.../convolution1``, the model's output another name), so ops are paired by
     position when both models run the same op sequence (QUANTIZE/DEQUANTIZE left
-    out); otherwise names are taken as they are.
+    out) with the same output shapes; otherwise names are taken as they are.
     """
+    def shape(vals: dict, name: str) -> tuple | None:
+        return vals[name][0].shape if vals.get(name) else None
+
     if [(o["op"], len(o["out"])) for o in qops] != [(o["op"], len(o["out"])) for o in fops]:
+        print("sensitivity: the int8 and float op sequences differ; pairing outputs by name", file=sys.stderr)
         return {}
-    return {qn: fn for q, f in zip(qops, fops) for qn, fn in zip(q["out"], f["out"])}
+    pairs = {qn: fn for q, f in zip(qops, fops) for qn, fn in zip(q["out"], f["out"])}
+    if any(shape(qvals, qn) != shape(fvals, fn) for qn, fn in pairs.items()):
+        print("sensitivity: paired int8 and float outputs differ in shape; pairing outputs by name", file=sys.stderr)
+        return {}
+    return pairs
 
 
 def _converted_from(g: Graph) -> dict[str, str]:
@@ -407,7 +415,7 @@ def cmd_sensitivity(args: dict) -> None:
     fops, fvals = _all_tensors(float_model, images)
     qops, qvals = _all_tensors(quant_model, images)
     g = read_graph(quant_model)
-    to_float, source = _float_names(qops, fops), _converted_from(g)
+    to_float, source = _float_names(qops, fops, qvals, fvals), _converted_from(g)
     sqnr = {}
     for name, vals in qvals.items():
         fname = to_float.get(name, name)

@@ -50,7 +50,7 @@ def machine_info() -> dict:
 
     "AMD EPYC" alone names both a Zen 4 with AVX-512 VNNI (int8-mixed about 1.9x fp32 on xxs) and a
     Zen 3 with AVX2 only (about 1.0x)."""
-    cpu, ident, isa = platform.processor() or "", "", []
+    cpu, ident, isa = platform.processor() or "", "", None  # None: not known (no /proc/cpuinfo), not "none"
     try:
         name, ident, isa = _cpuinfo(Path("/proc/cpuinfo").read_text())
         cpu = name or cpu
@@ -198,7 +198,7 @@ def bench_manifest(
 
             row = {"target": "onnx", "precision": "fp32", "path": "", "bytes": 0,
                    "runtime": f"onnxruntime {onnxruntime.__version__}",
-                   "note": "deploy form exported by bench: the manifest has no ONNX file to time"}
+                   "note": "deploy form exported by bench: no ONNX file of the manifest could be timed"}
             try:
                 path = _onnx_reference(model, size, build)
                 row["bytes"] = path.stat().st_size

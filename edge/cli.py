@@ -12,6 +12,7 @@ import click
 
 from edge.checks import interval_text
 from edge.errors import ConfigError, EffmodError
+from edge.manifest import reference_label
 from edge.targets import OPTIONS, TARGETS, parse_option_pairs
 from edge.timing import WARMUP_SECS
 
@@ -82,13 +83,13 @@ def _exit_on_row_errors(rows: list[dict], what: str) -> None:
     if bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         first = bad[0]["error"]
-        if first.startswith("artifact file "):
+        if first.startswith(("artifact file ", "sidecar ", "classifier package ")):
             fix = "re-run convert to rebuild the artifacts"
         elif "No module named" in first:
             fix = 'install the runtime with pip install -e ".[tflite]" or ".[coreml]"'
         else:
             fix = "re-run with -v for the traceback"
-        click.echo(f"error: {what} failed for {bad[0]['path'] or bad[0]['target']}: {first}{more}; {fix}", err=True)
+        click.echo(f"error: {what} failed for {reference_label(bad[0])}: {first}{more}; {fix}", err=True)
         sys.exit(1)
 
 

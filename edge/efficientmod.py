@@ -655,14 +655,14 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module | None = None) -> di
     inner = unwrap_state_dict(state_dict)
     if inner is None:
         return {}
-    out: dict[str, torch.Tensor] = {}
-    for key, value in inner.items():
-        while key.startswith(WRAPPER_PREFIXES):
-            key = key.split(".", 1)[1]
-        out[key] = value
-    if out and all(k.startswith("model.") for k in out):  # no key of the network itself starts so
-        out = {k[len("model."):]: v for k, v in out.items()}
-    return out
+    out: dict[str, torch.Tensor] = dict(inner)
+    while True:  # in any nesting: a Lightning module's torch.compile'd network is model._orig_mod.<key>
+        keys = [k.split(".", 1)[1] if k.startswith(WRAPPER_PREFIXES) else k for k in out]
+        if keys and all(k.startswith("model.") for k in keys):  # no key of the network itself starts so
+            keys = [k[len("model."):] for k in keys]
+        if keys == list(out):
+            return out
+        out = dict(zip(keys, out.values()))
 
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compile

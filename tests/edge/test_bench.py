@@ -78,3 +78,5 @@ def test_machine_info_tells_a_vnni_host_from_an_avx2_one():
     assert line == "AMD EPYC (cpu family 25 model 1), 2 cores, ISA avx2 fma", line
     assert _cpuinfo(arm)[2] == ["asimddp", "i8mm"]
     assert machine_line({"cpu": "old", "cores": 2}) == "old, 2 cores", "a bench.json of before the isa field"
+    assert machine_line({"cpu": "arm", "cpu_id": "", "isa": None, "cores": 8}) == "arm, 8 cores", \
+        "no /proc/cpuinfo (macOS): the instruction sets are unknown, not absent"

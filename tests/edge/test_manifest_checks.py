@@ -292,3 +292,12 @@ def test_a_tflite_file_without_its_sidecar_is_a_problem(tmp_path):
     assert problem and "m.tflite.json" in problem and "missing" in problem, problem
     (tmp_path / "m.tflite.json").write_text("{}")
     assert artifact_problem(tmp_path, a) is None
+
+
+def test_a_failure_without_a_path_is_written_without_one():
+    """Manifests effmod-edge writes stay readable by the version before Failure.path where they can."""
+    d = copy.deepcopy(GOOD)
+    d["failures"] = [{"target": "tflite", "precision": "int8", "error": "x", "seconds": 1.0},
+                     {"target": "onnx", "precision": "fp32", "error": "y", "seconds": 2.0, "path": "m_dynamic.onnx"}]
+    out = Manifest.from_dict(d).to_dict()["failures"]
+    assert "path" not in out[0] and out[1]["path"] == "m_dynamic.onnx", out

@@ -18,7 +18,8 @@ def xxs():
     return create_model("efficientmod_xxs", seed=7)
 
 
-@pytest.mark.parametrize("wrap", ["bare", "state_dict", "state_dict_ema", "ddp_model", "compiled", "lightning"])
+@pytest.mark.parametrize("wrap", ["bare", "state_dict", "state_dict_ema", "ddp_model", "compiled", "lightning",
+                                  "lightning_compiled"])
 def test_wrappers_load_strictly_and_detect_variant(tmp_path, xxs, wrap):
     sd = xxs.state_dict()
     obj = {
@@ -28,6 +29,7 @@ def test_wrappers_load_strictly_and_detect_variant(tmp_path, xxs, wrap):
         "ddp_model": {"model": {"module." + k: v for k, v in sd.items()}},
         "compiled": {"_orig_mod.module." + k: v for k, v in sd.items()},
         "lightning": {"state_dict": {"model." + k: v for k, v in sd.items()}, "epoch": 3},
+        "lightning_compiled": {"state_dict": {"model._orig_mod." + k: v for k, v in sd.items()}},
     }[wrap]
     path = tmp_path / f"{wrap}.pth"
     torch.save(obj, path)
