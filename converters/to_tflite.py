@@ -371,6 +371,7 @@ def _sidecar(path: Path, inp: TensorSpec, out: TensorSpec, precision: str, label
     side = path.with_name(path.name + ".json")
     side.write_text(json.dumps({
         "model": path.name, "precision": precision, "labels": labels,
+        "io": "int8" if inp.dtype == "int8" else "float32",  # int8 and its _int8_io file share a precision
         "input": {"name": inp.name, "layout": inp.layout, "dtype": inp.dtype, "shape": inp.shape,
                   "mean": inp.mean, "std": inp.std, "normalization": inp.normalization,
                   "quantization": inp.quantization,

@@ -342,6 +342,9 @@ def test_sidecar_and_labels(tflite_out):
     a = _by(m, "_int8_io.tflite")
     side = json.loads((tflite_out / a.details["sidecar"]).read_text())
     assert side["input"]["quantization"] == a.input.quantization
+    assert side["io"] == "int8" and side["precision"] == "int8", "an app tells the int8-I/O file by its io field"
+    float_io = json.loads((tflite_out / _by(m, "_int8.tflite").details["sidecar"]).read_text())
+    assert float_io["io"] == "float32" and float_io["precision"] == "int8", float_io
     assert side["input"]["normalization"] == a.input.normalization == "app"
     assert side["input"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
     labels = (tflite_out / side["labels"]).read_text().splitlines()
