@@ -29,7 +29,7 @@ from edge.efficientmod import get_config
 from edge.errors import CheckpointError, ConfigError, DataError, EffmodError
 from edge.manifest import (EVALUATION_FILE, Artifact, Manifest, artifact_problem, refuse_in_the_way, require_writable,
                            write_files_atomic, write_json_atomic)
-from edge.pipeline import _lock_staging, _unlock_staging, sweep_abandoned_staging
+from edge.pipeline import lock_staging, release_staging, sweep_abandoned_staging
 from edge.weights import file_sha256, load_model
 
 CACHE_DIR = ".effmod-cache"
@@ -164,12 +164,6 @@ def _save_cached(path: Path, logits: np.ndarray) -> None:
 WORK_PREFIX = ".work-"  # + random: one evaluate run's folder in the cache, locked while it runs
 
 
-def _release_work_folder(work: Path) -> None:
-    """Remove this run's work folder, then drop its lock (unlocked first, another run's sweep could race us)."""
-    shutil.rmtree(work, ignore_errors=True)
-    _unlock_staging(work)
-
-
 def _remove_old_work_folders(cache: Path) -> None:
     """Free what killed runs left (their image arrays: hundreds of MB each), and the ``cache/work`` folder
     earlier versions kept for good."""
@@ -278,8 +272,8 @@ def evaluate_manifest(
         try:  # the runtimes' inputs and outputs: this run's own folder, gone when it ends (the logits are cached)
             require_writable(cache)
             work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX, dir=cache))
-            stack.callback(_release_work_folder, work)
-            _lock_staging(work)  # a killed run's folder is swept by the next run: nobody holds its lock
+            stack.callback(release_staging, work)
+            lock_staging(work)  # a killed run's folder is swept by the next run: nobody holds its lock
         except (ConfigError, OSError) as exc:  # cached results still read; new ones are computed in a temp folder
             log.warning("%s; evaluating without writing to the cache", exc)
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="effmod-evaluate-")))

@@ -156,7 +156,7 @@ def _lock_output(output: Path) -> int:
     return fd
 
 
-def _lock_staging(staging: Path) -> None:
+def lock_staging(staging: Path) -> None:
     """Lock the staging folder's lock file for as long as this process converts into it.
 
     Locked under a temporary name, then renamed: a sweep never sees the lock file unlocked."""
@@ -176,6 +176,13 @@ def _unlock_staging(staging: Path) -> None:
         fd = locks.pop(staging, None)
         if fd is not None:
             os.close(fd)
+
+
+def release_staging(staging: Path) -> None:
+    """Remove a locked staging (or evaluate work) folder, then drop its locks: unlocked first, another
+    process's sweep could race the removal."""
+    shutil.rmtree(staging, ignore_errors=True)
+    _unlock_staging(staging)
 
 
 def sweep_abandoned_staging(output: Path, prefix: str = STAGING_PREFIX) -> None:
@@ -225,10 +232,9 @@ def prepare_output(output: Path) -> Path:
             raise
         _OUTPUT_LOCKS[staging] = held
         try:
-            _lock_staging(staging)
+            lock_staging(staging)
         except OSError as exc:
-            shutil.rmtree(staging, ignore_errors=True)
-            _unlock_staging(staging)
+            release_staging(staging)
             raise EffmodError(f"cannot lock a staging folder in {output} ({exc.strerror or exc}); choose an --output "
                               f"on a file system with file locks") from None
         return staging
@@ -498,8 +504,7 @@ def convert(request: ConvertRequest) -> ConvertResult:
         return ConvertResult(manifest, manifest_path)
     finally:
         if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-            _unlock_staging(staging)
+            release_staging(staging)
         if not done:
             _remove_empty(created)
 

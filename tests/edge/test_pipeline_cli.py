@@ -260,7 +260,7 @@ def test_a_rerun_retires_a_changed_file_of_the_same_conversion(tmp_path, samples
 def test_a_second_convert_into_a_folder_in_use_is_refused_at_once(tmp_path, samples_dir):
     """Two converts into one folder: the one finishing second read the folder's manifest before the first replaced
     it, so the first one's files would stay beside a manifest that does not describe them."""
-    from edge.pipeline import _unlock_staging, prepare_output
+    from edge.pipeline import prepare_output, release_staging
 
     out = tmp_path / "out"
     held = prepare_output(out)  # what a running convert holds
@@ -271,8 +271,7 @@ def test_a_second_convert_into_a_folder_in_use_is_refused_at_once(tmp_path, samp
             convert(req)
         assert [p.name for p in out.iterdir()] == [held.name], "the refused convert wrote into the folder"
     finally:
-        shutil.rmtree(held)
-        _unlock_staging(held)
+        release_staging(held)
     assert convert(req).manifest.artifacts, "the folder stayed locked after its convert ended"
 
 
