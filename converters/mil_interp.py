@@ -163,15 +163,13 @@ def cast_float(a: np.ndarray, dtype: Any) -> np.ndarray:
         return a.astype(dtype)
     import torch
 
+    from edge.threads import torch_threads
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # read-only source: the tensor is only read
         src = torch.from_numpy(a)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # torch's OpenMP workers would spin against NumPy's BLAS threads
-    try:
+    with torch_threads(1):  # torch's OpenMP workers would spin against NumPy's BLAS threads
         return src.to(torch.float16 if dtype == _F16 else torch.float32).numpy()
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _f32(x: Any) -> np.ndarray:

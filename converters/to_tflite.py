@@ -85,6 +85,7 @@ from edge.efficientmod import EfficientModDeploy, to_deploy
 from edge.errors import ConversionError
 from edge.manifest import TensorSpec
 from edge.targets import TARGETS, validate_options
+from edge.threads import torch_threads
 from edge.timing import WARMUP_SECS
 
 ONNX_OPSET = 20
@@ -162,7 +163,8 @@ class _Started:
 
     def __init__(self, cmd: list[str], cwd: Path, what: str, timeout: float = WORKER_TIMEOUT_S):
         self.what, self.timeout = what, timeout
-        self.deadline = time.monotonic() + timeout
+        self.started = time.monotonic()
+        self.deadline = self.started + timeout
         self._logs = (tempfile.TemporaryFile(), tempfile.TemporaryFile())  # files, not pipes: no deadlock
         env = {**_env(), "EFFMOD_PARENT_PID": str(os.getpid())}
         try:  # its own process group, so kill() also stops what it started (onnx2tf's onnxsim)
@@ -174,9 +176,12 @@ class _Started:
         _LIVE.add(self)
 
     def wait(self) -> None:
+        waiting = time.monotonic()
         try:
             try:
                 rc = self.proc.wait(timeout=max(self.deadline - time.monotonic(), 0.0))
+                done = time.monotonic()  # where a conversion's time goes: -v shows each run's and the wait for it
+                log.debug("%s: ran %.1f s, waited for %.1f s", self.what, done - self.started, done - waiting)
             except subprocess.TimeoutExpired:
                 self.kill()
                 raise ConversionError(f"{self.what} timed out after {self.timeout:.0f}s") from None
@@ -216,6 +221,19 @@ class _Started:
     def _close_logs(self) -> None:
         for f in self._logs:
             f.close()
+
+
+def cores_beside_runs() -> int:
+    """Cores this process may give torch: those not taken by the onnx2tf runs and workers still running.
+
+    Measured on 2 cores beside one busy process: GPTQ's Gram pass took 15.0 s with
+    2 torch threads, 7.7 s with 1 (torch's waiting threads spin).
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - sum(run.proc.poll() is None for run in list(_LIVE)))
 
 
 def _run(cmd: list[str], cwd: Path, what: str, timeout: float = WORKER_TIMEOUT_S) -> None:
@@ -322,7 +340,8 @@ class SavedModelRun:
         build_dir.mkdir(parents=True, exist_ok=True)
         if deploy is None:
             deploy = tflite_deploy(ctx, norm_impl)
-        onnx_path = export_onnx(deploy, build_dir / "model.onnx", ctx.input_size, opset=ONNX_OPSET)
+        with torch_threads(cores_beside_runs()):  # the runs started before this one are converting
+            onnx_path = export_onnx(deploy, build_dir / "model.onnx", ctx.input_size, opset=ONNX_OPSET)
         _sample_npy(ctx, build_dir / SAMPLE_NPY)
         if shutil.which("onnxsim", path=_env()["PATH"]) is None:
             raise ConversionError("onnxsim is not on PATH; install it with pip install -e \".[tflite]\"")
@@ -500,8 +519,9 @@ class _Builder:
                 raise ConversionError("GPTQ weight rounding needs calibration images: use --calib-size > 0")
             images = calib.nchw()[:GPTQ_IMAGES]
             log.info("tflite: GPTQ weight rounding on %d calibration images", len(images))
-            rounder = LayerRounder(tflite_deploy(self.ctx, INT8_NORM), images)
-            weights = {name: rounder.int8(name) for name in rounder.layers}
+            with torch_threads(cores_beside_runs()):  # the float form's onnx2tf run converts meanwhile
+                rounder = LayerRounder(tflite_deploy(self.ctx, INT8_NORM), images)
+                weights = {name: rounder.int8(name) for name in rounder.layers}
             big = [name for name, layer in rounder.layers.items() if layer.weight.numel() >= DYNAMIC_MIN_ELEMENTS]
             self._gptq = weights, {INT8_NORM: rounder.report("int8"), FLOAT_NORM: rounder.report("int8", big)}
         return self._gptq

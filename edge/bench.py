@@ -22,6 +22,7 @@ from edge.efficientmod import create_model, get_config, to_deploy
 from edge.errors import ConfigError, EffmodError
 from edge.manifest import (BENCH_FILE, Manifest, artifact_problem, reference_label, refuse_in_the_way, require_writable,
                            write_json_atomic)
+from edge.threads import torch_threads
 from edge.timing import WARMUP_SECS, warm_up
 
 
@@ -108,13 +109,8 @@ def _torch_timer(model: torch.nn.Module, threads: int, input_size: int):
     x = torch.zeros(1, 3, input_size, input_size)
 
     def run(warmup: int, runs: int, secs: float) -> list[float]:
-        prev = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            with torch.inference_mode():
-                return _time(lambda: model(x), warmup, runs, secs)
-        finally:
-            torch.set_num_threads(prev)
+        with torch_threads(threads), torch.inference_mode():
+            return _time(lambda: model(x), warmup, runs, secs)
 
     return run
 

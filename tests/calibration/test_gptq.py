@@ -209,3 +209,44 @@ def test_rounder_int8_equals_gptq_round_and_caches():
         assert torch.equal(rounder.int8(n), dict(rounded.named_modules())[n].weight), f"{n}: int8 rounding differs"
         assert rounder.int8(n) is rounder.int8(n), f"{n}: rounding was recomputed instead of cached"
         assert rounder.palette(n, 4) is rounder.palette(n, 4), f"{n}: palette rounding was recomputed"
+
+
+def _brute_gram(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Each group's sum over images and output positions of patch patch^T, the patches gathered by index."""
+    if isinstance(layer, nn.Linear):
+        rows = x.reshape(-1, x.shape[-1]).double()
+        return (rows.T @ rows)[None]
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = layer.kernel_size, layer.stride, layer.dilation, layer.padding
+    g, c = layer.groups, x.shape[1] // layer.groups
+    xp = nn.functional.pad(x.double(), (pw, pw, ph, ph))
+    oh = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    ow = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    out = torch.zeros(g, c * kh * kw, c * kh * kw, dtype=torch.float64)
+    for gi in range(g):
+        for n in range(x.shape[0]):
+            for i in range(oh):
+                for j in range(ow):
+                    patch = xp[n, gi * c:(gi + 1) * c, i * sh: i * sh + dh * (kh - 1) + 1: dh,
+                               j * sw: j * sw + dw * (kw - 1) + 1: dw].reshape(-1)
+                    out[gi] += torch.outer(patch, patch)
+    return out
+
+
+@pytest.mark.parametrize("layer", [
+    nn.Conv2d(4, 6, 3, padding=1),
+    nn.Conv2d(4, 4, (2, 7), padding=(0, 3), groups=4),
+    nn.Conv2d(4, 8, 3, stride=2, padding=2, dilation=2, groups=2),
+    nn.Conv2d(4, 6, 1),
+    nn.Conv2d(4, 6, 1, groups=2),
+    nn.Linear(5, 3),
+], ids=["dense3x3", "depthwise2x7", "grouped-strided-dilated", "pointwise", "grouped-pointwise", "linear"])
+def test_input_gram_matches_patches_gathered_by_index(layer):
+    from calibration.gptq import input_gram
+
+    shape = (3, 7, 5) if isinstance(layer, nn.Linear) else (3, 4, 7, 6)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    got = input_gram(layer, [("l", layer)], x.numpy(), batch=2)["l"]  # two batches: the sum over them counts too
+    want = _brute_gram(layer, x)
+    assert got.shape == want.shape, f"Gram shape {tuple(got.shape)}, want {tuple(want.shape)}"
+    err = float((got - want).abs().max() / want.abs().max())
+    assert err < 1e-6, f"Gram of {layer} differs from the gathered patches' by {err:.2e} (relative max)"

@@ -431,6 +431,22 @@ def test_background_run_can_be_stopped_and_times_out(tmp_path):
     assert slow.proc.returncode is not None, "a timed-out run must not be left running"
 
 
+def test_torch_gets_the_cores_the_running_subprocesses_leave(tmp_path, monkeypatch):
+    from converters import to_tflite
+
+    monkeypatch.setattr(to_tflite.os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    assert to_tflite.cores_beside_runs() == 3, "no run started: every core"
+    runs = [_Started([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path, "onnx2tf") for _ in range(3)]
+    try:
+        assert to_tflite.cores_beside_runs() == 1, "three runs on three cores: still one thread, not zero"
+        runs[0].kill()
+        runs[1].kill()
+        assert to_tflite.cores_beside_runs() == 2, "one run left on three cores"
+    finally:
+        for run in runs:
+            run.kill()
+
+
 def _is_calibration(cmd: list[str], what: str) -> bool:
     return what == "LiteRT convert" and json.loads(Path(cmd[-1]).read_text())["mode"] == "calibrate"
 
