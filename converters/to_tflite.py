@@ -421,6 +421,7 @@ class _Builder:
         self.ranges_summary: dict = {}
         self.rounding_summary: dict[str, dict] = {}
         self._gptq: tuple[dict[str, torch.Tensor], dict[str, RoundingReport]] | None = None
+        self._quantized: dict[str, _Quantizing] = {}  # quantizer arguments -> the run started with them
         if len(ctx.split.calib):
             np.save(self.calib_npy, ctx.split.calib.nhwc())
 
@@ -580,10 +581,25 @@ class _Builder:
         self.ranges_summary = json.loads(summary.read_text())
         return refined
 
+    def start_quantize(self, out: Path, int8_io: bool = False, denylist: dict | None = None) -> "_Quantizing":
+        """Start quantizing the calibrated model into ``out`` (awaited by the returned handle's ``wait``).
+
+        The quantizer is deterministic: arguments it was started with before give
+        that run's file, copied (int8-mixed's full-integer reference is the int8
+        file), or that run's error.
+        """
+        calibrated = self.calibrated()
+        key = json.dumps({"int8_io": int8_io, "denylist": denylist or {}}, sort_keys=True)
+        earlier = self._quantized.get(key)
+        if earlier is not None:
+            return _Quantizing(out, None, earlier)
+        run = self._quantized[key] = _Quantizing(out, start_worker("quantize", {
+            "calibrated": str(calibrated), "out": str(out), "int8_io": int8_io, "denylist": denylist or {}},
+            self.build))
+        return run
+
     def quantize(self, out: Path, int8_io: bool = False, denylist: dict | None = None) -> Path:
-        worker("quantize", {"calibrated": str(self.calibrated()), "out": str(out), "int8_io": int8_io,
-                            "denylist": denylist or {}}, self.build)
-        return out
+        return self.start_quantize(out, int8_io, denylist).wait()
 
     def result(self, precision: str, path: Path, details: dict | None = None) -> ArtifactResult:
         info = inspect_tflite(path, self.build)
@@ -596,6 +612,34 @@ class _Builder:
             "io": "int8" if inp.dtype == "int8" else "float32", **(details or {}),
         }
         return ArtifactResult(precision, path.name, inp, out, logits, det, extra_files=[side])
+
+
+class _Quantizing:
+    """A quantizer run of :meth:`_Builder.start_quantize`, or a copy of an earlier run's file."""
+
+    def __init__(self, out: Path, run: _Started | None, source: "_Quantizing | None" = None):
+        self.out, self.run, self.source = out, run, source
+        self._done, self._error = False, None
+
+    def wait(self) -> Path:
+        """``out`` once the run (or the earlier one) is done; its error, again on every call, if it failed."""
+        if self._error is not None:
+            raise self._error
+        if not self._done:
+            try:
+                if self.run is not None:
+                    self.run.wait()
+                elif self.source is not None and self.source.wait() != self.out:
+                    shutil.copyfile(self.source.out, self.out)
+            except Exception as exc:
+                self._error = exc
+                raise
+            self._done = True
+        return self.out
+
+    def kill(self) -> None:
+        if self.run is not None:
+            self.run.kill()
 
 
 def search_steps(steps: Iterable[MixedStep], evaluate: Callable[[MixedStep], dict],
@@ -735,18 +779,37 @@ def fill_budget(ranked: list[dict], budget: int) -> tuple[list[dict], str]:
     return by_byte, "noise per extra byte"
 
 
+def _step_denylist(step: MixedStep, nodes: list[str]) -> dict:
+    """What a search step keeps float: op types, LayerNorm statistics, and the named convs ``nodes``."""
+    return {"ops": list(RUNTIME_FLOAT_OPS) + (["ADD"] if step.adds else []), "nodes": nodes,
+            "layernorm_stats": step.layernorm_stats}
+
+
+def _step_file(step: MixedStep) -> str:
+    return f"mixed_{int(step.layernorm_stats)}{int(step.adds)}_{step.kept_nodes}.tflite"
+
+
 def _mixed(b: _Builder, stem: str) -> ArtifactResult:
     """int8 with float islands: runtime-unsupported op types, then the convs of most logit noise per byte."""
     ctx = b.ctx
     full = b.quantize(b.build / "full_int8.tflite")
+    # the first step keeps no convs, so it needs no ranking: it is quantized beside the sensitivity pass
+    first = b.start_quantize(b.build / _step_file(MIXED_STEPS[0]), denylist=_step_denylist(MIXED_STEPS[0], []))
     sens_path = b.build / "sensitivity.json"
-    worker("sensitivity", {"float_model": str(b.calibrated()), "quant_model": str(full),
-                           "calib": str(b.calib_npy), "out": str(sens_path),
-                           "debug_limit": min(8, len(ctx.split.calib))}, b.build)
+    sens = start_worker("sensitivity", {"float_model": str(b.calibrated()), "quant_model": str(full),
+                                        "calib": str(b.calib_npy), "out": str(sens_path),
+                                        "debug_limit": min(8, len(ctx.split.calib))}, b.build)
+    try:
+        calib_imgs = np.load(b.calib_npy)
+        with torch_threads(cores_beside_runs()):
+            ref = torch_logits(ctx.loaded.model, np.ascontiguousarray(calib_imgs.transpose(0, 3, 1, 2)))
+        sens.wait()
+    except BaseException:
+        sens.kill()
+        first.kill()
+        raise
     sensitivity = json.loads(sens_path.read_text())
     ranked = [r for r in sensitivity if r["op"] not in RUNTIME_FLOAT_OPS and r["drop_db"] > 0]
-    calib_imgs = np.load(b.calib_npy)
-    ref = torch_logits(ctx.loaded.model, np.ascontiguousarray(calib_imgs.transpose(0, 3, 1, 2)))
     float_bytes = (b.int8_saved() / "model_float32.tflite").stat().st_size
     paths: dict[MixedStep, Path] = {}
     evaluated: list[MixedStep] = []
@@ -782,14 +845,10 @@ def _mixed(b: _Builder, stem: str) -> ArtifactResult:
         room = budget() if step.kept_nodes and MixedStep(True, True, 0) in paths else None
         return mixed_candidates(ranked, step, room)  # the fallback keeps to the size budget too
 
-    def ops(step: MixedStep) -> list[str]:
-        return list(RUNTIME_FLOAT_OPS) + (["ADD"] if step.adds else [])
-
     def evaluate(step: MixedStep) -> dict:
-        deny = {"ops": ops(step), "nodes": [r["tensor"] for r in candidates(step)[: step.kept_nodes]],
-                "layernorm_stats": step.layernorm_stats}
-        name = f"mixed_{int(step.layernorm_stats)}{int(step.adds)}_{step.kept_nodes}.tflite"
-        path = paths[step] = b.quantize(b.build / name, denylist=deny)
+        nodes = [r["tensor"] for r in candidates(step)[: step.kept_nodes]] if step.kept_nodes else []
+        deny = _step_denylist(step, nodes)
+        path = paths[step] = b.quantize(b.build / _step_file(step), denylist=deny)
         evaluated.append(step)
         m = compare_logits(ref, litert_logits(path, calib_imgs, b.build))
         log.info("tflite int8-mixed: LayerNorm stats %s, ADDs %s, %d more ops in float -> calib agreement "
@@ -803,7 +862,7 @@ def _mixed(b: _Builder, stem: str) -> ArtifactResult:
     final = ctx.work_dir / f"{stem}_int8_mixed.tflite"
     shutil.copyfile(paths[best], final)
     details = {
-        "kept_float_op_types": ops(best),
+        "kept_float_op_types": _step_denylist(best, [])["ops"],
         "kept_float_op_types_reason": "GELU, RSQRT, SOFTMAX, BATCH_MATMUL: no int8 kernel inside XNNPACK "
                                       "(measured): int8 versions fall back to reference kernels and split the "
                                       "delegate"
@@ -853,13 +912,24 @@ def convert(ctx: ConvertContext, precisions: list[str]) -> list[ArtifactResult |
         return b.result(precision, dst)
 
     def int8() -> list[ArtifactResult | PrecisionFailure]:
-        """The float-I/O file, then the int8-I/O one: a failure of the second spares the first."""
-        f = b.quantize(ctx.work_dir / f"{stem}_int8.tflite")  # calibrates first: ranges_summary is set after it
-        ranges = {"activation_ranges": b.ranges_summary, "weight_rounding": b.int8_rounding()}
-        done = [b.result("int8", f, ranges)]
+        """The float-I/O file, then the int8-I/O one (both quantized at once): a failure of the second spares the first."""
+        f = b.start_quantize(ctx.work_dir / f"{stem}_int8.tflite")  # calibrates first: ranges_summary is set after it
         start, name = time.perf_counter(), f"{stem}_int8_io.tflite"
         try:
-            done.append(b.result("int8", b.quantize(ctx.work_dir / name, int8_io=True), ranges))
+            io_file = b.start_quantize(ctx.work_dir / name, int8_io=True)
+        except Exception as exc:  # did not start: its failure is recorded below, where waiting for it would raise
+            io_file = exc
+        try:
+            ranges = {"activation_ranges": b.ranges_summary, "weight_rounding": b.int8_rounding()}
+            done = [b.result("int8", f.wait(), ranges)]
+        except BaseException:
+            if isinstance(io_file, _Quantizing):
+                io_file.kill()
+            raise
+        try:
+            if isinstance(io_file, Exception):
+                raise io_file
+            done.append(b.result("int8", io_file.wait(), ranges))
         except Exception as exc:
             log.error("tflite int8 %s failed: %s", name, exc)
             done.append(PrecisionFailure("int8", f"{type(exc).__name__}: {exc}", round(time.perf_counter() - start, 2),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import sys
 from pathlib import Path
@@ -274,7 +275,7 @@ def _check_mixed(mixed, int8) -> None:
     assert d["latency_cost_vs_first_step"] == round(tried[chosen]["latency_vs_first_step"] - 1, 3), d
 
 
-def test_int8_on_weights_whose_blocks_matter(tmp_path, samples_dir, proxy_tiny_checkpoint):
+def test_int8_on_weights_whose_blocks_matter(tmp_path, samples_dir, proxy_tiny_checkpoint, monkeypatch):
     """Upstream-init blocks barely reach the logits (LayerScale 1e-4), so the fixture's int8 SQNR
     mostly measures the stems; on a proxy checkpoint every block's int8 error counts. The int8 and
     dynamic files must also hold exactly the GPTQ-rounded weights: the converter re-derives each row's
@@ -286,10 +287,22 @@ def test_int8_on_weights_whose_blocks_matter(tmp_path, samples_dir, proxy_tiny_c
     from edge.efficientmod import to_deploy
     from edge.weights import load_model
 
+    import converters.to_tflite as tfl
+
+    quantized, real = [], tfl.start_worker
+
+    def spy(command, args, build_dir, timeout=tfl.WORKER_TIMEOUT_S):
+        if command == "quantize":
+            quantized.append(json.dumps([args["int8_io"], args["denylist"]], sort_keys=True))
+        return real(command, args, build_dir, timeout)
+
+    monkeypatch.setattr(tfl, "start_worker", spy)
     res = convert(ConvertRequest(targets=["tflite"], model=TINY, weights=str(proxy_tiny_checkpoint), output=tmp_path,
                                  calib_dir=str(samples_dir), calib_size=16, eval_size=12,
                                  precisions=["dynamic", "int8", "int8-mixed"]))
     assert not res.manifest.failures, res.manifest.failures
+    repeats = {k: n for k, n in collections.Counter(quantized).items() if n > 1}
+    assert not repeats, f"the quantizer ran twice on the same arguments (int8-mixed must reuse the int8 file): {repeats}"
     int8, dyn = _by(res.manifest, "_int8.tflite"), _by(res.manifest, "_dynamic.tflite")
     _check_mixed(_by(res.manifest, "_int8_mixed.tflite"), int8)
     mixed = _by(res.manifest, "_int8_mixed.tflite")
@@ -493,14 +506,15 @@ def test_failing_precision_spares_the_others(tmp_path, samples_dir, monkeypatch,
 def test_a_failed_int8_io_file_spares_the_float_io_int8_file(tmp_path, samples_dir, monkeypatch, proxy_tiny_checkpoint):
     import converters.to_tflite as tfl
 
-    real = tfl._Builder.quantize
+    real = tfl.start_worker
 
-    def no_int8_io(self, out, int8_io=False, denylist=None):
-        if int8_io:
-            raise RuntimeError("fully_quantize refused the model")
-        return real(self, out, int8_io, denylist)
+    def no_int8_io(command, args, build_dir, timeout=tfl.WORKER_TIMEOUT_S):
+        if command == "quantize" and args["int8_io"]:  # fails while the float-I/O file is quantized beside it
+            return tfl._Started([sys.executable, "-c", "import sys, time; time.sleep(1); "
+                                 "sys.exit('fully_quantize refused the model')"], build_dir, "LiteRT quantize")
+        return real(command, args, build_dir, timeout)
 
-    monkeypatch.setattr(tfl._Builder, "quantize", no_int8_io)
+    monkeypatch.setattr(tfl, "start_worker", no_int8_io)
     result = convert(ConvertRequest(targets=["tflite"], model=TINY, weights=str(proxy_tiny_checkpoint), output=tmp_path,
                                     calib_dir=str(samples_dir), calib_size=4, eval_size=4, precisions=["int8"]))
     (int8,) = result.manifest.artifacts
