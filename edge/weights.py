@@ -168,5 +168,11 @@ def load_model(model: str | None = None, weights: str | Path | None = None, seed
         log.info("checkpoint %s has a head of %d classes (a fine-tune), not ImageNet-1k's %d",
                  path.name, classes, get_config(name).num_classes)
     net = EfficientMod(with_classes(get_config(name), classes))
+    wanted = net.state_dict()
+    ints = [k for k, v in state.items() if wanted[k].is_floating_point() and not v.is_floating_point()]
+    if ints:  # load_state_dict would cast them: e.g. a quantized export's int8 levels, read as weights
+        raise CheckpointError(f"checkpoint {path} holds {state[ints[0]].dtype} values where {name} has float weights, "
+                              f"in {len(ints)} tensor(s) (e.g. {ints[0]}); is it a quantized export? pass the float "
+                              f"checkpoint the model was trained to")
     net.load_state_dict(state, strict=True)
     return LoadedModel(net.eval(), name, str(path.resolve()), file_sha256(path))

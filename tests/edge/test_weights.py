@@ -110,6 +110,24 @@ def test_non_finite_weights_are_refused_by_name(tmp_path):
         load_model("efficientmod_test_tiny", ckpt)
 
 
+def test_integer_weights_are_refused_not_cast(tmp_path):
+    sd = create_model("efficientmod_test_tiny", seed=0).state_dict()
+    names = [k for k, v in sd.items() if v.is_floating_point() and v.dim() == 4][:2]
+    for name in names:  # a quantized export's int8 levels: cast to float they would make a model that checks "fine"
+        sd[name] = (sd[name] / sd[name].abs().max() * 127).round().to(torch.int8)
+    ckpt = tmp_path / "int8_export.pth"
+    torch.save(sd, ckpt)
+    with pytest.raises(CheckpointError, match=rf"holds torch.int8 values where efficientmod_test_tiny has float weights, "
+                                              rf"in 2 tensor\(s\) \(e.g. {names[0]}\)"):
+        load_model("efficientmod_test_tiny", ckpt)
+    sd = create_model("efficientmod_test_tiny", seed=0).state_dict()
+    half = {k: v.half() for k, v in sd.items()}  # a half-precision checkpoint is fine: cast up losslessly
+    torch.save(half, tmp_path / "half.pth")
+    got = load_model("efficientmod_test_tiny", tmp_path / "half.pth").model.state_dict()
+    worst = max(float((got[k] - half[k].float()).abs().max()) for k in half)
+    assert worst == 0.0, f"an fp16 checkpoint must load exactly (max |diff| {worst})"
+
+
 def test_safetensors_checkpoint_loads_like_the_pth(tmp_path, xxs):
     from safetensors.torch import save_file
 
