@@ -121,11 +121,12 @@ def test_integer_weights_are_refused_not_cast(tmp_path):
                                               rf"in 2 tensor\(s\) \(e.g. {names[0]}\)"):
         load_model("efficientmod_test_tiny", ckpt)
     sd = create_model("efficientmod_test_tiny", seed=0).state_dict()
-    half = {k: v.half() for k, v in sd.items()}  # a half-precision checkpoint is fine: cast up losslessly
-    torch.save(half, tmp_path / "half.pth")
-    got = load_model("efficientmod_test_tiny", tmp_path / "half.pth").model.state_dict()
-    worst = max(float((got[k] - half[k].float()).abs().max()) for k in half)
-    assert worst == 0.0, f"an fp16 checkpoint must load exactly (max |diff| {worst})"
+    for dtype in (torch.float16, torch.bfloat16):  # half-precision checkpoints are fine: cast up losslessly
+        half = {k: v.to(dtype) for k, v in sd.items()}
+        torch.save(half, tmp_path / "half.pth")
+        got = load_model("efficientmod_test_tiny", tmp_path / "half.pth").model.state_dict()
+        worst = max(float((got[k] - half[k].float()).abs().max()) for k in half)
+        assert worst == 0.0, f"a {dtype} checkpoint must load exactly (max |diff| {worst})"
 
 
 def test_safetensors_checkpoint_loads_like_the_pth(tmp_path, xxs):
