@@ -181,7 +181,8 @@ class _Started:
             try:
                 rc = self.proc.wait(timeout=max(self.deadline - time.monotonic(), 0.0))
                 done = time.monotonic()  # where a conversion's time goes: -v shows each run's and the wait for it
-                log.debug("%s: ran %.1f s, waited for %.1f s", self.what, done - self.started, done - waiting)
+                log.debug("%s: done within %.1f s of its start; waited %.1f s for it", self.what,
+                          done - self.started, done - waiting)
             except subprocess.TimeoutExpired:
                 self.kill()
                 raise ConversionError(f"{self.what} timed out after {self.timeout:.0f}s") from None
@@ -224,7 +225,8 @@ class _Started:
 
 
 def cores_beside_runs() -> int:
-    """Cores this process may give torch: those not taken by the onnx2tf runs and workers still running.
+    """Threads this process may give torch: the cores the onnx2tf runs and workers still running leave, at most
+    torch's own count (``OMP_NUM_THREADS``, the physical cores or what the caller set).
 
     Measured on 2 cores beside one busy process: GPTQ's Gram pass took 15.0 s with
     2 torch threads, 7.7 s with 1 (torch's waiting threads spin).
@@ -233,7 +235,7 @@ def cores_beside_runs() -> int:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    return max(1, cores - sum(run.proc.poll() is None for run in list(_LIVE)))
+    return max(1, min(torch.get_num_threads(), cores - sum(run.proc.poll() is None for run in list(_LIVE))))
 
 
 def _run(cmd: list[str], cwd: Path, what: str, timeout: float = WORKER_TIMEOUT_S) -> None:
@@ -520,7 +522,7 @@ class _Builder:
                 raise ConversionError("GPTQ weight rounding needs calibration images: use --calib-size > 0")
             images = calib.nchw()[:GPTQ_IMAGES]
             log.info("tflite: GPTQ weight rounding on %d calibration images", len(images))
-            with torch_threads(cores_beside_runs()):  # the float form's onnx2tf run converts meanwhile
+            with torch_threads(cores_beside_runs()):  # onnx2tf runs started before (float forms) convert meanwhile
                 rounder = LayerRounder(tflite_deploy(self.ctx, INT8_NORM), images)
                 weights = {name: rounder.int8(name) for name in rounder.layers}
             big = [name for name, layer in rounder.layers.items() if layer.weight.numel() >= DYNAMIC_MIN_ELEMENTS]
@@ -591,7 +593,7 @@ class _Builder:
         calibrated = self.calibrated()
         key = json.dumps({"int8_io": int8_io, "denylist": denylist or {}}, sort_keys=True)
         earlier = self._quantized.get(key)
-        if earlier is not None:
+        if earlier is not None and earlier.reusable():
             return _Quantizing(out, None, earlier)
         run = self._quantized[key] = _Quantizing(out, start_worker("quantize", {
             "calibrated": str(calibrated), "out": str(out), "int8_io": int8_io, "denylist": denylist or {}},
@@ -619,7 +621,7 @@ class _Quantizing:
 
     def __init__(self, out: Path, run: _Started | None, source: "_Quantizing | None" = None):
         self.out, self.run, self.source = out, run, source
-        self._done, self._error = False, None
+        self._done, self._killed, self._error = False, False, None
 
     def wait(self) -> Path:
         """``out`` once the run (or the earlier one) is done; its error, again on every call, if it failed."""
@@ -637,7 +639,18 @@ class _Quantizing:
             self._done = True
         return self.out
 
+    def reusable(self) -> bool:
+        """Not killed, and if it failed, the quantizer refused (exit code > 0): a timeout or a signal (out of
+        memory beside another run) need not happen again."""
+        if self._killed:
+            return False
+        if self._error is None:
+            return True
+        rc = self.run.proc.returncode if self.run is not None else None
+        return rc is not None and rc > 0
+
     def kill(self) -> None:
+        self._killed = True
         if self.run is not None:
             self.run.kill()
 
@@ -796,16 +809,22 @@ def _mixed(b: _Builder, stem: str) -> ArtifactResult:
     # the first step keeps no convs, so it needs no ranking: it is quantized beside the sensitivity pass
     first = b.start_quantize(b.build / _step_file(MIXED_STEPS[0]), denylist=_step_denylist(MIXED_STEPS[0], []))
     sens_path = b.build / "sensitivity.json"
-    sens = start_worker("sensitivity", {"float_model": str(b.calibrated()), "quant_model": str(full),
-                                        "calib": str(b.calib_npy), "out": str(sens_path),
-                                        "debug_limit": min(8, len(ctx.split.calib))}, b.build)
+    sens: _Started | None = None
     try:
+        sens = start_worker("sensitivity", {"float_model": str(b.calibrated()), "quant_model": str(full),
+                                            "calib": str(b.calib_npy), "out": str(sens_path),
+                                            "debug_limit": min(8, len(ctx.split.calib))}, b.build)
         calib_imgs = np.load(b.calib_npy)
         with torch_threads(cores_beside_runs()):
             ref = torch_logits(ctx.loaded.model, np.ascontiguousarray(calib_imgs.transpose(0, 3, 1, 2)))
-        sens.wait()
     except BaseException:
-        sens.kill()
+        if sens is not None:
+            sens.kill()
+        first.kill()
+        raise
+    try:
+        sens.wait()  # reaps or kills it, whatever happens: not killed again here
+    except BaseException:
         first.kill()
         raise
     sensitivity = json.loads(sens_path.read_text())
@@ -914,7 +933,7 @@ def convert(ctx: ConvertContext, precisions: list[str]) -> list[ArtifactResult |
     def int8() -> list[ArtifactResult | PrecisionFailure]:
         """The float-I/O file, then the int8-I/O one (both quantized at once): a failure of the second spares the first."""
         f = b.start_quantize(ctx.work_dir / f"{stem}_int8.tflite")  # calibrates first: ranges_summary is set after it
-        start, name = time.perf_counter(), f"{stem}_int8_io.tflite"
+        name = f"{stem}_int8_io.tflite"
         try:
             io_file = b.start_quantize(ctx.work_dir / name, int8_io=True)
         except Exception as exc:  # did not start: its failure is recorded below, where waiting for it would raise
@@ -926,6 +945,7 @@ def convert(ctx: ConvertContext, precisions: list[str]) -> list[ArtifactResult |
             if isinstance(io_file, _Quantizing):
                 io_file.kill()
             raise
+        start = time.perf_counter()  # a failure's seconds: its own wait and check, not the float-I/O file's
         try:
             if isinstance(io_file, Exception):
                 raise io_file

@@ -447,17 +447,51 @@ def test_background_run_can_be_stopped_and_times_out(tmp_path):
 def test_torch_gets_the_cores_the_running_subprocesses_leave(tmp_path, monkeypatch):
     from converters import to_tflite
 
+    from edge.threads import torch_threads
+
     monkeypatch.setattr(to_tflite.os, "sched_getaffinity", lambda pid: {0, 1, 2})
-    assert to_tflite.cores_beside_runs() == 3, "no run started: every core"
-    runs = [_Started([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path, "onnx2tf") for _ in range(3)]
+    with torch_threads(3):
+        assert to_tflite.cores_beside_runs() == 3, "no run started: every core"
+        runs = [_Started([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path, "onnx2tf") for _ in range(3)]
+        try:
+            assert to_tflite.cores_beside_runs() == 1, "three runs on three cores: still one thread, not zero"
+            runs[0].kill()
+            runs[1].kill()
+            assert to_tflite.cores_beside_runs() == 2, "one run left on three cores"
+        finally:
+            for run in runs:
+                run.kill()
+    with torch_threads(2):
+        assert to_tflite.cores_beside_runs() == 2, "never more threads than torch had (OMP_NUM_THREADS, the caller's)"
+
+
+@pytest.mark.parametrize("script, reused", [
+    ("pass", True),
+    ("import sys; sys.exit('the quantizer refused the model')", True),  # the same arguments fail the same way
+    ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", False),  # e.g. out of memory beside another run
+], ids=["succeeded", "refused", "killed-by-signal"])
+def test_a_quantizer_run_is_reused_only_where_it_would_end_the_same(tmp_path, script, reused):
+    from converters.to_tflite import _Quantizing
+
+    out = tmp_path / "q.tflite"
+    out.write_bytes(b"q")
+    run = _Quantizing(out, _Started([sys.executable, "-c", script], tmp_path, "LiteRT quantize"))
     try:
-        assert to_tflite.cores_beside_runs() == 1, "three runs on three cores: still one thread, not zero"
-        runs[0].kill()
-        runs[1].kill()
-        assert to_tflite.cores_beside_runs() == 2, "one run left on three cores"
-    finally:
-        for run in runs:
-            run.kill()
+        run.wait()
+    except ConversionError:
+        pass
+    assert run.reusable() == reused, f"{script}: reusable() is {run.reusable()}"
+    if reused:  # a copy handle gives the earlier run's file, or raises its error again
+        copy = _Quantizing(tmp_path / "copy.tflite", None, run)
+        if run._error is None:
+            assert copy.wait().read_bytes() == b"q", "the copy must hold the earlier run's file"
+        else:
+            with pytest.raises(ConversionError, match="refused the model"):
+                copy.wait()
+    pending = _Quantizing(out, _Started([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path, "q"))
+    assert pending.reusable(), "a run still going is reused (waited for)"
+    pending.kill()
+    assert not pending.reusable(), "a run we killed must not be reused"
 
 
 def _is_calibration(cmd: list[str], what: str) -> bool:
