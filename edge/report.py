@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge.errors import ConfigError, EffmodError
-from edge.checks import interval_text
+from edge.checks import evaluate_threshold, interval_text
 from edge.manifest import (BENCH_FILE, EVALUATION_FILE, REFERENCE_LABELS, REPORT_FILES, Manifest, TooDeepError,
                            artifact_problem, check_metrics, is_number, parse_json, reference_label, refuse_in_the_way,
                            require_writable, write_files_atomic)
+from edge.targets import TARGETS
 
 METRICS = {"agreement": "top1_agreement", "sqnr": "sqnr_db", "top1": "top1", "top5": "top5", "cosine": "cosine"}
 
@@ -163,6 +164,7 @@ def collect_rows(out_dir: Path) -> tuple[Manifest, list[dict], dict | None, dict
             row.update({k: metrics.get(v) for k, v in METRICS.items()})
             row["agreement_ci95"] = metrics.get("top1_agreement_ci95")
             row["nonfinite_logits"] = metrics.get("nonfinite_logits")
+            row["bar_misses"] = bar_misses(a.target, a.precision, metrics)
         problem = None if "error" in row else artifact_problem(out_dir, a)
         if problem:
             row["error"] = problem
@@ -180,6 +182,51 @@ def collect_rows(out_dir: Path) -> tuple[Manifest, list[dict], dict | None, dict
             row["metrics_from"] = "bench export"
         rows.append(row)
     return manifest, rows, evaluation, bench
+
+
+def bar_misses(target: str, precision: str, metrics: dict) -> list[str] | None:
+    """Why ``metrics`` miss the bar of the precision's table entry ([] : they meet it); None: no verdict
+    (a precision this version does not know, or metrics without max |Δ|, SQNR or agreement)."""
+    spec = TARGETS.get(target)
+    bar = next((p.threshold for p in spec.precisions if p.name == precision), None) if spec else None
+    if bar is None or not all(is_number(metrics.get(k)) for k in ("max_abs_diff", "sqnr_db", "top1_agreement")):
+        return None
+    return evaluate_threshold(metrics, bar)
+
+
+def ship_lines(rows: list[dict], threads: list[int], machine: dict) -> list[str]:
+    """Per target: the fastest and the smallest file that meet their precision's bar, on this machine's latency."""
+    thread = max(threads) if threads else None
+    lines = []
+    for target in dict.fromkeys(r["target"] for r in rows if not r.get("reference")):
+        ok = [r for r in rows if r["target"] == target and not r.get("reference") and "error" not in r
+              and r.get("bar_misses") == []]
+        if not ok:
+            lines.append(f"- {target}: no file meets its bar (see the table); ship none of them as is.")
+            continue
+        small = min(ok, key=lambda r: (r["bytes"], r["path"]))
+        timed = [r for r in ok if thread in r["latency"]]
+        parts = []
+        if timed:
+            fast = min(timed, key=lambda r: (r["latency"][thread], r["path"]))
+            parts.append(f"fastest here: `{fast['path']}` ({fast['latency'][thread]:.2f} ms at {thread} thread{'s' if thread != 1 else ''}, "
+                         f"{fast['bytes'] / 1e6:.2f} MB)")
+        else:
+            parts.append("no latency on this machine" + (" (Core ML runs on Apple devices)" if target == "coreml"
+                                                          else " (run effmod-edge bench)"))
+        lat = f", {small['latency'][thread]:.2f} ms" if thread in small["latency"] else ""
+        parts.append(f"smallest: `{small['path']}` ({small['bytes'] / 1e6:.2f} MB{lat})")
+        lines.append(f"- {target}: " + "; ".join(parts) + ".")
+    note = "Only files that meet their precision's bar are named."
+    if any(thread in r["latency"] for r in rows):
+        isa = machine.get("isa")
+        none = isinstance(isa, list) and not set(isa) & INT8_DOT_ISA
+        note += (f" Latency is this machine's ({machine_line(machine)}): a phone's differs, and int8 files pay off "
+                 f"only on CPUs with int8 dot products{' (this one has none)' if none else ''}.")
+    return lines + [note]
+
+
+INT8_DOT_ISA = {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm"}  # machine_info's isa names with int8 dots
 
 
 def gate(rows: list[dict], fail_under: list[FailUnder], failures: list | None = None) -> list[str]:
@@ -224,12 +271,19 @@ def _table_rows(rows: list[dict], threads: list[int], mark_checks: bool = False)
             lat = ["n/a: " + r["no_latency"]] + [""] * (len(threads) - 1)
         if "error" in r:
             out.append([r["target"], r["precision"], r["path"], _fmt(r["bytes"] / 1e6, digits=2), "ERROR: " + r["error"],
-                        "", "", "", "", *lat])
+                        "", "", "", "", "no", *lat])
         else:
             out.append([r["target"], r["precision"], r["path"], _fmt(r["bytes"] / 1e6, digits=2) if r["bytes"] else "-",
                         _fmt(r.get("top1"), True), _fmt(r.get("top5"), True), _agreement_cell(r),
-                        _fmt(r.get("sqnr")), _fmt(r.get("cosine"), digits=4), *lat])
+                        _fmt(r.get("sqnr")), _fmt(r.get("cosine"), digits=4), _bar_cell(r), *lat])
     return out
+
+
+def _bar_cell(row: dict) -> str:
+    misses = row.get("bar_misses")
+    if misses is None:
+        return "-"
+    return "yes" if not misses else "no: " + "; ".join(misses)
 
 
 def _agreement_cell(row: dict) -> str:
@@ -314,7 +368,7 @@ def render(out_dir: str | os.PathLike, fail_under: list[FailUnder] | None = None
     require_writable(out_dir)
     threads = sorted({t for r in rows for t in r["latency"]})
     header = ["target", "precision", "file", "MB", "top-1", "top-5", "agreement [95 % interval]", "SQNR dB", "cosine",
-              *[f"ms ({t} thr)" for t in threads]]
+              "meets its bar", *[f"ms ({t} thr)" for t in threads]]
     mixed_sources = evaluation is not None and any(r.get("metrics_from") == "manifest checks" for r in rows)
     body = _table_rows(rows, threads, mark_checks=mixed_sources)
     img = (evaluation or {}).get("images") or {k: (manifest.data or {}).get(k) for k in ("eval_size", "seed", "root")}
@@ -330,6 +384,8 @@ def render(out_dir: str | os.PathLike, fail_under: list[FailUnder] | None = None
     md += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in body]
     if mixed_sources:
         md += ["", CHECKS_NOTE]
+    ship = ship_lines(rows, threads, machine)
+    md += ["", "## Which file to ship", *ship]
     mixed = [r for r in rows if r["details"].get("sensitivity")]
     for r in mixed:
         d = r["details"]
@@ -356,7 +412,10 @@ def render(out_dir: str | os.PathLike, fail_under: list[FailUnder] | None = None
     if mixed_sources:
         table.append(f"<p>{esc(CHECKS_NOTE)}</p>")
     plot_thread = max(threads) if threads else 1
-    sections = [f"<h2>Latency vs fidelity</h2>{_svg_scatter(rows, plot_thread)}"]
+    sections = ["<h2>Which file to ship</h2><ul>" + "".join(
+                    f"<li>{esc(line[2:])}</li>" for line in ship if line.startswith("- ")) + "</ul>"
+                + "".join(f"<p>{esc(line)}</p>" for line in ship if not line.startswith("- ")),
+                f"<h2>Latency vs fidelity</h2>{_svg_scatter(rows, plot_thread)}"]
     for r in mixed:
         sections.append(f"<h2>Per-op int8 sensitivity: {esc(r['path'])}</h2>{_svg_sensitivity(r['details']['sensitivity'])}")
         sections.append("<ul>" + "".join(

@@ -263,3 +263,42 @@ def test_a_report_that_cannot_be_written_leaves_both_files_as_they_were(converte
     monkeypatch.undo()
     assert (md.read_text(), page.read_text()) == before, "one report file was replaced without the other"
     assert not list(out.glob("*.tmp")), "a temp file of the report was left behind"
+
+
+def test_which_file_to_ship_names_the_fastest_and_smallest_that_meet_their_bars():
+    from edge.report import bar_misses, ship_lines
+
+    good = {"max_abs_diff": 0.01, "sqnr_db": 41.0, "top1_agreement": 0.995}
+    low = {**good, "top1_agreement": 0.89, "sqnr_db": 28.8}
+
+    def row(precision, path, mb, ms, metrics, **extra):
+        return {"target": "tflite", "precision": precision, "path": path, "bytes": int(mb * 1e6),
+                "latency": {2: ms} if ms else {}, "bar_misses": bar_misses("tflite", precision, metrics), **extra}
+
+    rows = [row("fp32", "a_fp32.tflite", 19.0, 10.7, {**good, "max_abs_diff": 1e-6, "sqnr_db": 127.0}),
+            row("dynamic", "a_dynamic.tflite", 5.25, 12.6, good),
+            row("int8", "a_int8.tflite", 5.35, 8.0, low),  # fastest, but misses its bar: never suggested
+            row("fp16", "a_fp16.tflite", 9.5, 9.0, {**good, "sqnr_db": 66.0}, error="is missing"),
+            {"target": "pytorch", "precision": "fp32", "path": "PyTorch eager", "bytes": 0, "reference": True,
+             "latency": {2: 1.0}}]
+    assert rows[2]["bar_misses"] == ["top-1 agreement 89.00% < 99%"], rows[2]["bar_misses"]
+    lines = ship_lines(rows, [2], {"cpu": "x", "cores": 2, "isa": ["avx2", "fma"]})
+    assert lines[0] == ("- tflite: fastest here: `a_fp32.tflite` (10.70 ms at 2 threads, 19.00 MB); smallest: "
+                        "`a_dynamic.tflite` (5.25 MB, 12.60 ms)."), lines
+    assert len(lines) == 2 and "(this one has none)" in lines[1], lines
+    vnni = ship_lines(rows, [2], {"cpu": "x", "cores": 2, "isa": ["avx2", "avx512_vnni"]})
+    assert "has none" not in vnni[-1], vnni
+    none_ok = ship_lines([rows[2]], [2], {})
+    assert none_ok[0] == "- tflite: no file meets its bar (see the table); ship none of them as is.", none_ok
+    assert bar_misses("tflite", "no-such-precision", good) is None and bar_misses("tflite", "fp32", {}) is None
+
+
+def test_the_report_says_which_file_to_ship(converted):
+    md, page, _ = render(converted)
+    text = md.read_text()
+    section = text.split("## Which file to ship\n", 1)[1].split("\n\n", 1)[0]
+    timed = (converted / "bench.json").is_file()  # an earlier test of this module may have run bench
+    first = "- onnx: fastest here: `" if timed else "- onnx: no latency on this machine (run effmod-edge bench); "
+    assert section.startswith(first) and f"smallest: `{TINY}" in section, section
+    assert "| meets its bar |" in text and "| yes |" in text, "the table must say which rows meet their bar"
+    assert "Which file to ship" in page.read_text()
