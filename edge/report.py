@@ -11,11 +11,12 @@ import html
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from edge.errors import ConfigError, EffmodError
-from edge.checks import evaluate_threshold, interval_text
+from edge.checks import Threshold, evaluate_threshold, interval_text
 from edge.manifest import (BENCH_FILE, EVALUATION_FILE, REFERENCE_LABELS, REPORT_FILES, Manifest, TooDeepError,
                            artifact_problem, check_metrics, is_number, parse_json, reference_label, refuse_in_the_way,
                            require_writable, write_files_atomic)
@@ -184,45 +185,70 @@ def collect_rows(out_dir: Path) -> tuple[Manifest, list[dict], dict | None, dict
     return manifest, rows, evaluation, bench
 
 
-def bar_misses(target: str, precision: str, metrics: dict) -> list[str] | None:
-    """Why ``metrics`` miss the bar of the precision's table entry ([] : they meet it); None: no verdict
-    (a precision this version does not know, or metrics without max |Δ|, SQNR or agreement)."""
+def precision_bar(target: str, precision: str) -> Threshold | None:
+    """The bar of the precision's table entry; None for a target or precision this version does not know."""
     spec = TARGETS.get(target)
-    bar = next((p.threshold for p in spec.precisions if p.name == precision), None) if spec else None
-    if bar is None or not all(is_number(metrics.get(k)) for k in ("max_abs_diff", "sqnr_db", "top1_agreement")):
+    return next((p.threshold for p in spec.precisions if p.name == precision), None) if spec else None
+
+
+def bar_misses(target: str, precision: str, metrics: dict) -> list[str] | None:
+    """Why ``metrics`` miss the precision's bar ([]: they meet it); None: no verdict (a precision this
+    version does not know, or a metric the bar needs is not a number)."""
+    bar = precision_bar(target, precision)
+    if bar is None:
+        return None
+    needed = [k for k, limit in (("max_abs_diff", bar.max_abs), ("sqnr_db", bar.min_sqnr_db),
+                                 ("top1_agreement", bar.min_agreement)) if limit is not None]
+    if not all(is_number(metrics.get(k)) for k in needed):
         return None
     return evaluate_threshold(metrics, bar)
 
 
-def ship_lines(rows: list[dict], threads: list[int], machine: dict) -> list[str]:
-    """Per target: the fastest and the smallest file that meet their precision's bar, on this machine's latency."""
-    thread = max(threads) if threads else None
+def _unsettled(row: dict) -> bool:
+    """The row meets its agreement bar, but its 95 % interval reaches below it: more images could tell."""
+    bar, ci = precision_bar(row["target"], row["precision"]), row.get("agreement_ci95")
+    return bool(bar is not None and bar.min_agreement is not None and isinstance(ci, list) and len(ci) == 2
+                and is_number(ci[0]) and ci[0] < bar.min_agreement)
+
+
+def ship_lines(rows: list[dict], machine: dict, mixed_sources: bool = False) -> list[str]:
+    """Per target: the fastest and the smallest file that meet their precision's bar (markdown lines, then a note).
+
+    "Fastest" is at the most threads any of those files was timed with, on the benchmarked machine."""
     lines = []
     for target in dict.fromkeys(r["target"] for r in rows if not r.get("reference")):
-        ok = [r for r in rows if r["target"] == target and not r.get("reference") and "error" not in r
-              and r.get("bar_misses") == []]
+        mine = [r for r in rows if r["target"] == target and not r.get("reference")]
+        ok = [r for r in mine if "error" not in r and r.get("bar_misses") == []]
         if not ok:
-            lines.append(f"- {target}: no file meets its bar (see the table); ship none of them as is.")
+            lines.append(f"- {target}: " + ("no file meets its bar (see the table); ship none of them as is."
+                                             if all("error" in r or r.get("bar_misses") for r in mine) else
+                                             "no file has a verdict (see the table: this version does not know "
+                                             "the precision, or a metric its bar needs is missing)."))
             continue
         small = min(ok, key=lambda r: (r["bytes"], r["path"]))
-        timed = [r for r in ok if thread in r["latency"]]
+        thread = max((t for r in ok for t in r["latency"]), default=None)
+        threads = f"{thread} thread{'s' if thread != 1 else ''}"
         parts = []
-        if timed:
-            fast = min(timed, key=lambda r: (r["latency"][thread], r["path"]))
-            parts.append(f"fastest here: `{fast['path']}` ({fast['latency'][thread]:.2f} ms at {thread} thread{'s' if thread != 1 else ''}, "
+        if thread is not None:
+            fast = min((r for r in ok if thread in r["latency"]), key=lambda r: (r["latency"][thread], r["path"]))
+            parts.append(f"fastest here: `{fast['path']}` ({fast['latency'][thread]:.2f} ms at {threads}, "
                          f"{fast['bytes'] / 1e6:.2f} MB)")
+        elif target == "coreml":
+            parts.append("no latency on this machine (Core ML runs on Apple devices)")
         else:
-            parts.append("no latency on this machine" + (" (Core ML runs on Apple devices)" if target == "coreml"
-                                                          else " (run effmod-edge bench)"))
+            reason = next((r["no_latency"] for r in ok if r.get("no_latency")), None)
+            parts.append(f"no latency: {reason}" if reason else "no latency on this machine (run effmod-edge bench)")
         lat = f", {small['latency'][thread]:.2f} ms" if thread in small["latency"] else ""
         parts.append(f"smallest: `{small['path']}` ({small['bytes'] / 1e6:.2f} MB{lat})")
         lines.append(f"- {target}: " + "; ".join(parts) + ".")
-    note = "Only files that meet their precision's bar are named."
-    if any(thread in r["latency"] for r in rows):
+    note = "Only files that meet their precision's bar are named"
+    note += (" (rows marked * were judged on convert's images, the others on evaluate's)." if mixed_sources else ".")
+    if any(not r.get("reference") and r["latency"] for r in rows):
         isa = machine.get("isa")
-        none = isinstance(isa, list) and not set(isa) & INT8_DOT_ISA
-        note += (f" Latency is this machine's ({machine_line(machine)}): a phone's differs, and int8 files pay off "
-                 f"only on CPUs with int8 dot products{' (this one has none)' if none else ''}.")
+        none = isinstance(isa, list) and not {x for x in isa if isinstance(x, str)} & INT8_DOT_ISA
+        note += (f" Latency is this machine's ({machine_line(machine)}): a phone's differs, and TFLite int8 and "
+                 f"int8-mixed files run faster than fp32 only on CPUs with int8 dot products"
+                 f"{' (this one has none)' if none else ''}.")
     return lines + [note]
 
 
@@ -283,7 +309,9 @@ def _bar_cell(row: dict) -> str:
     misses = row.get("bar_misses")
     if misses is None:
         return "-"
-    return "yes" if not misses else "no: " + "; ".join(misses)
+    if misses:
+        return "no: " + "; ".join(misses)
+    return "yes (its 95 % interval reaches below the agreement bar)" if _unsettled(row) else "yes"
 
 
 def _agreement_cell(row: dict) -> str:
@@ -381,10 +409,10 @@ def render(out_dir: str | os.PathLike, fail_under: list[FailUnder] | None = None
           f"Machine: {machine_line(machine)}; runtimes {json.dumps(machine.get('versions', {}))}.",
           *([timing] if timing else []),
           "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in body]
+    md += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
     if mixed_sources:
         md += ["", CHECKS_NOTE]
-    ship = ship_lines(rows, threads, machine)
+    ship = ship_lines(rows, machine, mixed_sources)
     md += ["", "## Which file to ship", *ship]
     mixed = [r for r in rows if r["details"].get("sensitivity")]
     for r in mixed:
@@ -412,9 +440,12 @@ def render(out_dir: str | os.PathLike, fail_under: list[FailUnder] | None = None
     if mixed_sources:
         table.append(f"<p>{esc(CHECKS_NOTE)}</p>")
     plot_thread = max(threads) if threads else 1
+    def code(text: str) -> str:  # markdown's `path` as <code>path</code>
+        return re.sub(r"`([^`]*)`", r"<code>\1</code>", esc(text))
+
     sections = ["<h2>Which file to ship</h2><ul>" + "".join(
-                    f"<li>{esc(line[2:])}</li>" for line in ship if line.startswith("- ")) + "</ul>"
-                + "".join(f"<p>{esc(line)}</p>" for line in ship if not line.startswith("- ")),
+                    f"<li>{code(line[2:])}</li>" for line in ship if line.startswith("- ")) + "</ul>"
+                + "".join(f"<p>{code(line)}</p>" for line in ship if not line.startswith("- ")),
                 f"<h2>Latency vs fidelity</h2>{_svg_scatter(rows, plot_thread)}"]
     for r in mixed:
         sections.append(f"<h2>Per-op int8 sensitivity: {esc(r['path'])}</h2>{_svg_sensitivity(r['details']['sensitivity'])}")

@@ -173,6 +173,6 @@ def load_model(model: str | None = None, weights: str | Path | None = None, seed
     if ints:  # load_state_dict would cast them: e.g. a quantized export's int8 levels, read as weights
         raise CheckpointError(f"checkpoint {path} holds {state[ints[0]].dtype} values where {name} has float weights, "
                               f"in {len(ints)} tensor(s) (e.g. {ints[0]}); is it a quantized export? pass the float "
-                              f"checkpoint the model was trained to")
+                              f"checkpoint it was exported from")
     net.load_state_dict(state, strict=True)
     return LoadedModel(net.eval(), name, str(path.resolve()), file_sha256(path))

@@ -282,15 +282,24 @@ def test_which_file_to_ship_names_the_fastest_and_smallest_that_meet_their_bars(
             {"target": "pytorch", "precision": "fp32", "path": "PyTorch eager", "bytes": 0, "reference": True,
              "latency": {2: 1.0}}]
     assert rows[2]["bar_misses"] == ["top-1 agreement 89.00% < 99%"], rows[2]["bar_misses"]
-    lines = ship_lines(rows, [2], {"cpu": "x", "cores": 2, "isa": ["avx2", "fma"]})
+    lines = ship_lines(rows, {"cpu": "x", "cores": 2, "isa": ["avx2", "fma"]})
     assert lines[0] == ("- tflite: fastest here: `a_fp32.tflite` (10.70 ms at 2 threads, 19.00 MB); smallest: "
                         "`a_dynamic.tflite` (5.25 MB, 12.60 ms)."), lines
     assert len(lines) == 2 and "(this one has none)" in lines[1], lines
-    vnni = ship_lines(rows, [2], {"cpu": "x", "cores": 2, "isa": ["avx2", "avx512_vnni"]})
+    vnni = ship_lines(rows, {"cpu": "x", "cores": 2, "isa": ["avx2", "avx512_vnni"]})
     assert "has none" not in vnni[-1], vnni
-    none_ok = ship_lines([rows[2]], [2], {})
+    assert ship_lines(rows, {"isa": [["avx2"], None]})[-1].endswith("(this one has none)."), "a hand-edited isa"
+    none_ok = ship_lines([rows[2]], {})
     assert none_ok[0] == "- tflite: no file meets its bar (see the table); ship none of them as is.", none_ok
     assert bar_misses("tflite", "no-such-precision", good) is None and bar_misses("tflite", "fp32", {}) is None
+    unknown = ship_lines([{**rows[1], "bar_misses": None}], {})
+    assert unknown[0].startswith("- tflite: no file has a verdict"), unknown
+    only_one_thread = ship_lines([{**rows[1], "latency": {1: 20.0}}], {})
+    assert "(20.00 ms at 1 thread, 5.25 MB)" in only_one_thread[0], only_one_thread
+    skipped = ship_lines([{**rows[1], "latency": {}, "no_latency": "ai-edge-litert is not installed"}], {})
+    assert "no latency: ai-edge-litert is not installed" in skipped[0], skipped
+    coreml_fp16 = {"sqnr_db": 45.0, "top1_agreement": 1.0, "max_abs_diff": None}  # its bar checks SQNR alone
+    assert bar_misses("coreml", "fp16", coreml_fp16) == [], "a metric the bar does not use must not matter"
 
 
 def test_the_report_says_which_file_to_ship(converted):
@@ -300,5 +309,6 @@ def test_the_report_says_which_file_to_ship(converted):
     timed = (converted / "bench.json").is_file()  # an earlier test of this module may have run bench
     first = "- onnx: fastest here: `" if timed else "- onnx: no latency on this machine (run effmod-edge bench); "
     assert section.startswith(first) and f"smallest: `{TINY}" in section, section
-    assert "| meets its bar |" in text and "| yes |" in text, "the table must say which rows meet their bar"
+    assert "| meets its bar |" in text and re.search(r"\| yes( \(its 95 % interval[^|]*)? \|", text), \
+        "the table must say which rows meet their bar"
     assert "Which file to ship" in page.read_text()
