@@ -286,6 +286,9 @@ def test_which_file_to_ship_names_the_fastest_and_smallest_that_meet_their_bars(
     assert lines[0] == ("- tflite: fastest here: `a_fp32.tflite` (10.70 ms at 2 threads, 19.00 MB); smallest: "
                         "`a_dynamic.tflite` (5.25 MB, 12.60 ms)."), lines
     assert len(lines) == 2 and "(this one has none)" in lines[1], lines
+    tie = ship_lines([rows[0], {**rows[1], "latency": {2: 11.0}}], {})
+    assert tie[0].startswith("- tflite: fastest here: `a_fp32.tflite` (10.70 ms at 2 threads, 19.00 MB); as fast "
+                             "within 5% (this machine's noise): `a_dynamic.tflite` (11.00 ms, 5.25 MB); smallest"), tie
     vnni = ship_lines(rows, {"cpu": "x", "cores": 2, "isa": ["avx2", "avx512_vnni"]})
     assert "has none" not in vnni[-1], vnni
     assert ship_lines(rows, {"isa": [["avx2"], None]})[-1].endswith("(this one has none)."), "a hand-edited isa"
