@@ -282,8 +282,15 @@ def histogram_shards(calibrated: Path, calib_npy: Path, build_dir: Path, workers
     return outs
 
 
-def litert_logits(model: Path, images_nhwc: np.ndarray, build_dir: Path, threads: int = 2) -> np.ndarray:
-    """Logits of a .tflite on normalized NHWC images, computed in a subprocess."""
+def litert_logits(model: Path, images_nhwc: np.ndarray, build_dir: Path, threads: int | None = None) -> np.ndarray:
+    """Logits of a .tflite on normalized NHWC images, computed in a subprocess.
+
+    ``threads`` defaults to 2, fewer beside running subprocesses (the checks run beside
+    calibration and onnx2tf). XNNPACK's results do not depend on the count: every file
+    of an xxs conversion gave bitwise-equal logits with 1 and 2 threads (a test checks it).
+    """
+    if threads is None:
+        threads = min(2, cores_beside_runs())
     digest = hashlib.sha256(np.ascontiguousarray(images_nhwc).tobytes()).hexdigest()[:16]
     images = build_dir / f"images-{digest}.npy"
     if not images.exists():  # reused by every file checked on these images; an interrupted save must not be

@@ -364,6 +364,15 @@ def test_sidecar_and_labels(tflite_out):
     assert len(labels) == 1000 and labels[0] == "tench"
 
 
+@pytest.mark.parametrize("suffix", ["_fp32.tflite", "_fp16.tflite", "_dynamic.tflite", "_int8.tflite", "_int8_io.tflite"])
+def test_litert_logits_do_not_depend_on_the_thread_count(tflite_out, tmp_path, suffix):
+    """The checks run with fewer threads beside busy subprocesses: that must not change one bit of the logits."""
+    images = np.random.default_rng(0).standard_normal((6, 224, 224, 3)).astype(np.float32)
+    model = tflite_out / f"{TINY}{suffix}"
+    one, two = (litert_logits(model, images, tmp_path, threads=t) for t in (1, 2))
+    assert np.array_equal(one, two), f"{model.name}: 1 and 2 threads differ by {np.abs(one - two).max():.3g}"
+
+
 def test_litert_logits_match_manifest_check(tflite_out, samples_dir):
     """Re-running the int8 file (whose error is far from zero) reproduces the manifest's check numbers."""
     from calibration.folder import scan_folder
