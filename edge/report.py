@@ -188,7 +188,12 @@ def collect_rows(out_dir: Path) -> tuple[Manifest, list[dict], dict | None, dict
 def precision_bar(target: str, precision: str) -> Threshold | None:
     """The bar of the precision's table entry; None for a target or precision this version does not know."""
     spec = TARGETS.get(target)
-    return next((p.threshold for p in spec.precisions if p.name == precision), None) if spec else None
+    if spec is None:
+        return None
+    try:
+        return spec.precision(precision).threshold
+    except ConfigError:
+        return None
 
 
 def bar_misses(target: str, precision: str, metrics: dict) -> list[str] | None:
