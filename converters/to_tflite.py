@@ -799,10 +799,14 @@ def fill_budget(ranked: list[dict], budget: int) -> tuple[list[dict], str]:
     return by_byte, "noise per extra byte"
 
 
+def _step_float_ops(step: MixedStep) -> list[str]:
+    """The op types a search step keeps float."""
+    return list(RUNTIME_FLOAT_OPS) + (["ADD"] if step.adds else [])
+
+
 def _step_denylist(step: MixedStep, nodes: list[str]) -> dict:
     """What a search step keeps float: op types, LayerNorm statistics, and the named convs ``nodes``."""
-    return {"ops": list(RUNTIME_FLOAT_OPS) + (["ADD"] if step.adds else []), "nodes": nodes,
-            "layernorm_stats": step.layernorm_stats}
+    return {"ops": _step_float_ops(step), "nodes": nodes, "layernorm_stats": step.layernorm_stats}
 
 
 def _step_file(step: MixedStep) -> str:
@@ -888,7 +892,7 @@ def _mixed(b: _Builder, stem: str) -> ArtifactResult:
     final = ctx.work_dir / f"{stem}_int8_mixed.tflite"
     shutil.copyfile(paths[best], final)
     details = {
-        "kept_float_op_types": _step_denylist(best, [])["ops"],
+        "kept_float_op_types": _step_float_ops(best),
         "kept_float_op_types_reason": "GELU, RSQRT, SOFTMAX, BATCH_MATMUL: no int8 kernel inside XNNPACK "
                                       "(measured): int8 versions fall back to reference kernels and split the "
                                       "delegate"
