@@ -92,6 +92,14 @@ def nearest_grid(weight: torch.Tensor) -> torch.Tensor:
     return (weight / scale).round().clamp(-LEVELS, LEVELS) * scale
 
 
+def int8_levels(weight: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """``weight``'s nearest per-channel int8 levels (int8, same shape; on the grid, its own levels) and its
+    per-row scales (float32)."""
+    rows = _scales(weight.detach().reshape(weight.shape[0], -1))
+    levels = (weight.detach() / rows.view(-1, *[1] * (weight.dim() - 1))).round().clamp(-LEVELS, LEVELS)
+    return levels.to(torch.int8).numpy(), rows.numpy()
+
+
 def _scales(rows: torch.Tensor) -> torch.Tensor:
     return rows.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / LEVELS
 

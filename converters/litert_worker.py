@@ -90,18 +90,109 @@ def float_depthwise_weights(model) -> int:
     return changed
 
 
+# where each weight op keeps its output channels, to read its int8 weights in PyTorch's (out, ...) order
+_TORCH_ORDER = {"CONV_2D": (0, 3, 1, 2), "DEPTHWISE_CONV_2D": (3, 0, 1, 2), "FULLY_CONNECTED": (0, 1)}
+LEVELS_MAX_DIFFERENT = 1e-3  # share of weights whose nearest level may differ by one (float rounding of the scale)
+
+
+class LevelsMismatch(Exception):
+    """The file's int8 weights and the given nearest levels do not pair one to one."""
+
+
+def swap_weight_levels(model, nearest: list[np.ndarray], levels: list[np.ndarray],
+                       scales: list[tuple[np.ndarray, np.ndarray]] | None = None) -> int:
+    """Replace int8 weights by other levels, in place; returns how many weights were replaced.
+
+    ``nearest[j]`` are layer j's weights rounded to the nearest per-channel int8
+    level, in PyTorch's layout: the file's own int8 weights of that layer, up to a
+    few weights a rounding of the scale put one level off. Each int8 weight of a
+    CONV_2D, DEPTHWISE_CONV_2D or FULLY_CONNECTED must pair with exactly one
+    layer, and each layer with one weight; its buffer then takes ``levels[j]``.
+    ``scales[j]`` = (the per-row scale of ``nearest[j]``, that of ``levels[j]``):
+    where the file holds the first, it takes the second; a scale the converter
+    changed (a constant folded into the weights) is multiplied by their ratio.
+    Without ``scales`` the file's scales stay (right when each row's largest
+    weight keeps its level, as GPTQ pins it).
+    """
+    from tensorflow.lite.tools import flatbuffer_utils as fu
+
+    graph = model.subgraphs[0]
+    names = {getattr(fu.schema_fb.BuiltinOperator, t): t for t in _TORCH_ORDER}
+    codes = {i: names[max(c.builtinCode, c.deprecatedBuiltinCode)] for i, c in enumerate(model.operatorCodes)
+             if max(c.builtinCode, c.deprecatedBuiltinCode) in names}
+    taken: set[int] = set()
+    for op in graph.operators:
+        kind = codes.get(op.opcodeIndex)
+        if kind is None or len(op.inputs) < 2:
+            continue
+        w = graph.tensors[op.inputs[1]]
+        if w.type != fu.schema_fb.TensorType.INT8 or model.buffers[w.buffer].data is None:
+            continue
+        shape = tuple(int(d) for d in w.shape)
+        order = _TORCH_ORDER[kind]
+        stored = np.frombuffer(np.asarray(model.buffers[w.buffer].data, np.uint8).tobytes(), np.int8)
+        rows = stored.reshape(shape).transpose(order).reshape(shape[order[0]], -1).astype(np.int16)
+        hits = [j for j, n in enumerate(nearest) if n.size == rows.size and len(n) == len(rows)
+                and _same_levels(rows, n.reshape(len(rows), -1))]
+        if len(hits) != 1 or hits[0] in taken:
+            raise LevelsMismatch(f"{kind} weight {w.name.decode()} {shape} pairs with {len(hits)} layers"
+                                 + (" (one already paired)" if hits and hits[0] in taken else ""))
+        j = hits[0]
+        taken.add(j)
+        torch_shape = tuple(shape[i] for i in order)
+        new = levels[j].astype(np.int8).reshape(torch_shape).transpose(np.argsort(order))
+        model.buffers[w.buffer].data = np.frombuffer(np.ascontiguousarray(new).tobytes(), np.uint8)
+        if scales is not None:
+            w.quantization.scale = _new_scale(np.asarray(w.quantization.scale, np.float32), *scales[j])
+    if len(taken) != len(nearest):
+        raise LevelsMismatch(f"{len(nearest) - len(taken)} of {len(nearest)} layers have no int8 weight in the file")
+    return len(taken)
+
+
+def _new_scale(stored: np.ndarray, old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    old, new = np.asarray(old, np.float32).reshape(-1), np.asarray(new, np.float32).reshape(-1)
+    if stored.shape != old.shape:
+        raise LevelsMismatch(f"a weight has {stored.size} scales where its layer has {old.size} rows")
+    ratio = new.astype(np.float64) / np.maximum(old.astype(np.float64), np.finfo(np.float32).tiny)
+    return np.where(stored == old, new, (stored * ratio).astype(np.float32)).astype(np.float32)
+
+
+def _same_levels(a: np.ndarray, b: np.ndarray) -> bool:
+    diff = np.abs(a - b.astype(np.int16))
+    return bool(diff.max(initial=0) <= 1 and np.count_nonzero(diff) <= LEVELS_MAX_DIFFERENT * diff.size)
+
+
 def cmd_convert(args: dict) -> None:
     """saved_model -> dynamic-range .tflite, or a calibrated (float) model for int8.
 
-    fp32 and fp16 files come from onnx2tf itself. Dynamic-range files get their
-    depthwise weights back in float (``float_depthwise_weights``).
+    fp32 and fp16 files come from onnx2tf itself. Dynamic-range files take the
+    int8 levels in ``levels`` (an .npz of ``nearest<j>``, ``levels<j>``,
+    ``nearest_scale<j>`` and ``scale<j>`` per layer, see ``swap_weight_levels``) if given, then get their depthwise weights back in
+    float (``float_depthwise_weights``). If the levels do not pair with the
+    file's weights, nothing is written but ``out``.levels.json naming why, and
+    the worker exits with code 3.
     """
     model = _converter(args).convert()
-    if args["mode"] == "dynamic" and args.get("float_depthwise", True):
+    if args["mode"] == "dynamic" and (args.get("float_depthwise", True) or args.get("levels")):
         from tensorflow.lite.tools import flatbuffer_utils as fu
 
         parsed = fu.convert_bytearray_to_object(bytearray(model))
-        float_depthwise_weights(parsed)
+        if args.get("levels"):
+            with np.load(args["levels"]) as z:
+                count = sum(f.startswith("levels") for f in z.files)
+                nearest = [z[f"nearest{j}"] for j in range(count)]
+                levels = [z[f"levels{j}"] for j in range(count)]
+                scales = [(z[f"nearest_scale{j}"], z[f"scale{j}"]) for j in range(count)]
+            try:
+                swapped = swap_weight_levels(parsed, nearest, levels, scales)
+            except LevelsMismatch as exc:
+                with open(args["out"] + ".levels.json", "w") as f:
+                    json.dump({"error": str(exc)}, f)
+                raise SystemExit(3) from None
+            with open(args["out"] + ".levels.json", "w") as f:
+                json.dump({"swapped": swapped}, f)
+        if args.get("float_depthwise", True):
+            float_depthwise_weights(parsed)
         model = bytes(fu.convert_object_to_bytearray(parsed))
     with open(args["out"], "wb") as f:
         f.write(model)

@@ -76,7 +76,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from calibration.gptq import GPTQ_IMAGES, LayerRounder, RoundingReport, quantizable_layers
+from calibration.gptq import GPTQ_IMAGES, LayerRounder, RoundingReport, int8_levels, quantizable_layers
 from calibration.preprocess import MEAN, STD
 from converters.to_onnx import export_onnx
 from edge.checks import compare_logits, evaluate_threshold
@@ -466,8 +466,8 @@ class _Builder:
         keys = []
         if {"fp32", "fp16"} & set(precisions):
             keys.append((FLOAT_NORM, False))
-        if "dynamic" in precisions:
-            keys.append((FLOAT_NORM, self.dynamic_rounded()))
+        if "dynamic" in precisions:  # its GPTQ levels go into the float form's file (see :meth:`dynamic`)
+            keys.append((FLOAT_NORM, False))
         if int8:
             keys.append((INT8_NORM, self.rounding == "gptq"))
         for key in sorted(set(keys), key=lambda k: (k[1], k[0])):
@@ -537,14 +537,53 @@ class _Builder:
         return self._gptq
 
     def dynamic(self, out: Path) -> tuple[Path, dict]:
-        """Dynamic-range int8 (int8 weights, float activations) and how its weights were rounded."""
+        """Dynamic-range int8 (int8 weights, float activations) and how its weights were rounded.
+
+        With GPTQ rounding, the converter quantizes the float files' own saved
+        model and the GPTQ levels replace its nearest ones (``swap_weight_levels``):
+        the same file as converting a GPTQ-rounded copy, without a third onnx2tf
+        run. Should the file's weights not pair with the layers, that run is made.
+        """
         rounded = self.dynamic_rounded()
         if self.rounding == "gptq" and not rounded:
             log.warning("tflite dynamic: no calibration images, so nearest weight rounding instead of GPTQ "
                         "(use --calib-size > 0)")
-        saved = self.saved(FLOAT_NORM, rounded=rounded)
-        worker("convert", {"saved_model": str(saved), "mode": "dynamic", "out": str(out)}, self.build)
-        return out, {"weight_rounding": self.rounding_summary[FLOAT_NORM] if rounded else NEAREST}
+        if not rounded:
+            worker("convert", {"saved_model": str(self.saved(FLOAT_NORM)), "mode": "dynamic", "out": str(out)},
+                   self.build)
+            return out, {"weight_rounding": NEAREST}
+        levels = self.build / "dynamic_levels.npz"
+        np.savez(levels, **self._dynamic_levels())
+        report = Path(f"{out}.levels.json")
+        try:
+            worker("convert", {"saved_model": str(self.saved(FLOAT_NORM)), "mode": "dynamic", "out": str(out),
+                               "levels": str(levels)}, self.build)
+        except ConversionError:
+            mismatch = json.loads(report.read_text()).get("error") if report.is_file() else None
+            if mismatch is None:  # the worker failed otherwise: that is the precision's error
+                raise
+            log.warning("tflite dynamic: the GPTQ levels do not pair with the converted weights (%s); converting a "
+                        "GPTQ-rounded copy of the model instead", mismatch)
+            worker("convert", {"saved_model": str(self.saved(FLOAT_NORM, rounded=True)), "mode": "dynamic",
+                               "out": str(out)}, self.build)
+        finally:
+            report.unlink(missing_ok=True)
+        return out, {"weight_rounding": self.rounding_summary[FLOAT_NORM]}
+
+    def _dynamic_levels(self) -> dict[str, np.ndarray]:
+        """Per layer the dynamic-range converter quantizes: its nearest int8 levels and scales, and its GPTQ ones.
+
+        The scales differ where the float form's layer is not the int8 form's: the
+        patch embeddings' convs are centered in the int8 form only, and the float
+        form takes their centered GPTQ weights (its LayerNorm removes the mean anyway).
+        """
+        rounded = self._gptq_deploy(FLOAT_NORM)
+        original = dict(quantizable_layers(tflite_deploy(self.ctx, FLOAT_NORM), DYNAMIC_MIN_ELEMENTS)[0])
+        out = {}
+        for j, (name, layer) in enumerate(quantizable_layers(rounded, DYNAMIC_MIN_ELEMENTS)[0]):
+            out[f"nearest{j}"], out[f"nearest_scale{j}"] = int8_levels(original[name].weight)
+            out[f"levels{j}"], out[f"scale{j}"] = int8_levels(layer.weight)
+        return out
 
     def int8_rounding(self) -> dict:
         return self.rounding_summary.get(INT8_NORM, NEAREST)

@@ -336,6 +336,61 @@ def test_int8_on_weights_whose_blocks_matter(tmp_path, samples_dir, proxy_tiny_c
     assert dyn.details["weight_rounding"]["layers"] == big, (dyn.details["weight_rounding"], big)
 
 
+def test_dynamic_gptq_levels_swapped_in_equal_a_rounded_conversion(tmp_path, samples_dir, proxy_tiny_checkpoint,
+                                                                   monkeypatch, caplog):
+    """The dynamic file takes its GPTQ levels into the float files' model instead of a third onnx2tf run of a
+    GPTQ-rounded copy. The two must give the same file; levels that do not pair fall back to that run."""
+    import converters.to_tflite as tfl
+    from converters.litert_worker import LevelsMismatch, swap_weight_levels
+    from tensorflow.lite.tools import flatbuffer_utils as fu
+
+    def dynamic(out: Path, spoil: bool) -> tuple[bytes, list[str]]:
+        real, onnx2tf = tfl._Builder._dynamic_levels, []
+        started = tfl.SavedModelRun.__init__
+
+        def levels(self):
+            pairs = real(self)
+            if spoil:  # the first layer's nearest levels no longer match its weights in the file
+                pairs["nearest0"] = -pairs["nearest0"]
+            (out / "pairs.npz").parent.mkdir(parents=True, exist_ok=True)
+            np.savez(out / "pairs.npz", **pairs)
+            return pairs
+
+        def spy(self, ctx, build_dir, *a, **k):
+            onnx2tf.append(Path(build_dir).name)
+            started(self, ctx, build_dir, *a, **k)
+
+        with monkeypatch.context() as m:
+            m.setattr(tfl._Builder, "_dynamic_levels", levels)
+            m.setattr(tfl.SavedModelRun, "__init__", spy)
+            res = convert(ConvertRequest(targets=["tflite"], model=TINY, weights=str(proxy_tiny_checkpoint),
+                                         output=out, calib_dir=str(samples_dir), calib_size=16, eval_size=4,
+                                         precisions=["dynamic"]))
+        assert not res.manifest.failures, res.manifest.failures
+        assert not list(out.glob("*.levels.json")) and not list(out.glob(".effmod-staging-*"))
+        return (out / _by(res.manifest, "_dynamic.tflite").path).read_bytes(), onnx2tf
+
+    swapped, runs = dynamic(tmp_path / "swap", spoil=False)
+    assert runs == [tfl.FLOAT_NORM], f"onnx2tf runs for a dynamic file: {runs}"
+    with caplog.at_level("WARNING"):
+        fallback, runs = dynamic(tmp_path / "fallback", spoil=True)
+    assert runs == [tfl.FLOAT_NORM, f"{tfl.FLOAT_NORM}-gptq"], f"onnx2tf runs after levels that do not pair: {runs}"
+    assert "do not pair with the converted weights" in caplog.text
+    assert swapped == fallback, "swapping GPTQ levels in gave another file than converting a GPTQ-rounded copy"
+
+    with np.load(tmp_path / "swap" / "pairs.npz") as z:  # depthwise weights are float again in the file
+        kept = [z[f"levels{j}"] for j in range(len(z.files) // 4) if z[f"levels{j}"].shape[1] != 1]
+
+    def pair(layers: list[np.ndarray]) -> int:
+        return swap_weight_levels(fu.convert_bytearray_to_object(bytearray(swapped)), layers, layers)
+
+    assert pair(kept) == len(kept) > 0  # the file holds the GPTQ levels, each weight paired with its layer
+    with pytest.raises(LevelsMismatch, match="pairs with 0 layers"):
+        pair(kept[1:])
+    with pytest.raises(LevelsMismatch, match="1 of .* layers have no int8 weight"):
+        pair(kept + [np.ones((3, 5), np.int8)])
+
+
 def test_relative_output_path(tmp_path, samples_dir, monkeypatch, proxy_tiny_checkpoint):
     """README's `--output out`: onnx2tf runs in the build folder, so paths handed to it must not be relative.
     Also the fp32 equality check on proxy weights, whose every block reaches the logits."""
@@ -508,12 +563,12 @@ def _is_calibration(cmd: list[str], what: str) -> bool:
 
 
 @pytest.mark.parametrize("broken, message", [
-    ("dynamic", "onnx2tf failed (killed by SIGABRT)"),
+    ("dynamic", "LiteRT convert failed (killed by SIGABRT)"),
     ("int8", "LiteRT convert failed (killed by SIGABRT)"),
     ("histograms", "LiteRT histograms failed (killed by SIGABRT)"),
 ])
 def test_failing_precision_spares_the_others(tmp_path, samples_dir, monkeypatch, proxy_tiny_checkpoint, broken, message):
-    """A background step aborts (the dynamic form's onnx2tf run, int8 calibration, or the histogram pass after it):
+    """A step aborts (the dynamic file's conversion, int8 calibration, or the histogram pass after it):
     only its precision fails, and a step int8 and int8-mixed share is not run a second time."""
     import os
 
@@ -524,7 +579,7 @@ def test_failing_precision_spares_the_others(tmp_path, samples_dir, monkeypatch,
 
     def abort(cmd, cwd, what, timeout=tfl.WORKER_TIMEOUT_S):
         if broken == "dynamic":
-            hit = what == "onnx2tf" and Path(cwd).name == f"{tfl.FLOAT_NORM}-gptq"
+            hit = what == "LiteRT convert" and json.loads(Path(cmd[-1]).read_text())["mode"] == "dynamic"
         else:
             hit = _is_calibration(cmd, what) if broken == "int8" else what == "LiteRT histograms"
         if hit:
