@@ -19,10 +19,17 @@ from edge.timing import WARMUP_SECS
 ALL_PRECISIONS = sorted({p for t in TARGETS.values() for p in t.precision_names})
 
 
+class ElapsedFormatter(logging.Formatter):
+    """``-v``: each line starts with the seconds since the command began, to show where a conversion's time goes."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.relativeCreated / 1000:7.1f}s  {super().format(record)}"
+
+
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(ElapsedFormatter("%(message)s") if verbose else logging.Formatter("%(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     if not verbose:
         warnings.simplefilter("ignore")
     for noisy in ("tensorflow", "absl", "h5py", "coremltools", "onnx2tf", "torch"):

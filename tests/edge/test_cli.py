@@ -386,3 +386,13 @@ def test_evaluate_prints_a_dash_for_the_top1_of_unlabelled_images(copy, tmp_path
     assert res.exit_code == 0, res.stderr
     rows = [line for line in res.stdout.splitlines() if "agree" in line]
     assert rows and all("top-1 - " in line for line in rows), f"unlabelled images shown with a top-1: {rows}"
+
+
+def test_verbose_lines_start_with_the_seconds_since_the_command_began():
+    import logging
+
+    from edge.cli import ElapsedFormatter
+
+    record = logging.LogRecord("effmod_edge", logging.DEBUG, __file__, 1, "onnx2tf: done within %.1f s", (35.84,), None)
+    record.relativeCreated = 61234.0  # ms since logging started
+    assert ElapsedFormatter("%(message)s").format(record) == "   61.2s  onnx2tf: done within 35.8 s"
