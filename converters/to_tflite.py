@@ -48,11 +48,12 @@ the rounding to the converter): the converter then stores exactly those
 weights, whose rounding errors largely cancel on the calibration images.
 
 onnx2tf runs in a private working folder that holds the sample-image .npy it
-would otherwise download, with the venv's ``onnxsim`` on PATH. Every
+would otherwise download, after one onnxsim pass in its own process. Every
 TensorFlow/LiteRT step runs in a subprocess (``converters.litert_worker``).
-A conversion starts all its onnx2tf runs (up to three LayerNorm/rounding forms)
-and the int8 calibration before the first precision, so they run beside each
-other, beside GPTQ and beside the float files' checks.
+A conversion starts all its onnx2tf runs (the float files' LayerNorm form and
+the int8 files' GPTQ-rounded one) and the int8 calibration before the first
+precision, so they run beside each other, beside GPTQ and beside the float
+files' checks.
 """
 
 from __future__ import annotations
@@ -338,6 +339,19 @@ def tflite_deploy(ctx: ConvertContext, norm_impl: str) -> EfficientModDeploy:
     return to_deploy(ctx.loaded.model, ctx.input_size, norm_impl=norm_impl, dw_impl="split")
 
 
+# onnx2tf would run the onnxsim command three times, each in a new process (about 10 s per run for xxs); one
+# onnxsim pass in onnx2tf's own process gives the same .tflite files (measured on every variant and both
+# LayerNorm forms). Without onnxsim, onnx2tf gave xxs 3 CUSTOM ops in place of the attention's 9 STRIDED_SLICE.
+_SIMPLIFY_THEN_ONNX2TF = (
+    "import onnx, onnxsim\n"
+    "model, checked = onnxsim.simplify(onnx.load(sys.argv[2]))\n"
+    "if not checked:\n"
+    "    sys.exit('onnxsim: its simplified model does not compute what the exported one does')\n"
+    "onnx.save(model, sys.argv[2])\n"
+    "from onnx2tf.onnx2tf import main; main()\n"
+)
+
+
 class SavedModelRun:
     """One onnx2tf run (deploy form -> ONNX -> saved_model with float32/float16 .tflite), started in the background.
 
@@ -352,13 +366,11 @@ class SavedModelRun:
         with torch_threads(cores_beside_runs()):  # the runs started before this one are converting
             onnx_path = export_onnx(deploy, build_dir / "model.onnx", ctx.input_size, opset=ONNX_OPSET)
         _sample_npy(ctx, build_dir / SAMPLE_NPY)
-        if shutil.which("onnxsim", path=_env()["PATH"]) is None:
-            raise ConversionError("onnxsim is not on PATH; install it with pip install -e \".[tflite]\"")
         log.info("tflite: onnx2tf started (%s)", build_dir.name)
         self.saved = build_dir / "saved_model"
         self._proc: _Started | None = _Started(
-            [sys.executable, "-c", _DIE_WITH_PARENT + "from onnx2tf.onnx2tf import main; main()",
-             "-i", str(onnx_path), "-o", str(self.saved), "-n"], build_dir, "onnx2tf")
+            [sys.executable, "-c", _DIE_WITH_PARENT + _SIMPLIFY_THEN_ONNX2TF,
+             "-i", str(onnx_path), "-o", str(self.saved), "-n", "-nuo"], build_dir, "onnx2tf")
         self._error: ConversionError | None = None
 
     def result(self) -> Path:

@@ -795,7 +795,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_kill_stops_what_the_run_started(tmp_path):
-    """onnx2tf starts onnxsim: killing onnx2tf alone left onnxsim running."""
+    """A run's own children die with it (onnx2tf used to start onnxsim, which outlived a kill of onnx2tf alone)."""
     import time
 
     child = tmp_path / "child.pid"

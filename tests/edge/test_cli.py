@@ -241,7 +241,7 @@ def test_onnxruntime_usage_events_are_off_for_every_subprocess():
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace to watch the conversion's sockets")
 def test_tflite_conversion_makes_no_network_connection(tmp_path, samples_dir):
-    """Every process of a TFLite conversion (onnx2tf, onnxsim, the LiteRT worker) stays off the network."""
+    """Every process of a TFLite conversion (onnx2tf with its onnxsim pass, the LiteRT worker) stays off the network."""
     pytest.importorskip("onnx2tf", reason="TFLite extra not installed")
     trace = tmp_path / "trace.txt"
     # without the test session's dead proxy: a client that honours proxy variables would otherwise only reach it
