@@ -8,7 +8,7 @@ work=$(realpath -m "${1:-/tmp/onnxsim-once}")
 repo=$(pwd)
 mkdir -p "$work"
 npy=calibration_image_sample_data_20x128x128x3_float32.npy  # onnx2tf downloads it unless it is in its folder
-python -c "import numpy as np; np.save('$work/$npy', np.zeros((20, 128, 128, 3), np.float32))"
+python -c "import sys, numpy as np; np.save(sys.argv[1], np.zeros((20, 128, 128, 3), np.float32))" "$work/$npy"
 variants=("${@:2}")
 [ ${#variants[@]} -gt 0 ] || variants=(efficientmod_xxs efficientmod_xs efficientmod_s efficientmod_s_conv)
 for v in "${variants[@]}"; do
@@ -35,8 +35,11 @@ onnx.save(model, Path(d, "once", "model.onnx"))
 EOF
     cp "$work/$npy" "$d/own/" && cp "$work/$npy" "$d/once/"
     (cd "$d/own" && python -c "from onnx2tf.onnx2tf import main; main()" -i model.onnx -o out -n > log 2>&1) &
+    own=$!
+    trap 'kill $own 2> /dev/null' EXIT
     (cd "$d/once" && python -c "from onnx2tf.onnx2tf import main; main()" -i model.onnx -o out -n -nuo > log 2>&1)
-    wait
+    wait $own
+    trap - EXIT
     for p in float32 float16; do
       if cmp -s "$d/own/out/model_$p.tflite" "$d/once/out/model_$p.tflite"; then r=same; else r=DIFFERENT; fi
       echo "$v $form $p: $r"

@@ -93,13 +93,14 @@ def float_depthwise_weights(model) -> int:
 # where each weight op keeps its output channels, to read its int8 weights in PyTorch's (out, ...) order
 _TORCH_ORDER = {"CONV_2D": (0, 3, 1, 2), "DEPTHWISE_CONV_2D": (3, 0, 1, 2), "FULLY_CONNECTED": (0, 1)}
 LEVELS_MAX_DIFFERENT = 1e-3  # share of weights whose nearest level may differ by one (float rounding of the scale)
+LEVELS_MISMATCH_EXIT = 3  # cmd_convert's exit code when the levels do not pair: the caller converts another way
 
 
 class LevelsMismatch(Exception):
     """The file's int8 weights and the given nearest levels do not pair one to one."""
 
 
-def swap_weight_levels(model, nearest: list[np.ndarray], levels: list[np.ndarray],
+def swap_weight_levels(model: Any, nearest: list[np.ndarray], levels: list[np.ndarray],
                        scales: list[tuple[np.ndarray, np.ndarray]] | None = None) -> int:
     """Replace int8 weights by other levels, in place; returns how many weights were replaced.
 
@@ -117,9 +118,8 @@ def swap_weight_levels(model, nearest: list[np.ndarray], levels: list[np.ndarray
     from tensorflow.lite.tools import flatbuffer_utils as fu
 
     graph = model.subgraphs[0]
-    names = {getattr(fu.schema_fb.BuiltinOperator, t): t for t in _TORCH_ORDER}
-    codes = {i: names[max(c.builtinCode, c.deprecatedBuiltinCode)] for i, c in enumerate(model.operatorCodes)
-             if max(c.builtinCode, c.deprecatedBuiltinCode) in names}
+    codes = {i: kind for kind in _TORCH_ORDER
+             for i in _opcode_indices(model, getattr(fu.schema_fb.BuiltinOperator, kind))}
     taken: set[int] = set()
     for op in graph.operators:
         kind = codes.get(op.opcodeIndex)
@@ -130,6 +130,8 @@ def swap_weight_levels(model, nearest: list[np.ndarray], levels: list[np.ndarray
             continue
         shape = tuple(int(d) for d in w.shape)
         order = _TORCH_ORDER[kind]
+        if w.quantization is None or w.quantization.scale is None or w.quantization.quantizedDimension != order[0]:
+            raise LevelsMismatch(f"{kind} weight {w.name.decode()} is not quantized per output channel")
         stored = np.frombuffer(np.asarray(model.buffers[w.buffer].data, np.uint8).tobytes(), np.int8)
         rows = stored.reshape(shape).transpose(order).reshape(shape[order[0]], -1).astype(np.int16)
         hits = [j for j, n in enumerate(nearest) if n.size == rows.size and len(n) == len(rows)
@@ -153,7 +155,7 @@ def _new_scale(stored: np.ndarray, old: np.ndarray, new: np.ndarray) -> np.ndarr
     old, new = np.asarray(old, np.float32).reshape(-1), np.asarray(new, np.float32).reshape(-1)
     if stored.shape != old.shape:
         raise LevelsMismatch(f"a weight has {stored.size} scales where its layer has {old.size} rows")
-    ratio = new.astype(np.float64) / np.maximum(old.astype(np.float64), np.finfo(np.float32).tiny)
+    ratio = np.divide(new.astype(np.float64), old.astype(np.float64), out=np.ones(old.shape), where=old > 0)
     return np.where(stored == old, new, (stored * ratio).astype(np.float32)).astype(np.float32)
 
 
@@ -166,11 +168,11 @@ def cmd_convert(args: dict) -> None:
     """saved_model -> dynamic-range .tflite, or a calibrated (float) model for int8.
 
     fp32 and fp16 files come from onnx2tf itself. Dynamic-range files take the
-    int8 levels in ``levels`` (an .npz of ``nearest<j>``, ``levels<j>``,
-    ``nearest_scale<j>`` and ``scale<j>`` per layer, see ``swap_weight_levels``) if given, then get their depthwise weights back in
-    float (``float_depthwise_weights``). If the levels do not pair with the
-    file's weights, nothing is written but ``out``.levels.json naming why, and
-    the worker exits with code 3.
+    int8 levels in ``levels`` if given: an .npz of ``nearest<j>``, ``levels<j>``,
+    ``nearest_scale<j>`` and ``scale<j>`` per layer (see ``swap_weight_levels``).
+    Then they get their depthwise weights back in float (``float_depthwise_weights``).
+    If the levels do not pair with the file's weights, nothing is written but
+    ``out``.levels.json naming why, and the worker exits with ``LEVELS_MISMATCH_EXIT``.
     """
     model = _converter(args).convert()
     if args["mode"] == "dynamic" and (args.get("float_depthwise", True) or args.get("levels")):
@@ -185,10 +187,11 @@ def cmd_convert(args: dict) -> None:
                 scales = [(z[f"nearest_scale{j}"], z[f"scale{j}"]) for j in range(count)]
             try:
                 swapped = swap_weight_levels(parsed, nearest, levels, scales)
-            except LevelsMismatch as exc:
+            except Exception as exc:  # a graph this pairing does not know: the caller converts another way
+                why = str(exc) if isinstance(exc, LevelsMismatch) else f"{type(exc).__name__}: {exc}"
                 with open(args["out"] + ".levels.json", "w") as f:
-                    json.dump({"error": str(exc)}, f)
-                raise SystemExit(3) from None
+                    json.dump({"error": why}, f)
+                raise SystemExit(LEVELS_MISMATCH_EXIT) from None
             with open(args["out"] + ".levels.json", "w") as f:
                 json.dump({"swapped": swapped}, f)
         if args.get("float_depthwise", True):

@@ -43,9 +43,11 @@ record, not a term of the choice, so the file shipped does not depend on how
 busy the machine was.
 
 The int8, int8-mixed and dynamic files' weights are GPTQ-rounded onto the
-per-channel int8 grid before export (``calibration.gptq``; option ``tflite_weight_rounding=nearest`` leaves
-the rounding to the converter): the converter then stores exactly those
-weights, whose rounding errors largely cancel on the calibration images.
+per-channel int8 grid (``calibration.gptq``; option ``tflite_weight_rounding=nearest`` leaves
+the rounding to the converter), whose rounding errors largely cancel on the
+calibration images. The int8 files' form is exported with those weights, so the
+converter stores exactly them; the dynamic file gets them written into its int8
+weights after conversion (``litert_worker.swap_weight_levels``).
 
 onnx2tf runs in a private working folder that holds the sample-image .npy it
 would otherwise download, after one onnxsim pass in its own process. Every
@@ -79,6 +81,7 @@ from PIL import Image
 
 from calibration.gptq import GPTQ_IMAGES, LayerRounder, RoundingReport, int8_levels, quantizable_layers
 from calibration.preprocess import MEAN, STD
+from converters.litert_worker import LEVELS_MISMATCH_EXIT
 from converters.to_onnx import export_onnx
 from edge.checks import compare_logits, evaluate_threshold
 from edge.context import ArtifactResult, ConvertContext, PrecisionFailure, log, torch_logits
@@ -140,7 +143,7 @@ def _describe_exit(rc: int) -> str:
 _LIVE: set["_Started"] = set()  # runs not yet awaited or killed: stopped when a conversion is abandoned
 
 # A child asks the kernel to kill it when its parent dies (even by SIGKILL); Linux only, and not the
-# child's own children (onnx2tf's onnxsim). Then it checks the converting process did not die first.
+# child's own children. Then it checks the converting process did not die first.
 _DIE_WITH_PARENT = ("import ctypes, os, signal, sys\n"
                     "if sys.platform.startswith('linux'):\n"
                     "    ctypes.CDLL(None).prctl(1, signal.SIGKILL)\n"
@@ -168,7 +171,7 @@ class _Started:
         self.deadline = self.started + timeout
         self._logs = (tempfile.TemporaryFile(), tempfile.TemporaryFile())  # files, not pipes: no deadlock
         env = {**_env(), "EFFMOD_PARENT_PID": str(os.getpid())}
-        try:  # its own process group, so kill() also stops what it started (onnx2tf's onnxsim)
+        try:  # its own process group, so kill() also stops whatever it started
             self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=self._logs[0], stderr=self._logs[1],
                                          start_new_session=True)
         except OSError:
@@ -342,12 +345,11 @@ def tflite_deploy(ctx: ConvertContext, norm_impl: str) -> EfficientModDeploy:
 # onnx2tf would run the onnxsim command three times, each in a new process (about 10 s per run for xxs); one
 # onnxsim pass in onnx2tf's own process gives the same .tflite files (measured on every variant and both
 # LayerNorm forms). Without onnxsim, onnx2tf gave xxs 3 CUSTOM ops in place of the attention's 9 STRIDED_SLICE.
+# A failing onnxsim fails the run (onnx2tf would warn and go on, to a graph with those CUSTOM ops).
 _SIMPLIFY_THEN_ONNX2TF = (
-    "import onnx, onnxsim\n"
-    "model, checked = onnxsim.simplify(onnx.load(sys.argv[2]))\n"
-    "if not checked:\n"
-    "    sys.exit('onnxsim: its simplified model does not compute what the exported one does')\n"
-    "onnx.save(model, sys.argv[2])\n"
+    "import sys, onnx, onnxsim\n"
+    "src = sys.argv[sys.argv.index('-i') + 1]\n"
+    "onnx.save(onnxsim.simplify(onnx.load(src))[0], src)\n"
     "from onnx2tf.onnx2tf import main; main()\n"
 )
 
@@ -476,9 +478,7 @@ class _Builder:
         """
         int8 = bool({"int8", "int8-mixed"} & set(precisions)) and self.calib_npy.exists()
         keys = []
-        if {"fp32", "fp16"} & set(precisions):
-            keys.append((FLOAT_NORM, False))
-        if "dynamic" in precisions:  # its GPTQ levels go into the float form's file (see :meth:`dynamic`)
+        if {"fp32", "fp16", "dynamic"} & set(precisions):  # dynamic: its GPTQ levels go into this form's file
             keys.append((FLOAT_NORM, False))
         if int8:
             keys.append((INT8_NORM, self.rounding == "gptq"))
@@ -487,6 +487,11 @@ class _Builder:
                 self.start(*key)
             except Exception as exc:  # reported by the precision that needs this form
                 log.debug("tflite: could not start onnx2tf for %s early: %s", key, exc)
+        if "dynamic" in precisions and self.dynamic_rounded() and not int8:  # else GPTQ ran for the int8 form
+            try:  # beside the float form's onnx2tf run
+                self._gptq_int8()
+            except Exception as exc:  # reported by the dynamic precision
+                log.debug("tflite: could not round the weights early: %s", exc)
         if int8:
             try:  # waits for the int8 form's onnx2tf run; calibration then runs beside the float files' steps
                 self.start_calibration()
@@ -567,20 +572,24 @@ class _Builder:
         levels = self.build / "dynamic_levels.npz"
         np.savez(levels, **self._dynamic_levels())
         report = Path(f"{out}.levels.json")
+        run = start_worker("convert", {"saved_model": str(self.saved(FLOAT_NORM)), "mode": "dynamic",
+                                       "out": str(out), "levels": str(levels)}, self.build)
         try:
-            worker("convert", {"saved_model": str(self.saved(FLOAT_NORM)), "mode": "dynamic", "out": str(out),
-                               "levels": str(levels)}, self.build)
+            run.wait()
+            how = {"method": "written into the float files' converted model",
+                   "weights": json.loads(report.read_text())["swapped"]}
         except ConversionError:
-            mismatch = json.loads(report.read_text()).get("error") if report.is_file() else None
-            if mismatch is None:  # the worker failed otherwise: that is the precision's error
+            if run.proc.returncode != LEVELS_MISMATCH_EXIT:  # the worker failed otherwise: the precision's error
                 raise
+            mismatch = json.loads(report.read_text())["error"]
             log.warning("tflite dynamic: the GPTQ levels do not pair with the converted weights (%s); converting a "
                         "GPTQ-rounded copy of the model instead", mismatch)
             worker("convert", {"saved_model": str(self.saved(FLOAT_NORM, rounded=True)), "mode": "dynamic",
                                "out": str(out)}, self.build)
+            how = {"method": "converted from a GPTQ-rounded copy of the model", "reason": mismatch}
         finally:
             report.unlink(missing_ok=True)
-        return out, {"weight_rounding": self.rounding_summary[FLOAT_NORM]}
+        return out, {"weight_rounding": self.rounding_summary[FLOAT_NORM], "weight_levels": how}
 
     def _dynamic_levels(self) -> dict[str, np.ndarray]:
         """Per layer the dynamic-range converter quantizes: its nearest int8 levels and scales, and its GPTQ ones.

@@ -5,7 +5,7 @@ import os
 from edge.errors import EffmodError
 
 # No network at run time: onnxruntime's Linux builds send usage events (DNS lookups of
-# mobile.events.data.microsoft.com, seen from the onnxsim/onnx2tf subprocesses) unless
+# mobile.events.data.microsoft.com, seen from onnx2tf's onnxsim subprocesses) unless
 # this is set. Set before any onnxruntime import; subprocesses inherit it.
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 

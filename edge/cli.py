@@ -20,7 +20,8 @@ ALL_PRECISIONS = sorted({p for t in TARGETS.values() for p in t.precision_names}
 
 
 class ElapsedFormatter(logging.Formatter):
-    """``-v``: each line starts with the seconds since the command began, to show where a conversion's time goes."""
+    """``-v``: each line starts with the seconds since the logging module was loaded (as the command began),
+    to show where a conversion's time goes."""
 
     def format(self, record: logging.LogRecord) -> str:
         return f"{record.relativeCreated / 1000:7.1f}s  {super().format(record)}"

@@ -338,22 +338,31 @@ def test_int8_on_weights_whose_blocks_matter(tmp_path, samples_dir, proxy_tiny_c
 
 def test_dynamic_gptq_levels_swapped_in_equal_a_rounded_conversion(tmp_path, samples_dir, proxy_tiny_checkpoint,
                                                                    monkeypatch, caplog):
-    """The dynamic file takes its GPTQ levels into the float files' model instead of a third onnx2tf run of a
-    GPTQ-rounded copy. The two must give the same file; levels that do not pair fall back to that run."""
+    """The dynamic file takes its GPTQ levels and scales into the float files' converted model instead of a
+    third onnx2tf run of a GPTQ-rounded copy. The two must give the same file (a version that kept the file's
+    scales did not: the patch embeddings' convs are centered in the int8 form only); levels that do not pair
+    fall back to that run."""
     import converters.to_tflite as tfl
     from converters.litert_worker import LevelsMismatch, swap_weight_levels
     from tensorflow.lite.tools import flatbuffer_utils as fu
 
-    def dynamic(out: Path, spoil: bool) -> tuple[bytes, list[str]]:
-        real, onnx2tf = tfl._Builder._dynamic_levels, []
-        started = tfl.SavedModelRun.__init__
+    rounded: list = []  # GPTQ once for both conversions: the comparison is of the two ways to the file only
+    real_gptq, real_levels, started = tfl._Builder._gptq_int8, tfl._Builder._dynamic_levels, tfl.SavedModelRun.__init__
+
+    def gptq_once(self):
+        if not rounded:
+            rounded.append(real_gptq(self))
+        self._gptq = rounded[0]
+        return rounded[0]
+
+    def dynamic(out: Path, spoil: bool) -> tuple[bytes, list[str], dict]:
+        onnx2tf: list[str] = []
 
         def levels(self):
-            pairs = real(self)
+            pairs = real_levels(self)
             if spoil:  # the first layer's nearest levels no longer match its weights in the file
                 pairs["nearest0"] = -pairs["nearest0"]
-            (out / "pairs.npz").parent.mkdir(parents=True, exist_ok=True)
-            np.savez(out / "pairs.npz", **pairs)
+            np.savez(tmp_path / "pairs.npz", **pairs)
             return pairs
 
         def spy(self, ctx, build_dir, *a, **k):
@@ -361,24 +370,27 @@ def test_dynamic_gptq_levels_swapped_in_equal_a_rounded_conversion(tmp_path, sam
             started(self, ctx, build_dir, *a, **k)
 
         with monkeypatch.context() as m:
+            m.setattr(tfl._Builder, "_gptq_int8", gptq_once)
             m.setattr(tfl._Builder, "_dynamic_levels", levels)
             m.setattr(tfl.SavedModelRun, "__init__", spy)
             res = convert(ConvertRequest(targets=["tflite"], model=TINY, weights=str(proxy_tiny_checkpoint),
                                          output=out, calib_dir=str(samples_dir), calib_size=16, eval_size=4,
                                          precisions=["dynamic"]))
         assert not res.manifest.failures, res.manifest.failures
-        assert not list(out.glob("*.levels.json")) and not list(out.glob(".effmod-staging-*"))
-        return (out / _by(res.manifest, "_dynamic.tflite").path).read_bytes(), onnx2tf
+        assert not list(out.glob(".effmod-staging-*"))
+        dyn = _by(res.manifest, "_dynamic.tflite")
+        return (out / dyn.path).read_bytes(), onnx2tf, dyn.details["weight_levels"]
 
-    swapped, runs = dynamic(tmp_path / "swap", spoil=False)
+    swapped, runs, how = dynamic(tmp_path / "swap", spoil=False)
     assert runs == [tfl.FLOAT_NORM], f"onnx2tf runs for a dynamic file: {runs}"
+    assert how["method"].startswith("written into") and how["weights"] > 0, how
     with caplog.at_level("WARNING"):
-        fallback, runs = dynamic(tmp_path / "fallback", spoil=True)
+        fallback, runs, how = dynamic(tmp_path / "fallback", spoil=True)
     assert runs == [tfl.FLOAT_NORM, f"{tfl.FLOAT_NORM}-gptq"], f"onnx2tf runs after levels that do not pair: {runs}"
-    assert "do not pair with the converted weights" in caplog.text
+    assert "do not pair with the converted weights" in caplog.text and "pairs with 0 layers" in how["reason"], how
     assert swapped == fallback, "swapping GPTQ levels in gave another file than converting a GPTQ-rounded copy"
 
-    with np.load(tmp_path / "swap" / "pairs.npz") as z:  # depthwise weights are float again in the file
+    with np.load(tmp_path / "pairs.npz") as z:  # depthwise weights are float again in the file
         kept = [z[f"levels{j}"] for j in range(len(z.files) // 4) if z[f"levels{j}"].shape[1] != 1]
 
     def pair(layers: list[np.ndarray]) -> int:
