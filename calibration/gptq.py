@@ -88,16 +88,21 @@ def _grid_text(grid: str) -> str:
 
 def nearest_grid(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` rounded to its nearest per-channel int8 level (what the converters do)."""
-    scale = _scales(weight.reshape(weight.shape[0], -1)).view(-1, *[1] * (weight.dim() - 1))
-    return (weight / scale).round().clamp(-LEVELS, LEVELS) * scale
+    levels, scale = _nearest_levels(weight)
+    return levels * scale
 
 
 def int8_levels(weight: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """``weight``'s nearest per-channel int8 levels (int8, same shape; on the grid, its own levels) and its
     per-row scales (float32)."""
-    rows = _scales(weight.detach().reshape(weight.shape[0], -1))
-    levels = (weight.detach() / rows.view(-1, *[1] * (weight.dim() - 1))).round().clamp(-LEVELS, LEVELS)
-    return levels.to(torch.int8).numpy(), rows.numpy()
+    levels, scale = _nearest_levels(weight.detach())
+    return levels.to(torch.int8).numpy(), scale.reshape(-1).numpy()
+
+
+def _nearest_levels(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The nearest per-channel int8 levels (float tensor, ``weight``'s shape) and the scales, shaped to broadcast."""
+    scale = _scales(weight.reshape(weight.shape[0], -1)).view(-1, *[1] * (weight.dim() - 1))
+    return (weight / scale).round().clamp(-LEVELS, LEVELS), scale
 
 
 def _scales(rows: torch.Tensor) -> torch.Tensor:
